@@ -1,0 +1,397 @@
+"""BERT and RoBERTa in Flax NNX, with the Hugging Face module tree and parameter names.
+
+The encoder layers are stored stacked (a leading `layers` axis), so the same parameters run
+under `lax.scan` (one layer to compile) or a plain Python loop; conversion unstacks them into
+`encoder.layer.N`. Every parameter carries `logical_axes` metadata that `sharding.py` maps onto
+the mesh. Dropout takes an explicit key, so a train step is a pure function of its inputs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_bert.config import ModelConfig
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class MaskedLMOutput:
+    logits: Array                      # [batch, length or slots, vocab], float32
+    last_hidden_state: Array           # [batch, length, hidden]
+    seq_relationship_logits: Array | None = None  # [batch, 2], BertForPreTraining only
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _activation(name: str):
+    return {
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+    }[name]
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout; the identity when `key` is None (evaluation) or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split_key(key: Array | None, n: int):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in, d_out, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+        kernel_init=nnx.initializers.normal(cfg.initializer_range),
+        kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]}, rngs=rngs)
+
+
+def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=_dtype(cfg.dtype),
+        param_dtype=_dtype(cfg.param_dtype), use_fast_variance=False,
+        scale_metadata={"logical_axes": ("norm",)}, bias_metadata={"logical_axes": ("norm",)}, rngs=rngs)
+
+
+def _embedding(cfg: ModelConfig, rows: int, axes: tuple[str | None, str], rngs: nnx.Rngs,
+               pad_row: int | None = None) -> nnx.Embed:
+    normal = nnx.initializers.normal(cfg.initializer_range)
+
+    def init(key, shape, dtype):
+        table = normal(key, shape, dtype)
+        return table if pad_row is None else table.at[pad_row].set(0)  # as Hugging Face initializes it
+
+    return nnx.Embed(rows, cfg.hidden_size, param_dtype=_dtype(cfg.param_dtype), embedding_init=init,
+                     embedding_metadata={"logical_axes": axes}, rngs=rngs)
+
+
+def position_ids_from_segments(segment_ids: Array, first_position: int) -> Array:
+    """Positions restart at `first_position` in each packed document; padding (segment 0) gets
+    first_position - 1, which for RoBERTa is padding_idx, as transformers assigns it."""
+    length = segment_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    start = jax.lax.cummax(jnp.where(segment_ids != previous, index, 0), axis=1)
+    return jnp.where(segment_ids > 0, first_position + index - start, max(first_position - 1, 0))
+
+
+def roberta_position_ids(input_ids: Array, pad_token_id: int) -> Array:
+    """transformers' `create_position_ids_from_input_ids`: count non-pad tokens from padding_idx + 1."""
+    not_pad = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.word_embeddings = _embedding(cfg, cfg.vocab_size, ("vocab", "embed"), rngs, cfg.pad_token_id)
+        self.position_embeddings = _embedding(cfg, cfg.max_position_embeddings, (None, "embed"), rngs,
+                                              cfg.pad_token_id if cfg.model_type == "roberta" else None)
+        self.token_type_embeddings = _embedding(cfg, cfg.type_vocab_size, (None, "embed"), rngs)
+        self.LayerNorm = _layer_norm(cfg, rngs)
+
+    def __call__(self, input_ids, token_type_ids, position_ids, dropout_key):
+        x = (jnp.take(self.word_embeddings.embedding[...], input_ids, axis=0)
+             + jnp.take(self.position_embeddings.embedding[...], position_ids, axis=0)
+             + jnp.take(self.token_type_embeddings.embedding[...], token_type_ids, axis=0))
+        x = self.LayerNorm(x.astype(_dtype(self.cfg.dtype)))
+        return dropout(x, self.cfg.hidden_dropout_prob, dropout_key)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.query = _linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.key = _linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.value = _linear(cfg, d, d, ("embed", "heads"), rngs)
+
+    def __call__(self, x_BxLxD, mask_Bx1xLxL, dropout_key):
+        cfg = self.cfg
+        batch, length, _ = x_BxLxD.shape
+        split = lambda t: t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+        q, k, v = split(self.query(x_BxLxD)), split(self.key(x_BxLxD)), split(self.value(x_BxLxD))
+        if dropout_key is None or cfg.attention_probs_dropout_prob == 0.0:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
+        else:  # dot_product_attention has no dropout on the probabilities: spell it out
+            scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
+            scores = jnp.where(mask_Bx1xLxL, scores, jnp.finfo(jnp.float32).min)
+            probs = dropout(jax.nn.softmax(scores, axis=-1), cfg.attention_probs_dropout_prob, dropout_key)
+            out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+        return out.reshape(batch, length, cfg.hidden_size)
+
+
+class DenseLayerNorm(nnx.Module):
+    """`attention.output` and `output` in Hugging Face: dense -> dropout -> LayerNorm(x + residual)."""
+
+    def __init__(self, cfg: ModelConfig, d_in: int, axes: tuple[str, str], rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dense = _linear(cfg, d_in, cfg.hidden_size, axes, rngs)
+        self.LayerNorm = _layer_norm(cfg, rngs)
+
+    def __call__(self, x, residual, dropout_key):
+        return self.LayerNorm(dropout(self.dense(x), self.cfg.hidden_dropout_prob, dropout_key) + residual)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        setattr(self, "self", SelfAttention(cfg, rngs))  # Hugging Face calls it `attention.self`
+        self.output = DenseLayerNorm(cfg, cfg.hidden_size, ("heads", "embed"), rngs)
+
+    def __call__(self, x, mask, dropout_key):
+        key_probs, key_out = _split_key(dropout_key, 2)
+        return self.output(getattr(self, "self")(x, mask, key_probs), x, key_out)
+
+
+class Intermediate(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs)
+        self.activation = _activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.activation(self.dense(x))
+
+
+class Layer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attention = Attention(cfg, rngs)
+        self.intermediate = Intermediate(cfg, rngs)
+        self.output = DenseLayerNorm(cfg, cfg.intermediate_size, ("mlp", "embed"), rngs)
+
+    def __call__(self, x, mask, dropout_key):
+        key_attention, key_output = _split_key(dropout_key, 2)
+        x = self.attention(x, mask, key_attention)
+        return self.output(self.intermediate(x), x, key_output)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={})
+        def stacked_layers(rngs):
+            return Layer(cfg, rngs)
+
+        self.layer = stacked_layers(rngs)  # every parameter has a leading [num_hidden_layers] axis
+
+    def __call__(self, x, mask, dropout_key):
+        cfg = self.cfg
+        graphdef, stacked = nnx.split(self.layer)
+
+        def one_layer(h, layer_params_and_key):
+            layer_params, key = layer_params_and_key
+            return nnx.merge(graphdef, layer_params)(h, mask, key), None
+
+        if cfg.remat_policy != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_hidden_layers)
+        if cfg.scan_layers:
+            return jax.lax.scan(one_layer, x, (stacked, keys))[0]
+        for i in range(cfg.num_hidden_layers):
+            layer_i = jax.tree.map(lambda p: p[i], stacked)
+            x = one_layer(x, (layer_i, None if keys is None else keys[i]))[0]
+        return x
+
+
+class Pooler(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
+
+    def __call__(self, hidden_BxLxD):
+        return jnp.tanh(self.dense(hidden_BxLxD[:, 0]))
+
+
+class EncoderModel(nnx.Module):
+    """`BertModel` / `RobertaModel`: embeddings -> encoder (-> pooler)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, add_pooling_layer: bool = False):
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg, rngs)
+        self.encoder = Encoder(cfg, rngs)
+        self.pooler = Pooler(cfg, rngs) if add_pooling_layer else None
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, segment_ids=None,
+                 position_ids=None, dropout_key=None):
+        cfg = self.cfg
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if segment_ids is not None:  # packed rows: attention stays inside each document
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+            if position_ids is None:
+                position_ids = position_ids_from_segments(segment_ids, cfg.first_position_id)
+        else:
+            if attention_mask is None:
+                attention_mask = jnp.ones_like(input_ids)
+            mask = jnp.broadcast_to(attention_mask[:, None, :].astype(bool), (*input_ids.shape, input_ids.shape[1]))
+        if position_ids is None:
+            if cfg.model_type == "roberta":
+                position_ids = roberta_position_ids(input_ids, cfg.pad_token_id)
+            else:
+                position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        key_embed, key_encoder = _split_key(dropout_key, 2)
+        x = self.embeddings(input_ids, token_type_ids, position_ids, key_embed)
+        return self.encoder(x, mask[:, None], key_encoder)
+
+
+def _vocab_bias(cfg: ModelConfig) -> nnx.Param:
+    return nnx.Param(jnp.zeros((cfg.vocab_size,), _dtype(cfg.param_dtype)), logical_axes=("vocab",))
+
+
+def tied_logits(hidden: Array, word_embeddings: nnx.Embed, bias: nnx.Param) -> Array:
+    """Project onto the tied word embeddings; logits and everything after them are fp32."""
+    table = word_embeddings.embedding[...].astype(hidden.dtype)
+    logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+    return logits + bias[...].astype(jnp.float32)
+
+
+def gather_positions(hidden_BxLxD: Array, positions_BxP: Array) -> Array:
+    return jnp.take_along_axis(hidden_BxLxD, positions_BxP[:, :, None], axis=1)
+
+
+class RobertaLMHead(nnx.Module):
+    """`lm_head`: dense -> gelu -> layer_norm -> decoder (tied to the word embeddings) + bias."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
+        self.layer_norm = _layer_norm(cfg, rngs)
+        self.bias = _vocab_bias(cfg)
+
+    def __call__(self, hidden, word_embeddings):
+        x = self.layer_norm(_activation("gelu")(self.dense(hidden)))
+        return tied_logits(x, word_embeddings, self.bias)
+
+
+class BertPredictionHeadTransform(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
+        self.activation = _activation(cfg.hidden_act)
+        self.LayerNorm = _layer_norm(cfg, rngs)
+
+    def __call__(self, x):
+        return self.LayerNorm(self.activation(self.dense(x)))
+
+
+class BertLMPredictionHead(nnx.Module):
+    """`cls.predictions`: transform -> decoder (tied to the word embeddings) + bias."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.transform = BertPredictionHeadTransform(cfg, rngs)
+        self.bias = _vocab_bias(cfg)
+
+    def __call__(self, hidden, word_embeddings):
+        return tied_logits(self.transform(hidden), word_embeddings, self.bias)
+
+
+class BertPreTrainingHeads(nnx.Module):
+    """`cls`: the MLM predictions, and (BertForPreTraining) the next-sentence classifier."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, with_nsp: bool):
+        self.predictions = BertLMPredictionHead(cfg, rngs)
+        self.seq_relationship = _linear(cfg, cfg.hidden_size, 2, ("embed", None), rngs) if with_nsp else None
+
+
+class _MaskedLMBase(nnx.Module):
+    """Shared call: encode, optionally gather the prediction slots, project onto the vocabulary."""
+
+    config: ModelConfig
+
+    @property
+    def backbone(self) -> EncoderModel:
+        raise NotImplementedError
+
+    def mlm_logits(self, hidden: Array) -> Array:
+        raise NotImplementedError
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, segment_ids=None,
+                 position_ids=None, masked_positions=None, dropout_key=None) -> MaskedLMOutput:
+        """`masked_positions` [batch, slots]: run the vocabulary head only there (the sparse head)."""
+        hidden = self.backbone(input_ids, attention_mask, token_type_ids, segment_ids, position_ids, dropout_key)
+        head_input = hidden if masked_positions is None else gather_positions(hidden, masked_positions)
+        return MaskedLMOutput(logits=self.mlm_logits(head_input), last_hidden_state=hidden)
+
+
+class RobertaForMaskedLM(_MaskedLMBase):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.roberta = EncoderModel(cfg, rngs)
+        self.lm_head = RobertaLMHead(cfg, rngs)
+
+    @property
+    def backbone(self):
+        return self.roberta
+
+    def mlm_logits(self, hidden):
+        return self.lm_head(hidden, self.roberta.embeddings.word_embeddings)
+
+
+class BertForMaskedLM(_MaskedLMBase):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, with_nsp: bool = False):
+        self.config = cfg
+        self.bert = EncoderModel(cfg, rngs, add_pooling_layer=with_nsp)
+        self.cls = BertPreTrainingHeads(cfg, rngs, with_nsp)
+
+    @property
+    def backbone(self):
+        return self.bert
+
+    def mlm_logits(self, hidden):
+        return self.cls.predictions(hidden, self.bert.embeddings.word_embeddings)
+
+
+class BertForPreTraining(BertForMaskedLM):
+    """BERT's pre-training model: the MLM head plus next-sentence prediction on the pooled [CLS]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs, with_nsp=True)
+
+    def __call__(self, *args, **kwargs) -> MaskedLMOutput:
+        out = super().__call__(*args, **kwargs)
+        pooled = self.bert.pooler(out.last_hidden_state)
+        return out.replace(seq_relationship_logits=self.cls.seq_relationship(pooled).astype(jnp.float32))
+
+
+MODEL_CLASSES: dict[str, type[_MaskedLMBase]] = {
+    "RobertaForMaskedLM": RobertaForMaskedLM,
+    "BertForMaskedLM": BertForMaskedLM,
+    "BertForPreTraining": BertForPreTraining,
+}
+
+
+def model_class_for(cfg: ModelConfig, objective: str = "mlm") -> type[_MaskedLMBase]:
+    if objective == "mlm+nsp":
+        if cfg.model_type != "bert":
+            raise ValueError("objective 'mlm+nsp' needs a BERT model (--model_type bert); RoBERTa has no NSP head")
+        return BertForPreTraining
+    return RobertaForMaskedLM if cfg.model_type == "roberta" else BertForMaskedLM
+
+
+def create_model(cfg: ModelConfig, seed: int = 0, objective: str = "mlm") -> _MaskedLMBase:
+    return model_class_for(cfg, objective)(cfg, rngs=nnx.Rngs(seed))
+
+
+def count_parameters(model: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,31 @@
+"""Test setup: no network, 8 simulated CPU devices (set before jax is imported)."""
+import os
+import pathlib
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DIR = PROJECT_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    """../shared (WikiText-2 raw, the GPT-2 BPE); skip when this checkout has none."""
+    if not (SHARED_DIR / "data" / "wikitext-2-raw" / "wiki.valid.raw").is_file():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe_dir(shared_dir) -> pathlib.Path:
+    path = shared_dir / "tokenizers" / "gpt2-bpe"
+    if not (path / "vocab.json").is_file():
+        pytest.skip("../shared/tokenizers/gpt2-bpe is absent")
+    return path
