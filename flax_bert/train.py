@@ -129,10 +129,11 @@ class Trainer:
         sums = {"mlm_loss": mlm_loss, "mlm_correct": correct}
         loss = mlm_loss / mlm_count
         if self.step_config.objective == "mlm+nsp":
-            nsp_labels = inputs["next_sentence_label"]
-            nsp_loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(out.seq_relationship_logits, nsp_labels))
+            nsp_labels, real = inputs["next_sentence_label"], _real_rows(inputs)  # empty filler rows excluded
+            nsp_ce = optax.softmax_cross_entropy_with_integer_labels(out.seq_relationship_logits, nsp_labels)
+            nsp_loss = jnp.sum(nsp_ce * real)
             sums["nsp_loss"] = nsp_loss
-            sums["nsp_correct"] = jnp.sum(jnp.argmax(out.seq_relationship_logits, -1) == nsp_labels)
+            sums["nsp_correct"] = jnp.sum((jnp.argmax(out.seq_relationship_logits, -1) == nsp_labels) * real)
             loss = loss + nsp_loss / nsp_count
         return loss, sums
 
@@ -141,7 +142,7 @@ class Trainer:
         masked = self._mask(self.masking_key(), state.step, batch)
         dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), state.step)
         mlm_count = jnp.maximum(jnp.sum(masked.weights), 1.0)
-        nsp_count = batch["input_ids"].shape[0]
+        nsp_count = jnp.maximum(jnp.sum(_real_rows(batch)), 1.0)
         inputs = {k: v for k, v in batch.items() if k != "input_ids"}
 
         k = cfg.gradient_accumulation_steps
@@ -190,8 +191,13 @@ class Trainer:
         inputs = {k: v for k, v in batch.items() if k != "input_ids"}
         _, sums = self._loss_sums(params, inputs, masked, None, 1.0, 1.0)
         sums["mlm_count"] = jnp.sum(masked.weights)
-        sums["rows"] = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+        sums["rows"] = jnp.sum(_real_rows(batch))
         return sums
+
+
+def _real_rows(batch: Batch) -> jax.Array:
+    """1.0 for rows holding tokens, 0.0 for the empty rows that fill an epoch's last batch."""
+    return jnp.any(batch["segment_ids"] > 0, axis=-1).astype(jnp.float32)
 
 
 def _split_micro_batches(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:

@@ -1,0 +1,391 @@
+"""`flax-bert bench`: time the real train step, and PyTorch's beside it, in one invocation.
+
+Each framework is measured in its own child process (`python -m flax_bert.bench --_worker ...`):
+peak resident memory (`ru_maxrss`) is a per-process high-water mark, so measuring JAX and PyTorch
+in one process would report the larger of the two for both; separate processes also keep the two
+runtimes' thread pools from competing for the cores. The parent only parses, launches, prints the
+table and writes the JSON.
+
+MFU follows docs/design.md: F = 6*N_enc + 12*L*s*d + rho*(6*d*V + 6*d^2) model FLOPs per non-pad
+token (rematerialization excluded), against the peak of a large jitted matmul in the compute dtype
+measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class BenchError(ValueError):
+    """Bad bench input (config, sizes)."""
+
+
+# ----------------------------------------------------------------------------- configuration
+def resolve_config_path(config: str) -> pathlib.Path:
+    """A YAML path, or a name from configs/ (e.g. `roberta-base`)."""
+    path = pathlib.Path(config)
+    if path.is_file():
+        return path
+    named = PROJECT_ROOT / "configs" / f"{config.removesuffix('.yaml')}.yaml"
+    if named.is_file():
+        return named
+    raise FileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml or a name in configs/")
+
+
+def load_setup(args):
+    """(RunConfig, ModelConfig) from the YAML plus the bench's overrides."""
+    from flax_bert.run_config import RunConfig, fresh_model_config, load_yaml
+
+    values = load_yaml(resolve_config_path(args.config))
+    for name in ("per_device_train_batch_size", "max_seq_length", "dtype", "scan_layers", "remat_policy"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    values["gradient_accumulation_steps"] = 1
+    run = RunConfig(**values)
+    model_config = fresh_model_config(run, run.vocab_size or run.tokenizer_vocab_size)
+    if run.max_seq_length > model_config.max_sequence_length:
+        raise BenchError(f"--max_seq_length {run.max_seq_length} exceeds the position table "
+                         f"({model_config.max_sequence_length}); lower it or raise max_position_embeddings")
+    return run, model_config
+
+
+def special_token_ids(model_config) -> tuple[tuple[int, ...], int]:
+    """(special ids, mask id) for random-id batches: pad/bos/eos plus a mask id at the vocabulary's end."""
+    mask_id = model_config.vocab_size - 1
+    specials = {model_config.pad_token_id, mask_id}
+    specials |= {i for i in (model_config.bos_token_id, model_config.eos_token_id) if i is not None}
+    return tuple(sorted(specials)), mask_id
+
+
+def random_batch(rows: int, length: int, model_config, seed: int = 0, nsp: bool = False) -> dict:
+    """Random non-special token ids, one document a row, no padding: every token counts."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    specials, _ = special_token_ids(model_config)
+    ordinary = np.setdiff1d(np.arange(model_config.vocab_size), specials)
+    batch = {"input_ids": rng.choice(ordinary, (rows, length)).astype(np.int32),
+             "segment_ids": np.ones((rows, length), np.int32),
+             "word_starts": np.ones((rows, length), bool)}
+    if nsp:
+        batch["token_type_ids"] = np.zeros((rows, length), np.int32)
+        batch["token_type_ids"][:, length // 2:] = 1
+        batch["next_sentence_label"] = rng.integers(0, 2, (rows,)).astype(np.int32)
+    return batch
+
+
+def flops_per_token(model_config, seq_len: int, head_fraction: float) -> float:
+    """Model FLOPs per token (docs/design.md), training = 3x forward; rho = head_fraction."""
+    d, f, layers, vocab = (model_config.hidden_size, model_config.intermediate_size,
+                           model_config.num_hidden_layers, model_config.vocab_size)
+    n_enc = layers * (4 * d * d + 2 * d * f)
+    return 6 * n_enc + 12 * layers * seq_len * d + head_fraction * (6 * d * vocab + 6 * d * d)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------- JAX worker
+def measure_matmul_peak(dtype: str, sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted square matmul in `dtype` over a few sizes (the denominator of MFU)."""
+    import jax
+    import jax.numpy as jnp
+
+    best = 0.0
+    matmul = jax.jit(jnp.matmul)
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+        matmul(a, b).block_until_ready()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def device_peak_memory(devices) -> int | None:
+    """Peak bytes in use on accelerators (None on CPU, whose allocator keeps no statistics)."""
+    stats = [d.memory_stats() for d in devices]
+    if not all(s and "peak_bytes_in_use" in s for s in stats):
+        return None
+    return max(s["peak_bytes_in_use"] for s in stats)
+
+
+def make_trainer(run, model_config, dense_head: bool = False):
+    import jax
+    import jax.numpy as jnp
+
+    from flax_bert.optim import make_optimizer
+    from flax_bert.sharding import make_mesh
+    from flax_bert.train import MaskingConfig, StepConfig, Trainer
+
+    specials, mask_id = special_token_ids(model_config)
+    masking = MaskingConfig(special_ids=specials, mask_token_id=mask_id, random_vocab_size=model_config.vocab_size,
+                            mlm_probability=run.mlm_probability, max_seq_length=run.max_seq_length,
+                            whole_word_masking=run.whole_word_masking)
+    tx, schedule = make_optimizer(learning_rate=run.learning_rate, warmup_steps=run.warmup_steps,
+                                  total_steps=max(run.max_steps, run.warmup_steps + 1),
+                                  schedule=run.lr_scheduler_type, optimizer=run.optimizer, b1=run.adam_beta1,
+                                  b2=run.adam_beta2, eps=run.adam_epsilon, weight_decay=run.weight_decay,
+                                  max_grad_norm=run.max_grad_norm)
+    trainer_class = Trainer
+    if dense_head:  # ablation: the vocabulary head on every position, then gather the slots
+        class DenseHeadTrainer(Trainer):
+            def model(self, params):
+                model = super().model(params)
+                call = model.__call__
+
+                def dense_call(*a, masked_positions=None, **kw):
+                    out = call(*a, **kw)
+                    logits = jnp.take_along_axis(out.logits, masked_positions[:, :, None], axis=1)
+                    return out.replace(logits=logits)
+                return _CallOverride(model, dense_call)
+        trainer_class = DenseHeadTrainer
+    mesh = make_mesh(run.mesh)
+    step_config = StepConfig(masking=masking, seed=run.seed, objective=run.objective)
+    return trainer_class(model_config, step_config, tx, mesh, schedule), jax.devices()
+
+
+class _CallOverride:
+    """The model with a different __call__ (for the dense-head ablation only)."""
+
+    def __init__(self, model, call):
+        self._model, self._call = model, call
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def run_jax(args) -> dict:
+    import jax
+
+    from flax_bert.sharding import batch_sharding
+
+    run, model_config = load_setup(args)
+    peak = measure_matmul_peak(model_config.dtype)
+    trainer, devices = make_trainer(run, model_config, dense_head=args.dense_head)
+    rows = run.per_device_train_batch_size * len(devices)
+    batch = jax.device_put(random_batch(rows, run.max_seq_length, model_config, nsp=run.objective == "mlm+nsp"),
+                           batch_sharding(trainer.mesh))
+    state = trainer.init_state(seed=run.seed)
+    jax.block_until_ready(state)
+
+    start = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch).compile()  # trace + lower + XLA compile
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    first_step_seconds = compile_seconds + time.perf_counter() - start
+
+    for _ in range(args.warmup_steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times = []
+    profile = args.profile_dir and jax.profiler.trace(args.profile_dir)
+    if profile:
+        profile.__enter__()
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    if profile:
+        profile.__exit__(None, None, None)
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"benchmark loss is {loss}")
+
+    head_fraction = 1.0 if args.dense_head else run.mlm_probability
+    result = _rates("", rows * run.max_seq_length, times, model_config, run, head_fraction, peak)
+    device_memory = device_peak_memory(devices)
+    result.update(
+        framework="jax", device=f"{len(devices)}x {devices[0].device_kind}", compile_seconds=compile_seconds,
+        first_step_seconds=first_step_seconds, matmul_peak_flops=peak, loss=loss,
+        peak_memory_bytes=device_memory or peak_rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
+        peak_memory_kind="device" if device_memory else "rss", global_batch_size=rows,
+        scan_layers=model_config.scan_layers, remat_policy=model_config.remat_policy,
+        sparse_head=not args.dense_head, xla_flags=os.environ.get("XLA_FLAGS", ""))
+    return result
+
+
+def _rates(prefix, tokens_per_step, times, model_config, run, head_fraction, peak) -> dict:
+    step = statistics.median(times)
+    flops = flops_per_token(model_config, run.max_seq_length, head_fraction)
+    tokens_per_second = tokens_per_step / step
+    return {f"{prefix}step_seconds": step, f"{prefix}step_seconds_min": min(times),
+            f"{prefix}step_seconds_max": max(times), f"{prefix}tokens_per_second": tokens_per_second,
+            f"{prefix}flops_per_token": flops, f"{prefix}mfu": tokens_per_second * flops / peak if peak else None,
+            f"{prefix}timed_steps": len(times)}
+
+
+# ----------------------------------------------------------------------------- PyTorch worker
+def torch_mask_tokens(input_ids, special_ids, mask_id, vocab_size, mlm_probability):
+    """transformers' DataCollatorForLanguageModeling.torch_mask_tokens: labels -100 off the mask."""
+    import torch
+
+    labels = input_ids.clone()
+    probability = torch.full(labels.shape, mlm_probability)
+    probability.masked_fill_(torch.isin(input_ids, torch.tensor(special_ids)), 0.0)
+    masked = torch.bernoulli(probability).bool()
+    labels[~masked] = -100
+    inputs = input_ids.clone()
+    replaced = torch.bernoulli(torch.full(labels.shape, 0.8)).bool() & masked
+    inputs[replaced] = mask_id
+    randomized = torch.bernoulli(torch.full(labels.shape, 0.5)).bool() & masked & ~replaced
+    inputs[randomized] = torch.randint(vocab_size, labels.shape)[randomized]
+    return inputs, labels
+
+
+def run_torch(args) -> dict:
+    import torch
+    import transformers
+
+    run, model_config = load_setup(args)
+    if model_config.dtype != "float32":
+        raise BenchError("--compare torch times fp32 on CPU; pass --dtype float32")
+    torch.manual_seed(run.seed)
+    nsp = run.objective == "mlm+nsp"
+    model_class = (transformers.BertForPreTraining if nsp else
+                   transformers.RobertaForMaskedLM if model_config.model_type == "roberta" else transformers.BertForMaskedLM)
+    model = model_class(model_config.to_hf_config(model_class.__name__)).train()
+    no_decay = [p for n, p in model.named_parameters() if "bias" in n or "LayerNorm.weight" in n or "layer_norm.weight" in n]
+    decay = [p for p in model.parameters() if all(p is not q for q in no_decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=run.learning_rate, betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon)
+    rows = run.per_device_train_batch_size
+    batch = {k: torch.from_numpy(v).long() for k, v in random_batch(rows, run.max_seq_length, model_config, nsp=nsp).items()
+             if k != "word_starts"}
+    specials, mask_id = special_token_ids(model_config)
+
+    def step():
+        inputs, labels = torch_mask_tokens(batch["input_ids"], specials, mask_id, model_config.vocab_size,
+                                           run.mlm_probability)
+        kwargs = {"token_type_ids": batch["token_type_ids"], "next_sentence_label": batch["next_sentence_label"]} if nsp else {}
+        out = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=labels, **kwargs)
+        out.loss.backward()
+        if run.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), run.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    start = time.perf_counter()
+    step()
+    first_step_seconds = time.perf_counter() - start
+    for _ in range(args.warmup_steps):
+        step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    result = _rates("", rows * run.max_seq_length, times, model_config, run, 1.0, None)
+    result.update(framework="torch", first_step_seconds=first_step_seconds, peak_memory_bytes=peak_rss_bytes(),
+                  loss=loss, threads=torch.get_num_threads(), torch_version=torch.__version__,
+                  attn_implementation=model.config._attn_implementation)
+    return result
+
+
+# ----------------------------------------------------------------------------- parent
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flax-bert bench", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="YAML run config (configs/tiny.yaml) or a name in configs/ (roberta-base)")
+    parser.add_argument("--per_device_train_batch_size", type=int, help="override the config's batch")
+    parser.add_argument("--max_seq_length", type=int, help="override the config's sequence length")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the compute dtype")
+    parser.add_argument("--scan_layers", type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL",
+                        help="override scan over layers (true/false)")
+    parser.add_argument("--remat_policy", choices=["none", "full", "dots", "dots_no_batch"], help="override remat")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported; at least 5)")
+    parser.add_argument("--warmup_steps", type=int, default=1, help="untimed steps after the first (compiling) step")
+    parser.add_argument("--compare", choices=["torch"], help="also time transformers' PyTorch model + AdamW")
+    parser.add_argument("--dense_head", action="store_true", help="ablation: vocabulary head on every position")
+    parser.add_argument("--profile_dir", help="write a jax.profiler trace of the timed steps here")
+    parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--_worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--_result", help=argparse.SUPPRESS)
+    return parser
+
+
+def _run_worker(framework: str, argv: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = pathlib.Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "flax_bert.bench", *argv, "--_worker", framework, "--_result", str(result_file)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run(command, env=env)
+        if done.returncode or not result_file.is_file():
+            raise RuntimeError(f"the {framework} benchmark process failed (exit code {done.returncode}); see its output above")
+        return json.loads(result_file.read_text())
+
+
+def summarize(jax_result: dict, torch_result: dict | None) -> dict:
+    summary = dict(jax_result)
+    if torch_result:
+        peak = jax_result["matmul_peak_flops"]
+        torch_result["mfu"] = torch_result["tokens_per_second"] * torch_result["flops_per_token"] / peak
+        summary.update({f"torch_{k}": v for k, v in torch_result.items() if k != "framework"})
+        summary["speedup_vs_torch"] = jax_result["tokens_per_second"] / torch_result["tokens_per_second"]
+        summary["memory_ratio_vs_torch"] = jax_result["peak_memory_bytes"] / torch_result["peak_memory_bytes"]
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    gib = 2 ** 30
+    lines = [f"{summary['config']}: batch {summary['global_batch_size']} x seq {summary['max_seq_length']}, "
+             f"{summary['dtype']}, {summary['device']}; matmul peak {summary['matmul_peak_flops'] / 1e9:.1f} GFLOP/s",
+             f"{'framework':<10}{'step s (median)':>17}{'tokens/s':>11}{'MFU':>8}{'compile s':>11}{'peak mem GiB':>14}"]
+    rows = [("jax", "")] + ([("torch", "torch_")] if "torch_tokens_per_second" in summary else [])
+    for name, p in rows:
+        compile_s = f"{summary['compile_seconds']:.1f}" if name == "jax" else "-"
+        lines.append(f"{name:<10}{summary[p + 'step_seconds']:>17.3f}{summary[p + 'tokens_per_second']:>11.1f}"
+                     f"{summary[p + 'mfu']:>8.1%}{compile_s:>11}{summary[p + 'peak_memory_bytes'] / gib:>14.2f}")
+    if "speedup_vs_torch" in summary:
+        lines.append(f"jax/torch: tokens/s x{summary['speedup_vs_torch']:.2f}, "
+                     f"peak memory x{summary['memory_ratio_vs_torch']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.steps < 5 and not args._worker:
+        print(f"note: --steps {args.steps} < 5; the issue's median wants at least 5 timed steps", file=sys.stderr)
+    if args.steps < 1:
+        raise BenchError("--steps must be at least 1")
+    if args._worker:
+        result = run_jax(args) if args._worker == "jax" else run_torch(args)
+        pathlib.Path(args._result).write_text(json.dumps(result))
+        return 0
+    run, model_config = load_setup(args)  # fail fast on bad input, before any child starts
+    jax_result = _run_worker("jax", argv)
+    jax_result.update(config=str(args.config), max_seq_length=run.max_seq_length, dtype=model_config.dtype,
+                      per_device_train_batch_size=run.per_device_train_batch_size, steps=args.steps)
+    torch_result = _run_worker("torch", argv) if args.compare == "torch" else None
+    summary = summarize(jax_result, torch_result)
+    print(format_table(summary))
+    if args.output:
+        pathlib.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.output).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The `flax-bert` command: train, eval, export, import, train-tokenizer, fill-mask, plot, bench."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+
+USAGE = """usage: flax-bert COMMAND [options]
+
+commands:
+  train            pretrain (same options as run_mlm_flax.py; a YAML run config may come first)
+  eval             evaluate a run's latest checkpoint or a Hugging Face model (train's options)
+  export           a run's checkpoint -> Hugging Face folder (config.json, model.safetensors, tokenizer, card)
+  import           a Hugging Face folder -> a run directory whose checkpoint `train` continues from
+  train-tokenizer  train a byte-level BPE (RoBERTa) or WordPiece (BERT) tokenizer
+  fill-mask        top-k predictions for a sentence with the mask token
+  plot             draw a run's curves to a PNG
+  bench            time the train step (and PyTorch's) on this machine
+
+`flax-bert COMMAND --help` documents each command."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("jax._src", "datasets", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for chatty in ("absl", "orbax"):  # Orbax reports routine events (read-only restores) as warnings
+        logging.getLogger(chatty).setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------------------- train / eval
+def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) -> int:
+    from flax_bert.run_config import parse_run_config
+
+    run = parse_run_config(argv, prog=prog, defaults=defaults)
+    from flax_bert.pretrain import run_pretraining
+
+    results = run_pretraining(run)
+    if results.get("preempted"):
+        print(f"stopped at step {results['step']} by a signal; checkpoint saved — rerun the same command to resume")
+    return 0
+
+
+def eval_main(argv) -> int:
+    return train_main(argv, prog="flax-bert eval", defaults={"do_train": False, "do_eval": True})
+
+
+# ----------------------------------------------------------------------------- export / import
+def export_main(argv) -> int:
+    parser = _Parser(prog="flax-bert export", description="Export a run's checkpoint as a Hugging Face folder.")
+    parser.add_argument("run_dir", help="the run's --output_dir")
+    parser.add_argument("--to", required=True, help="the folder to write (must not hold a model already)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--architecture", choices=["RobertaForMaskedLM", "BertForMaskedLM", "BertForPreTraining"],
+                        help="export a BertForPreTraining run as BertForMaskedLM (drops the NSP head)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --to")
+    parser.add_argument("--push_to_hub", action="store_true", help="upload the folder to the Hub")
+    parser.add_argument("--hub_model_id", help="the Hub repository, e.g. user/my-roberta")
+    parser.add_argument("--hub_token", help="Hub token (default: $HF_TOKEN); never printed")
+    parser.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    from flax_bert.export import push_to_hub, write_model_folder
+    from flax_bert.run_dir import load_run_model
+
+    model, tokenizer, run, step = load_run_model(args.run_dir, args.step)
+    global_batch = run.get("per_device_train_batch_size", 0) * run.get("gradient_accumulation_steps", 1)
+    folder = write_model_folder(model, args.to, tokenizer, run, step, global_batch, None, overwrite=args.overwrite,
+                                architecture=args.architecture)
+    print(f"exported step {step} of {args.run_dir} to {folder}")
+    if args.push_to_hub:
+        print(push_to_hub(folder, args.hub_model_id, args.hub_token, args.hub_private_repo))
+    return 0
+
+
+def import_main(argv) -> int:
+    parser = _Parser(prog="flax-bert import",
+                     description="Turn a Hugging Face BERT/RoBERTa folder into a run directory to continue pretraining: "
+                                 "then `flax-bert train --output_dir RUN_DIR ...` resumes from it.")
+    parser.add_argument("hf_folder", help="Hugging Face model folder (or hub id when online)")
+    parser.add_argument("--to", required=True, help="the run directory to create")
+    args = parser.parse_args(argv)
+    from flax_bert.run_dir import import_hf_model
+
+    step_dir = import_hf_model(args.hf_folder, args.to)
+    print(f"imported {args.hf_folder} into {step_dir}; continue with: flax-bert train --output_dir {args.to} "
+          f"--tokenizer_name {args.to}/tokenizer --model_name_or_path {args.hf_folder} ...")
+    return 0
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer_main(argv) -> int:
+    parser = _Parser(prog="flax-bert train-tokenizer",
+                     description="Train a tokenizer on the same sources as `train` (the built-in corpus by default).")
+    parser.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
+                        help="byte-level BPE (RoBERTa: <s> <pad> </s> <unk> <mask>) or WordPiece (BERT)")
+    parser.add_argument("--vocab_size", type=int, help="default 50265 (bpe) / 30522 (wordpiece)")
+    parser.add_argument("--min_frequency", type=int, default=2)
+    parser.add_argument("--output_dir", required=True, help="folder to write (AutoTokenizer loads it)")
+    for name in ("dataset_name", "dataset_config_name", "train_file", "text_column", "cache_dir"):
+        parser.add_argument(f"--{name}", default="text" if name == "text_column" else None)
+    parser.add_argument("--max_train_samples", type=int)
+    args = parser.parse_args(argv)
+    from flax_bert.data import DataArgs
+    from flax_bert.tokenizer_training import train_tokenizer_from_args
+
+    data_args = DataArgs(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+                         train_file=args.train_file, text_column=args.text_column, cache_dir=args.cache_dir,
+                         max_train_samples=args.max_train_samples, validation_split_percentage=0)
+    tokenizer = train_tokenizer_from_args(data_args, kind=args.kind, vocab_size=args.vocab_size,
+                                          min_frequency=args.min_frequency, output_dir=args.output_dir)
+    print(f"trained a {len(tokenizer)}-token {args.kind} tokenizer into {args.output_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- fill-mask
+def fill_mask_main(argv) -> int:
+    parser = _Parser(prog="flax-bert fill-mask", description="Top-k predictions for the mask token(s) in a sentence.")
+    parser.add_argument("model", help="an exported Hugging Face folder or a run directory (latest checkpoint)")
+    parser.add_argument("text", nargs="+", help="sentence(s) with the mask token, e.g. 'Paris is the <mask> of France.'")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--step", type=int, help="run directory: this checkpoint instead of the latest")
+    args = parser.parse_args(argv)
+    from flax_bert.fill_mask import fill_mask, load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.step)
+    for text in args.text:
+        print(text)
+        for rank, (token, score) in enumerate(fill_mask(model, tokenizer, text, args.top_k), 1):
+            print(f"  {rank}. {token!r:20} {score:.3f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- plot / bench
+def plot_main(argv) -> int:
+    parser = _Parser(prog="flax-bert plot", description="Draw a run's training curves (metrics.jsonl) to a PNG.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--output", help="PNG path (default RUN_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    from flax_bert.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    return 0
+
+
+def bench_main(argv) -> int:
+    from flax_bert import bench
+
+    return bench.main(argv)
+
+
+COMMANDS = {"train": lambda argv: train_main(argv, prog="flax-bert train"), "eval": eval_main, "export": export_main,
+            "import": import_main, "train-tokenizer": train_tokenizer_main, "fill-mask": fill_mask_main,
+            "plot": plot_main, "bench": bench_main}
+
+
+def run_command(function, argv) -> int:
+    """One-line errors with a nonzero exit for every bad input; tracebacks only for our own bugs."""
+    from flax_bert.errors import USER_ERRORS
+
+    _setup_logging()
+    try:
+        return function(argv)
+    except USER_ERRORS as err:
+        if os.environ.get("FLAX_BERT_DEBUG"):
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"flax-bert: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return run_command(COMMANDS[command], rest)
+
+
+def run_mlm_flax_main(argv=None) -> int:
+    return run_command(train_main, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Where the text comes from: a Hugging Face hub dataset, local files, or the built-in corpus.
+
+Every source becomes a :class:`DocumentStream`: a deterministic sequence of documents (strings),
+read in batches, plus a fingerprint that changes whenever the text could have changed. The
+fingerprint is cheap (file size and mtime, the dataset's own fingerprint, the corpus hash), so a
+second run finds its tokenized cache without reading the text again.
+
+Document rules:
+  * ``.txt`` / ``.raw`` / ``.text`` files (WikiText style): a document is a block of consecutive
+    non-blank lines; blank (whitespace-only) lines separate documents. That is the layout of BERT's
+    ``create_pretraining_data`` input (one sentence per line, blank line between documents) and
+    gives one paragraph or heading per document on WikiText. With ``line_by_line`` every non-blank
+    line is a document, as in the Hugging Face ``run_mlm`` examples.
+  * json/jsonl, csv, parquet and hub datasets: one row's ``text_column`` is one document.
+  * the built-in corpus: one docstring or pydoc topic is one document.
+Validation split when none is given: document i goes to validation when ``i % 100 <
+validation_split_percentage`` (spread over the whole corpus, and the same rule works for streams).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from typing import Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+READ_BATCH = 1000  # documents per batch handed to the tokenizer
+TEXT_SUFFIXES = {".txt": "text", ".raw": "text", ".text": "text"}
+TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad data input; the message is one line naming the problem and the fix."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    pass
+
+
+@dataclasses.dataclass
+class DataArgs:
+    """Data flags, named as in Hugging Face's ``run_mlm_flax.py`` where it had them."""
+
+    dataset_name: str | None = None  # hub dataset; none and no train_file -> built-in corpus
+    dataset_config_name: str | None = None
+    train_file: str | None = None  # .txt/.raw, .json/.jsonl, .csv, .parquet
+    validation_file: str | None = None
+    text_column: str = "text"
+    validation_split_percentage: int = 5  # carved from train when there is no validation split
+    max_seq_length: int = 128
+    line_by_line: bool = False  # one document per row (truncated) instead of packing
+    pad_to_max_length: bool = True  # accepted for compatibility: rows are always max_seq_length (static shapes)
+    preprocessing_num_workers: int | None = None  # tokenizer threads; None = all cores
+    streaming: bool = False  # tokenize on the fly, never hold the corpus on disk or in memory
+    shuffle_buffer_size: int = 10_000  # documents, streaming mode only
+    cache_dir: str | None = None  # default $FLAX_BERT_CACHE or ~/.cache/flax_bert
+    overwrite_cache: bool = False
+    skip_invalid_utf8: bool = False  # drop undecodable bytes (counted) instead of stopping
+    max_train_samples: int | None = None  # first N training documents
+    max_eval_samples: int | None = None  # first N validation documents
+    objective: str = "mlm"  # "mlm" or "mlm+nsp" (BERT sentence pairs)
+    short_seq_prob: float = 0.1  # NSP: share of pairs with a shorter random target length (BERT's default)
+
+
+@dataclasses.dataclass
+class DocumentStream:
+    """Documents of one split, in a fixed order. ``batches()`` may be called many times."""
+
+    name: str  # for messages
+    fingerprint: str
+    read: Callable[[], Iterator[list[str]]]
+    streamable: bool = True
+
+    def batches(self) -> Iterator[list[str]]:
+        return self.read()
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _decode_line(raw: bytes, path: pathlib.Path, offset: int, skip: bool) -> tuple[str, int]:
+    """Strict UTF-8 decode of one line; returns (text, number of skipped bytes)."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError as err:
+        if not skip:
+            raise DataError(
+                f"{path} is not valid UTF-8 (byte offset {offset + err.start}): re-encode it as UTF-8 "
+                f"(e.g. iconv -f latin1 -t utf-8) or pass --skip_invalid_utf8 to drop bad bytes"
+            ) from None
+    pieces, skipped, rest = [], 0, raw
+    while rest:
+        try:
+            pieces.append(rest.decode("utf-8"))
+            break
+        except UnicodeDecodeError as err:
+            pieces.append(rest[: err.start].decode("utf-8"))
+            skipped += err.end - err.start
+            rest = rest[err.end :]
+    return "".join(pieces), skipped
+
+
+def _read_text_file(path: pathlib.Path, line_by_line: bool, skip_invalid_utf8: bool) -> Iterator[list[str]]:
+    batch, block, offset, skipped, documents = [], [], 0, 0, 0
+
+    def flush_block():
+        nonlocal documents
+        text = "\n".join(block).strip()
+        block.clear()
+        if text:
+            batch.append(text)
+            documents += 1
+
+    with open(path, "rb") as lines:
+        for raw in lines:
+            text, bad = _decode_line(raw, path, offset, skip_invalid_utf8)
+            offset += len(raw)
+            skipped += bad
+            text = text.rstrip("\r\n")
+            if text.strip():
+                block.append(text)
+                if line_by_line:
+                    flush_block()
+            else:
+                flush_block()
+            if len(batch) >= READ_BATCH:
+                yield batch
+                batch = []
+        flush_block()
+    if skipped:
+        logger.warning("skipped %d invalid UTF-8 bytes in %s (--skip_invalid_utf8)", skipped, path)
+    if documents == 0:
+        raise DataError(f"{path} has no text (only blank lines): point --train_file/--validation_file at a text file")
+    if batch:
+        yield batch
+
+
+def _check_utf8_stream(path: pathlib.Path) -> int | None:
+    """Byte offset of the first invalid UTF-8 byte, or None (chunked: never loads the whole file)."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            pending = len(decoder.getstate()[0])  # bytes of a split character carried from the last chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return offset - len(decoder.getstate()[0])
+    return None
+
+
+def _cleaned_copy(path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
+    """A UTF-8-clean copy of a json/csv file (bad bytes dropped), for --skip_invalid_utf8."""
+    raw = path.read_bytes()
+    text, skipped = _decode_line(raw, path, 0, skip=True)
+    logger.warning("skipped %d invalid UTF-8 bytes in %s (--skip_invalid_utf8)", skipped, path)
+    target = cache_dir / "utf8_clean" / f"{_hash(str(path), len(raw), path.stat().st_mtime_ns)}{path.suffix}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def _text_batches_from_dataset(dataset, text_column: str, name: str) -> Iterator[list[str]]:
+    columns = dataset.column_names
+    if columns is None:  # a stream whose features are unknown until the first row
+        first = next(iter(dataset), None)
+        columns = list(first) if first else []
+    if text_column not in columns:
+        raise DataError(f"{name} has no column {text_column!r} (columns: {', '.join(columns)}): "
+                        f"pass --text_column with one of them")
+    for rows in dataset.select_columns([text_column]).iter(batch_size=READ_BATCH):
+        batch = [t.strip() for t in rows[text_column] if isinstance(t, str) and t.strip()]
+        if batch:
+            yield batch
+
+
+def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
+    """A local file as documents; raises at once on a missing, empty or unsupported file."""
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        raise DataFileNotFoundError(f"data file {path} does not exist: check --train_file/--validation_file")
+    stat = path.stat()
+    if stat.st_size == 0:
+        raise DataError(f"data file {path} is empty: point --train_file/--validation_file at a file with text")
+    suffix = path.suffix.lower()
+    fingerprint = _hash("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, args.text_column,
+                        args.line_by_line, args.skip_invalid_utf8)
+    if suffix in TEXT_SUFFIXES:
+        return DocumentStream(str(path), fingerprint,
+                              lambda: _read_text_file(path, args.line_by_line, args.skip_invalid_utf8))
+    if suffix not in TABLE_SUFFIXES:
+        supported = ", ".join(sorted({**TEXT_SUFFIXES, **TABLE_SUFFIXES}))
+        raise DataError(f"data file {path} has an unsupported extension {suffix!r}: use one of {supported}")
+
+    def read():
+        source = path
+        if suffix != ".parquet":
+            bad_offset = _check_utf8_stream(path)
+            if bad_offset is not None:
+                if not args.skip_invalid_utf8:
+                    raise DataError(
+                        f"{path} is not valid UTF-8 (byte offset {bad_offset}): re-encode it as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8) or pass --skip_invalid_utf8 to drop bad bytes"
+                    )
+                source = _cleaned_copy(path, resolve_cache_dir(args))
+        import datasets
+
+        try:
+            table = datasets.load_dataset(TABLE_SUFFIXES[suffix], data_files={"train": str(source)}, split="train",
+                                          streaming=args.streaming)
+        except Exception as err:  # the builders' errors are long and nested; keep the first line
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(f"cannot read {path} as {suffix[1:]} ({reason}): fix the file or its extension") from err
+        yield from _text_batches_from_dataset(table, args.text_column, str(path))
+
+    return DocumentStream(str(path), fingerprint, read)
+
+
+def hub_documents(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None]:
+    """(train, validation or None) from ``datasets.load_dataset(dataset_name, dataset_config_name)``."""
+    import datasets
+
+    label = args.dataset_name + (f"/{args.dataset_config_name}" if args.dataset_config_name else "")
+    try:
+        splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
+    except ConnectionError as err:
+        raise DataError(
+            f"cannot download dataset {label!r}: there is no network ({type(err).__name__}); "
+            f"use --train_file with a local copy, or omit the dataset to train on the built-in corpus"
+        ) from None
+    except FileNotFoundError as err:
+        raise DataError(f"dataset {label!r} was not found ({str(err).splitlines()[0]}): "
+                        f"check --dataset_name/--dataset_config_name") from None
+    if "train" not in splits:
+        raise DataError(f"dataset {label!r} has no 'train' split (splits: {', '.join(splits)}): "
+                        f"pick another dataset or config")
+
+    def stream(split):
+        table = splits[split]
+        token = getattr(table, "_fingerprint", None) or "stream"
+        return DocumentStream(f"{label}[{split}]", _hash("hub", label, split, token, args.text_column),
+                              lambda: _text_batches_from_dataset(table, args.text_column, f"{label}[{split}]"))
+
+    validation = "validation" if "validation" in splits else None
+    return stream("train"), (stream(validation) if validation else None)
+
+
+def builtin_documents(args: DataArgs) -> DocumentStream:
+    from flax_bert import corpus
+
+    path = corpus.builtin_corpus_path(args.cache_dir)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
+
+    def read():
+        with open(path, encoding="utf-8") as lines:
+            batch = []
+            for line in lines:
+                batch.append(json.loads(line)["text"])
+                if len(batch) >= READ_BATCH:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+    return DocumentStream("built-in corpus", _hash("builtin", digest), read)
+
+
+def _select(stream: DocumentStream, role: str, percentage: int, limit: int | None) -> DocumentStream:
+    """Carves train or validation out of one stream (i % 100 < percentage -> validation), then keeps
+    the first ``limit`` documents."""
+
+    def read():
+        index, kept = 0, 0
+        for batch in stream.batches():
+            chosen = []
+            for text in batch:
+                if role == "all" or ((index % 100 < percentage) == (role == "validation")):
+                    chosen.append(text)
+                index += 1
+            if limit is not None:
+                chosen = chosen[: limit - kept]
+            kept += len(chosen)
+            if chosen:
+                yield chosen
+            if limit is not None and kept >= limit:
+                return
+
+    return DocumentStream(f"{stream.name} ({role})", _hash(stream.fingerprint, role, percentage, limit), read)
+
+
+def resolve_cache_dir(args: DataArgs) -> pathlib.Path:
+    from flax_bert.corpus import default_cache_dir
+
+    return pathlib.Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+
+
+def document_streams(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None]:
+    """(train, validation) document streams for ``args``; validation is None when there is none and
+    ``validation_split_percentage`` is 0."""
+    if args.dataset_name and args.train_file:
+        raise DataError("both --dataset_name and --train_file were given: pass only one of them")
+    if not 0 <= args.validation_split_percentage < 100:
+        raise DataError(f"--validation_split_percentage={args.validation_split_percentage} is out of range: use 0..99")
+    if args.dataset_name:
+        train, validation = hub_documents(args)
+    elif args.train_file:
+        train = file_documents(args.train_file, args)
+        validation = None
+    else:
+        train, validation = builtin_documents(args), None
+    if args.validation_file:
+        validation = file_documents(args.validation_file, args)
+    pct = args.validation_split_percentage
+    if validation is None:
+        carved = _select(train, "validation", pct, args.max_eval_samples) if pct > 0 else None
+        train = _select(train, "train", pct, args.max_train_samples)
+        return train, carved
+    return (_select(train, "all", 0, args.max_train_samples),
+            _select(validation, "all", 0, args.max_eval_samples))
+
+
+def training_documents(args: DataArgs) -> DocumentStream:
+    return document_streams(args)[0]

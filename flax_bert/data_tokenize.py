@@ -1,0 +1,241 @@
+"""Tokenization: what the pipeline needs to know about a tokenizer, and a disk cache of token ids.
+
+The cache holds, per (tokenizer fingerprint, document-stream fingerprint, unit kind), the flat
+token ids of every unit (a document, or a sentence for NSP) without special tokens, plus offsets.
+Special tokens and word-start flags are added at packing time, so one cache serves packing,
+line-by-line and any ``max_seq_length``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+from flax_bert.data_sources import DataError, DocumentStream
+
+CACHE_VERSION = 1
+_ENCODE_CHARS = 4_000_000  # text per encode call: big enough for the Rust thread pool to pay off
+_BYTE_LEVEL_SPACES = frozenset("ĠĊĉč")  # byte-level BPE's images of space, \n, \t, \r
+# Sentence end: . ! or ? then whitespace, then something that starts a sentence (capital, digit,
+# quote or bracket). Keeps "e.g. this" and "H. americanus" together; good enough for NSP pairs.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    """The facts about a tokenizer that packing needs, as numpy lookup tables over token ids."""
+
+    fingerprint: str
+    vocab_size: int  # len(tokenizer), added tokens included
+    pad_id: int
+    prefix: tuple[int, ...]  # what the tokenizer puts before one text (<s> or [CLS])
+    suffix: tuple[int, ...]  # ... and after it (</s> or [SEP])
+    cls_id: int | None
+    sep_id: int | None
+    special_ids: tuple[int, ...]
+    word_start: np.ndarray  # bool [V]: the token begins a word by itself ("Ġthe", "the" but not "##s")
+    breaks_word: np.ndarray  # bool [V]: the token after this one begins a word (specials, bare whitespace)
+    word_rule: str  # "byte-level", "wordpiece", "metaspace" or "every-token"
+    backend: object = dataclasses.field(default=None, compare=False, repr=False)  # private tokenizers.Tokenizer
+
+
+def fast_backend(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer: "
+                        f"load it with AutoTokenizer (use_fast=True)")
+    # A private copy: never let a tokenizer.json's truncation/padding settings cut documents.
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
+def tokenizer_info(tokenizer) -> TokenizerInfo:
+    backend = fast_backend(tokenizer)
+    serialized = backend.to_str()
+    vocab = backend.get_vocab(with_added_tokens=True)
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    special_ids = tuple(sorted(set(tokenizer.all_special_ids)))
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"tokenizer {type(tokenizer).__name__} has no pad token: "
+                        f"set tokenizer.pad_token before training")
+
+    model_kind = type(backend.model).__name__
+    if model_kind == "WordPiece":
+        prefix = backend.model.continuing_subword_prefix
+        rule, starts = "wordpiece", lambda tok: not tok.startswith(prefix)
+    elif "ByteLevel" in repr(backend.pre_tokenizer):
+        rule, starts = "byte-level", lambda tok: tok.startswith("Ġ")
+    elif "Metaspace" in repr(backend.pre_tokenizer):
+        rule, starts = "metaspace", lambda tok: tok.startswith("▁")
+    else:  # unknown scheme: every token is its own word, so whole-word masking degrades to token masking
+        rule, starts = "every-token", lambda tok: True
+    word_start = np.zeros(size, bool)
+    breaks_word = np.zeros(size, bool)
+    for token, index in vocab.items():
+        word_start[index] = starts(token)
+        breaks_word[index] = rule == "byte-level" and bool(token) and set(token) <= _BYTE_LEVEL_SPACES
+    word_start[list(special_ids)] = True
+    breaks_word[list(special_ids)] = True
+
+    probe = "hello"
+    bare = backend.encode(probe, add_special_tokens=False).ids
+    full = backend.encode(probe, add_special_tokens=True).ids
+    at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), 0)
+    return TokenizerInfo(
+        fingerprint=hashlib.sha256(serialized.encode()).hexdigest()[:24],
+        vocab_size=size,
+        pad_id=int(tokenizer.pad_token_id),
+        prefix=tuple(full[:at]),
+        suffix=tuple(full[at + len(bare) :]),
+        cls_id=tokenizer.cls_token_id,
+        sep_id=tokenizer.sep_token_id,
+        special_ids=special_ids,
+        word_start=word_start,
+        breaks_word=breaks_word,
+        word_rule=rule,
+        backend=backend,
+    )
+
+
+def split_sentences(document: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(document) if s.strip()]
+
+
+@dataclasses.dataclass
+class TokenizedCorpus:
+    """Token ids of every unit, flat; unit i is ``tokens[unit_offsets[i]:unit_offsets[i+1]]``.
+    For sentence units, document j is units ``doc_units[j]:doc_units[j+1]``."""
+
+    tokens: np.ndarray  # int32 [T] (memory-mapped from the cache)
+    unit_offsets: np.ndarray  # int64 [U + 1]
+    doc_units: np.ndarray | None  # int64 [D + 1]; None when units are documents
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.unit_offsets[-1])
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_offsets) - 1
+
+    def unit(self, index: int) -> np.ndarray:
+        return self.tokens[self.unit_offsets[index] : self.unit_offsets[index + 1]]
+
+
+@contextlib.contextmanager
+def _rust_threads(num_workers: int | None):
+    """Lets the Rust tokenizer use its thread pool for the duration (threads, not processes: forking
+    after JAX has started its threads is unsafe). RAYON_NUM_THREADS only counts before first use."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if num_workers == 1 else "true"
+    if num_workers and num_workers > 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(num_workers))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _text_groups(stream: DocumentStream) -> Iterator[list[str]]:
+    group, chars = [], 0
+    for batch in stream.batches():
+        group.extend(batch)
+        chars += sum(map(len, batch))
+        if chars >= _ENCODE_CHARS:
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
+
+
+def encode_texts(backend, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int32 ids, int64 lengths) of ``texts`` without special tokens."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encodings = encode(texts, add_special_tokens=False)
+    id_lists = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, id_lists), np.int64, len(id_lists))
+    flat = np.fromiter(itertools.chain.from_iterable(id_lists), np.int32, int(lengths.sum()))
+    return flat, lengths
+
+
+def iter_encoded(stream: DocumentStream, backend, sentences: bool, num_workers: int | None):
+    """Yields (ids, unit_lengths, units_per_doc or None) per group of documents; empty units dropped."""
+    with _rust_threads(num_workers):
+        for texts in _text_groups(stream):
+            per_doc = None
+            if sentences:
+                pieces = [split_sentences(t) for t in texts]
+                per_doc = np.fromiter(map(len, pieces), np.int64, len(pieces))
+                texts = [s for p in pieces for s in p]
+            ids, lengths = encode_texts(backend, texts)
+            if per_doc is not None:
+                doc_of_unit = np.repeat(np.arange(len(per_doc)), per_doc)
+                per_doc = np.bincount(doc_of_unit[lengths > 0], minlength=len(per_doc))
+                per_doc = per_doc[per_doc > 0]
+            yield ids, lengths[lengths > 0], per_doc
+
+
+def tokenized_cache_key(info: TokenizerInfo, stream: DocumentStream, sentences: bool) -> str:
+    parts = [CACHE_VERSION, info.fingerprint, stream.fingerprint, "sentences" if sentences else "documents"]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def load_tokenized(folder: pathlib.Path) -> TokenizedCorpus:
+    meta = json.loads((folder / "meta.json").read_text())
+    tokens = (np.memmap(folder / "tokens.bin", np.int32, "r", shape=(meta["num_tokens"],))
+              if meta["num_tokens"] else np.zeros(0, np.int32))
+    doc_units = np.load(folder / "doc_units.npy") if meta["sentences"] else None
+    return TokenizedCorpus(tokens, np.load(folder / "unit_offsets.npy"), doc_units)
+
+
+def tokenize_to_cache(stream: DocumentStream, tokenizer, info: TokenizerInfo, cache_dir: pathlib.Path,
+                      sentences: bool = False, num_workers: int | None = None,
+                      overwrite: bool = False) -> TokenizedCorpus:
+    """Tokenizes ``stream`` once into ``cache_dir/tokenized/<key>`` (atomic: a temp folder renamed
+    into place), or loads it from there when it already exists."""
+    folder = cache_dir / "tokenized" / tokenized_cache_key(info, stream, sentences)
+    if (folder / "meta.json").is_file() and not overwrite:
+        return load_tokenized(folder)
+    backend = info.backend or fast_backend(tokenizer)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        unit_lengths, docs_units, total = [], [], 0
+        with open(staging / "tokens.bin", "wb") as out:
+            for ids, lengths, per_doc in iter_encoded(stream, backend, sentences, num_workers):
+                out.write(ids.tobytes())
+                unit_lengths.append(lengths)
+                total += len(ids)
+                if per_doc is not None:
+                    docs_units.append(per_doc)
+        lengths = np.concatenate(unit_lengths) if unit_lengths else np.zeros(0, np.int64)
+        np.save(staging / "unit_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        if sentences:
+            per_doc = np.concatenate(docs_units) if docs_units else np.zeros(0, np.int64)
+            np.save(staging / "doc_units.npy", np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64))
+        meta = {"num_tokens": total, "num_units": len(lengths), "sentences": sentences, "source": stream.name}
+        (staging / "meta.json").write_text(json.dumps(meta))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_tokenized(folder)

@@ -1,0 +1,38 @@
+"""Top-k predictions for the mask token, with our JAX model (no PyTorch needed)."""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+
+def load_for_inference(path: str, step: int | None = None):
+    """(model, tokenizer) from an exported Hugging Face folder, or a run directory's checkpoint."""
+    from transformers import AutoTokenizer
+
+    from flax_bert.convert import load_hf
+
+    folder = pathlib.Path(path)
+    if step is None and (folder / "config.json").is_file() and any(
+            (folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")):
+        return load_hf(folder), AutoTokenizer.from_pretrained(str(folder))
+    from flax_bert.run_dir import load_run_model
+
+    model, tokenizer, _, _ = load_run_model(folder, step)
+    return model, tokenizer
+
+
+def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[tuple[str, float]]:
+    """Predictions for the first mask token in `text`, best first: (token text, probability)."""
+    mask = tokenizer.mask_token
+    if mask is None or mask not in text:
+        raise ValueError(f"the text has no mask token: write {mask!r} where the missing word goes")
+    encoded = tokenizer(text, return_tensors="np")
+    ids = jnp.asarray(encoded["input_ids"])
+    position = int(jnp.argmax(ids[0] == tokenizer.mask_token_id))
+    logits = model(ids, attention_mask=jnp.asarray(encoded["attention_mask"]),
+                   masked_positions=jnp.array([[position]])).logits[0, 0]
+    probs = jax.nn.softmax(logits)
+    top = jnp.argsort(-probs)[:top_k]
+    return [(tokenizer.decode([int(i)]).strip(), float(probs[i])) for i in top]

@@ -1,0 +1,302 @@
+"""The pretraining run: tokenizer, data, model, the train loop, evaluation, checkpoints, export.
+
+`run_pretraining(RunConfig)` is what `run_mlm_flax.py` and `flax-bert train` call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from flax_bert import checkpoint as ckpt_lib
+from flax_bert import distributed
+from flax_bert.config import ModelConfig
+from flax_bert.convert import load_hf
+from flax_bert.data import DataArgs, Prefetcher, build_datasets, check_tokenizer_fits, make_global_batch
+from flax_bert.model import model_class_for
+from flax_bert.metrics import MetricsWriter, device_peak_flops, flops_per_token
+from flax_bert.optim import make_optimizer
+from flax_bert.run_config import RunConfig, fresh_model_config, runtime_overrides
+from flax_bert.sharding import BATCH_AXES, make_mesh
+from flax_bert.train import MaskingConfig, StepConfig, Trainer, check_finite, eval_summary
+
+log = logging.getLogger("flax_bert")
+
+
+def data_args_from_run(run: RunConfig) -> DataArgs:
+    names = {f.name for f in dataclasses.fields(DataArgs)}
+    return DataArgs(**{k: v for k, v in dataclasses.asdict(run).items() if k in names})
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path):
+    """--tokenizer_name, else the model's own, else the run's (trained on its data on first start)."""
+    from transformers import AutoTokenizer
+
+    source = run.tokenizer_name or run.model_name_or_path
+    if source:
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}): "
+                             "pass --tokenizer_name with a local tokenizer folder") from None
+    run_tokenizer = output_dir / "tokenizer"
+    if (run_tokenizer / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(run_tokenizer))
+    from flax_bert.tokenizer_training import train_tokenizer_from_args
+
+    kind = "bpe" if run.model_type == "roberta" else "wordpiece"
+    log.info("no --tokenizer_name: training a %d-token %s tokenizer on the training data", run.tokenizer_vocab_size, kind)
+    if jax.process_index() == 0:
+        train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,
+                                  output_dir=run_tokenizer, model_max_length=run.max_seq_length)
+    distributed.barrier("tokenizer")
+    return AutoTokenizer.from_pretrained(str(run_tokenizer))
+
+
+def resolve_model_config(run: RunConfig, tokenizer) -> ModelConfig:
+    if run.model_name_or_path or run.config_name:
+        from flax_bert.convert import _resolve_folder
+
+        folder = _resolve_folder(run.model_name_or_path or run.config_name)
+        return ModelConfig.from_pretrained(folder, **runtime_overrides(run))
+    return fresh_model_config(run, len(tokenizer))
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    """Everything one pretraining run holds; `train()` and `evaluate()` do the work."""
+
+    def __init__(self, run: RunConfig):
+        distributed.initialize(run)
+        self.run = run
+        self.is_main = jax.process_index() == 0
+        self.output_dir = pathlib.Path(run.output_dir)
+        self.start = ckpt_lib.resolve_start(run.output_dir, run.resume_from_checkpoint, run.model_name_or_path,
+                                             overwrite_output_dir=run.overwrite_output_dir)
+        if self.is_main:
+            ckpt_lib.check_output_dir(run.output_dir, run.overwrite_output_dir, run.to_dict(),
+                                      resuming=self.start.kind == "checkpoint")
+        distributed.barrier("output_dir")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = resolve_tokenizer(run, self.output_dir)
+        self.model_config = resolve_model_config(run, self.tokenizer)
+        check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, self.model_config.max_position_embeddings,
+                             run.max_seq_length, self.model_config.model_type, self.model_config.pad_token_id)
+        self.train_rows, self.eval_rows = build_datasets(data_args_from_run(run), self.tokenizer, seed=run.seed)
+        self.mesh = make_mesh(run.mesh)
+        self.micro_batch = run.per_device_train_batch_size * jax.device_count()
+        self.global_batch = self.micro_batch * run.gradient_accumulation_steps
+        self.total_steps = self._total_steps()
+        tx, self.schedule = make_optimizer(
+            learning_rate=run.learning_rate, warmup_steps=min(run.warmup_steps, self.total_steps - 1),
+            total_steps=self.total_steps, schedule=run.lr_scheduler_type, optimizer=run.optimizer,
+            b1=run.adam_beta1, b2=run.adam_beta2, eps=run.adam_epsilon, weight_decay=run.weight_decay,
+            max_grad_norm=run.max_grad_norm or None)
+        masking = MaskingConfig.from_tokenizer(self.tokenizer, mlm_probability=run.mlm_probability,
+                                               max_seq_length=run.max_seq_length,
+                                               whole_word_masking=run.whole_word_masking)
+        step_config = StepConfig(masking=masking, seed=run.seed, objective=run.objective,
+                                 gradient_accumulation_steps=run.gradient_accumulation_steps)
+        self.trainer = Trainer(self.model_config, step_config, tx, self.mesh, self.schedule)
+        self.checkpoints = ckpt_lib.Checkpointer(self.output_dir, save_steps=run.save_steps,
+                                                 save_minutes=run.save_minutes,
+                                                 save_total_limit=run.save_total_limit, keep_best=run.keep_best)
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
+
+    def _total_steps(self) -> int:
+        if self.run.max_steps > 0:
+            return self.run.max_steps
+        if not hasattr(self.train_rows, "__len__"):
+            raise ValueError("--streaming has no epoch length: set --max_steps")
+        steps_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
+        return max(1, math.ceil(self.run.num_train_epochs * steps_per_epoch))
+
+    # ------------------------------------------------------------------ state
+    def initial_state(self):
+        """(train state, data-iterator state or None) following the resume order; logs which it took."""
+        log.info("%s", self.start.describe())
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                self.trainer.abstract_state, self.trainer.state_shardings)
+        if self.start.kind == "checkpoint":
+            source = self.checkpoints if self.start.path is None else ckpt_lib.Checkpointer.for_path(self.start.path)
+            state, data_state, _, step = source.restore(abstract, step=self.start.step)
+            log.info("restored step %d", step)
+            return state, data_state
+        if self.start.kind == "hf":
+            architecture = type(self.trainer.model(self.trainer.abstract_state.params)).__name__
+            model = load_hf(self.start.path, architecture=architecture, **runtime_overrides(self.run))
+            from flax import nnx
+
+            return self.trainer.init_state(params=nnx.state(model, nnx.Param).to_pure_dict()), None
+        return self.trainer.init_state(seed=self.run.seed), None
+
+    def _global(self, local_batch: dict) -> dict:
+        return make_global_batch(local_batch, self.mesh, (BATCH_AXES,))
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        run = self.run
+        state, data_state = self.initial_state()
+        iterator = self.train_rows.iterator(self.global_batch, seed=run.seed)
+        if data_state:
+            iterator.load_state_dict(data_state)
+        step = int(state.step)
+        if step >= self.total_steps:
+            log.info("already at step %d of %d: nothing to train", step, self.total_steps)
+            return {"step": step}
+        peak, peak_source = device_peak_flops(self.model_config.dtype)
+        flops = flops_per_token(self.model_config, run.max_seq_length, self.trainer.step_config.masking.num_slots / run.max_seq_length)
+        log.info("training %s: %d steps, global batch %d x %d tokens on %d devices (mesh %s); peak %.3g FLOP/s/device (%s)",
+                 self.model_config.model_type, self.total_steps, self.global_batch, run.max_seq_length,
+                 jax.device_count(), dict(self.mesh.shape), peak, peak_source)
+        progress = _progress_bar(self.is_main and run.progress_bar, step, self.total_steps)
+        window = _Window()
+        last_eval: dict = {}
+        pending = None  # (step, metrics on device, local tokens): checked after the next step is dispatched
+        with ckpt_lib.PreemptionGuard() as guard, Prefetcher(iterator) as batches:
+            compile_start = time.perf_counter()
+            while step < self.total_steps:
+                local = next(batches)
+                tokens = int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+                state, metrics = self.trainer.train_step(state, self._global(local))
+                step += 1
+                if compile_start is not None:
+                    jax.block_until_ready(metrics["loss"])
+                    log.info("first step (compile included) took %.1f s", time.perf_counter() - compile_start)
+                    self.metrics.write(step, {"compile_seconds": time.perf_counter() - compile_start})
+                    compile_start = None
+                    window.reset()
+                if pending is not None:
+                    window.add(*self._checked(pending))
+                pending = (step, metrics, tokens, batches.last_wait_seconds)
+                stopping = guard.should_stop(step)
+                if step % run.logging_steps == 0 or step == self.total_steps or stopping or self._eval_due(step) \
+                        or self.checkpoints.should_save(step):
+                    window.add(*self._checked(pending))  # everything up to this step is verified finite
+                    pending = None
+                if step % run.logging_steps == 0 or step == self.total_steps:
+                    record = window.summary(flops, peak * jax.device_count())
+                    self.metrics.write(step, record)
+                    progress.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                    log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
+                    window.reset()
+                progress.update(1)
+                if self._eval_due(step):
+                    eval_start = time.perf_counter()
+                    last_eval = self.evaluate(state.params, step)
+                    window.start += time.perf_counter() - eval_start  # throughput counts training time only
+                # the last step and a requested stop always save; otherwise --save_steps / --save_minutes decide
+                self.checkpoints.save(step, state, batches.state_dict(), self._bundle_config(),
+                                      metrics=last_eval or None, force=stopping or step == self.total_steps)
+                if stopping:
+                    break
+        progress.close()
+        self.checkpoints.wait()
+        if guard.requested:
+            log.info("stopped by a signal at step %d; checkpoint saved in %s — run the same command to resume",
+                     step, self.checkpoints.directory)
+            return {"step": step, "preempted": True}
+        self.final_state = state
+        return {"step": step}
+
+    def _checked(self, pending):
+        step, metrics, tokens, wait = pending
+        metrics = jax.device_get(metrics)
+        check_finite(metrics, step)
+        return metrics, tokens, wait
+
+    def _eval_due(self, step: int) -> bool:
+        return bool(self.run.do_eval and self.eval_rows is not None and self.run.eval_steps
+                    and step % self.run.eval_steps == 0 and step != self.total_steps)
+
+    def _bundle_config(self) -> dict:
+        architecture = model_class_for(self.model_config, self.run.objective).__name__
+        return {"run": self.run.to_dict(), "model": self.model_config.to_hf_dict(architecture)}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, params, step: int) -> dict[str, float]:
+        if self.eval_rows is None:
+            log.warning("no evaluation data: pass --validation_file or --validation_split_percentage > 0")
+            return {}
+        batch_size = self.run.per_device_eval_batch_size * jax.device_count()
+        totals: dict[str, float] = {}
+        for index, local in enumerate(self.eval_rows.iterator(batch_size, shuffle=False, num_epochs=1)):
+            sums = jax.device_get(self.trainer.eval_step(params, self._global(local), index))
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        if not totals:
+            return {}
+        results = eval_summary(totals)
+        self.metrics.write(step, results)
+        log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
+        return results
+
+
+class _Window:
+    """Metrics accumulated between two log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.values, self.tokens, self.wait, self.steps, self.start = {}, 0, 0.0, 0, time.perf_counter()
+
+    def add(self, metrics, tokens, wait):
+        for name, value in metrics.items():
+            self.values[name] = self.values.get(name, 0.0) + float(value)
+        self.tokens += tokens
+        self.wait += wait
+        self.steps += 1
+
+    def summary(self, flops_per_token: float, peak_flops: float) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        steps = max(self.steps, 1)
+        mean = {name: value / steps for name, value in self.values.items()}
+        tokens_per_second = self.tokens / elapsed
+        record = {"train_loss": mean.get("loss", float("nan")), "mlm_accuracy": mean.get("mlm_accuracy", float("nan")),
+                  "learning_rate": mean.get("learning_rate", float("nan")), "grad_norm": mean.get("grad_norm", float("nan")),
+                  "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_per_token / peak_flops,
+                  "step_seconds": elapsed / steps, "input_wait_seconds": self.wait / steps}
+        for name in ("nsp_loss", "nsp_accuracy", "mlm_loss"):
+            if name in mean:
+                record[name] = mean[name]
+        return record
+
+
+def _progress_bar(enabled: bool, initial: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def run_pretraining(run: RunConfig) -> dict[str, Any]:
+    """Train and/or evaluate, then export the final model into --output_dir as a Hugging Face folder."""
+    from flax_bert.export import export_run
+
+    job = Run(run)
+    results: dict[str, Any] = {}
+    if run.do_train:
+        results.update(job.train())
+        if results.get("preempted"):
+            return results
+        params = job.final_state.params
+    else:
+        params = job.initial_state()[0].params
+    if run.do_eval:
+        eval_results = job.evaluate(params, results.get("step", 0))
+        if eval_results and job.is_main:
+            (job.output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2) + "\n")
+        results.update(eval_results)
+    if run.do_train:
+        export_run(job, params, eval_results=results)
+    job.checkpoints.close()
+    job.metrics.close()
+    return results

@@ -1,0 +1,226 @@
+"""The run configuration: the old `run_mlm_flax.py` flag names plus ours, from YAML and flags.
+
+`parse_run_config(argv)` reads an optional YAML file (first argument), then flags override it.
+Every field documents itself in `--help`. Secrets (`hub_token`) are never written anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import typing
+from typing import Any, get_type_hints
+
+import yaml
+
+SECRET_FIELDS = ("hub_token",)
+
+
+def _field(default, help: str, choices=None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class RunConfig:
+    # ---- model
+    model_type: str = _field("roberta", "architecture family of a fresh model", ["roberta", "bert"])
+    config_name: str | None = _field(None, "Hugging Face config (folder or hub id) for a fresh model")
+    tokenizer_name: str | None = _field(None, "tokenizer folder or hub id; none: train one on the training data")
+    model_name_or_path: str | None = _field(None, "start from these Hugging Face weights (folder or hub id)")
+    vocab_size: int | None = _field(None, "vocabulary of a fresh model; default: the tokenizer's size")
+    hidden_size: int = _field(768, "fresh model: hidden size")
+    num_hidden_layers: int = _field(12, "fresh model: encoder layers")
+    num_attention_heads: int = _field(12, "fresh model: attention heads")
+    intermediate_size: int = _field(3072, "fresh model: feed-forward width")
+    max_position_embeddings: int | None = _field(None, "fresh model: position table size (default 514 RoBERTa, 512 BERT)")
+    hidden_dropout_prob: float = _field(0.1, "dropout on hidden states")
+    attention_probs_dropout_prob: float = _field(0.1, "dropout on attention probabilities")
+    dtype: str = _field("float32", "compute dtype (parameters stay float32)", ["float32", "bfloat16", "float16"])
+    scan_layers: bool = _field(True, "lax.scan over the encoder layers (fast compiles)")
+    remat_policy: str = _field("none", "rematerialize layers in the backward pass to save memory",
+                               ["none", "full", "dots", "dots_no_batch"])
+    # ---- data
+    dataset_name: str | None = _field(None, "a Hugging Face datasets name (needs network); none and no files: the built-in corpus")
+    dataset_config_name: str | None = _field(None, "the dataset's configuration, e.g. wikitext-2-raw-v1")
+    train_file: str | None = _field(None, "training text: .txt, .json/.jsonl, .csv or .parquet")
+    validation_file: str | None = _field(None, "evaluation text, same formats")
+    text_column: str = _field("text", "column holding the text in json/csv/parquet/hub data")
+    validation_split_percentage: int = _field(5, "percent of train held out for evaluation when no validation set is given")
+    max_seq_length: int = _field(128, "tokens per row")
+    line_by_line: bool = _field(False, "one document per row (padded) instead of packing documents into full rows")
+    pad_to_max_length: bool = _field(True, "pad rows to max_seq_length (always true: static shapes on accelerators)")
+    mlm_probability: float = _field(0.15, "fraction of tokens selected for prediction")
+    whole_word_masking: bool = _field(False, "mask every sub-word of a selected word together")
+    objective: str = _field("mlm", "training objective; mlm+nsp adds BERT's next-sentence prediction", ["mlm", "mlm+nsp"])
+    preprocessing_num_workers: int | None = _field(None, "processes for tokenization")
+    streaming: bool = _field(False, "stream the dataset instead of loading it (corpora larger than disk or memory)")
+    shuffle_buffer_size: int = _field(10000, "streaming: rows in the shuffle buffer")
+    cache_dir: str | None = _field(None, "where tokenized data and the built-in corpus are cached")
+    skip_invalid_utf8: bool = _field(False, "skip undecodable lines (and count them) instead of stopping")
+    max_train_samples: int | None = _field(None, "use at most this many training rows")
+    max_eval_samples: int | None = _field(None, "evaluate on at most this many rows")
+    tokenizer_vocab_size: int = _field(8192, "vocabulary of a tokenizer trained when --tokenizer_name is not given")
+    # ---- training
+    output_dir: str = _field("runs/flax-bert", "where checkpoints, metrics and the exported model go")
+    overwrite_output_dir: bool = _field(False, "allow a run to reuse an output_dir that holds another run's files")
+    do_train: bool = _field(True, "train")
+    do_eval: bool = _field(True, "evaluate at --eval_steps and at the end")
+    per_device_train_batch_size: int = _field(8, "rows per device per step (global batch = this x all devices)")
+    per_device_eval_batch_size: int = _field(8, "rows per device per eval batch")
+    gradient_accumulation_steps: int = _field(1, "micro-batches per update (global batch = per-device batch x devices x this)")
+    learning_rate: float = _field(5e-4, "peak learning rate")
+    weight_decay: float = _field(0.01, "AdamW weight decay (not on biases and LayerNorm)")
+    adam_beta1: float = _field(0.9, "Adam beta1")
+    adam_beta2: float = _field(0.98, "Adam beta2 (RoBERTa 0.98, BERT 0.999)")
+    adam_epsilon: float = _field(1e-6, "Adam epsilon")
+    max_grad_norm: float = _field(1.0, "global-norm gradient clipping (0 disables)")
+    optimizer: str = _field("adamw", "optimizer", ["adamw", "lamb"])
+    lr_scheduler_type: str = _field("linear", "decay after warmup", ["linear", "cosine", "constant"])
+    warmup_steps: int = _field(0, "linear warmup steps")
+    num_train_epochs: float = _field(3.0, "epochs (ignored when --max_steps > 0)")
+    max_steps: int = _field(-1, "total optimizer steps; overrides num_train_epochs when > 0")
+    logging_steps: int = _field(50, "log metrics every N steps")
+    eval_steps: int | None = _field(None, "evaluate every N steps (default: only at the end)")
+    save_steps: int = _field(500, "checkpoint every N steps (0: only at the end)")
+    save_minutes: float | None = _field(None, "also checkpoint every N minutes")
+    save_total_limit: int = _field(3, "keep the last N checkpoints")
+    keep_best: bool = _field(False, "also keep the checkpoint with the best eval loss")
+    resume_from_checkpoint: str | None = _field(None, "a run directory or checkpoint to resume from")
+    seed: int = _field(42, "seed for initialization, data order, masks and dropout")
+    mesh: str = _field("data=-1,fsdp=1,tensor=1", "device mesh, e.g. data=-1 or data=2,fsdp=4,tensor=1")
+    progress_bar: bool = _field(True, "show a progress bar")
+    # ---- export and hub
+    push_to_hub: bool = _field(False, "upload the exported model to the Hugging Face Hub")
+    hub_model_id: str | None = _field(None, "the Hub repository, e.g. user/my-roberta")
+    hub_token: str | None = _field(None, "Hub token (default: $HF_TOKEN); never logged or saved")
+    hub_private_repo: bool = _field(False, "create the Hub repository private")
+    # ---- several hosts
+    coordinator_address: str | None = _field(None, "host:port of process 0 for jax.distributed (multi-host)")
+    num_processes: int | None = _field(None, "number of processes (multi-host)")
+    process_id: int | None = _field(None, "this process's index (multi-host)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but secrets: safe to write into checkpoints, logs and model cards."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_FIELDS}
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            (self.max_seq_length >= 8, "--max_seq_length must be at least 8"),
+            (0 < self.mlm_probability < 1, "--mlm_probability must be between 0 and 1, e.g. 0.15"),
+            (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1"),
+            (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be at least 1"),
+            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+            (self.learning_rate > 0, "--learning_rate must be positive"),
+            (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+            (self.logging_steps >= 1, "--logging_steps must be at least 1"),
+            (self.save_steps >= 0, "--save_steps must be >= 0"),
+            (self.save_total_limit >= 1, "--save_total_limit must be at least 1"),
+            (self.max_steps > 0 or self.num_train_epochs > 0, "set --max_steps or a positive --num_train_epochs"),
+            (0 <= self.validation_split_percentage < 100, "--validation_split_percentage must be in [0, 100)"),
+            (self.objective == "mlm" or self.model_type == "bert" or self.model_name_or_path,
+             "--objective mlm+nsp needs --model_type bert"),
+            (not self.push_to_hub or self.hub_model_id, "--push_to_hub needs --hub_model_id"),
+            (self.do_train or self.do_eval, "nothing to do: pass --do_train and/or --do_eval"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+class RunConfigError(ValueError):
+    """A YAML file or flag that does not describe a valid run."""
+
+
+def _str2bool(value: str) -> bool:
+    lowered = str(value).lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _parser_type(hint) -> Any:
+    """bool / int / float / str, looking through `X | None`."""
+    kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+    return {bool: _str2bool, int: int, float: float}.get(kinds[0], str)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "run_mlm_flax.py") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog, description="Pretrain a BERT/RoBERTa masked-language model in JAX/Flax. "
+        "An optional YAML run config comes first; flags override it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("config_file", nargs="?", help="YAML run config (e.g. configs/tiny.yaml)")
+    hints = get_type_hints(RunConfig)
+    for field in dataclasses.fields(RunConfig):
+        kind = _parser_type(hints[field.name])
+        kwargs = dict(type=kind, default=argparse.SUPPRESS, help=field.metadata["help"], choices=field.metadata["choices"])
+        if kind is _str2bool:  # `--flag` alone means true, `--flag false` turns it off
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
+        parser.add_argument(f"--{field.name}", **kwargs)
+    return parser
+
+
+def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise RunConfigError(f"run config {file} does not exist; pass a YAML file such as configs/tiny.yaml")
+    values = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(values, dict):
+        raise RunConfigError(f"{file} must hold a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RunConfigError(f"{file}: unknown option(s) {', '.join(unknown)}; see --help for the valid names")
+    hints = get_type_hints(RunConfig)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name, value in values.items():
+        kind = _parser_type(hints[name])
+        expected = {_str2bool: bool, int: int, float: (int, float), str: str}[kind]
+        if value is not None and (not isinstance(value, expected) or (kind is not _str2bool and isinstance(value, bool))):
+            raise RunConfigError(f"{file}: {name} must be a {getattr(kind, '__name__', 'bool').replace('_str2bool', 'bool')}, got {value!r}")
+        choices = fields[name].metadata["choices"]
+        if choices and value not in choices:
+            raise RunConfigError(f"{file}: {name} must be one of {', '.join(choices)}, got {value!r}")
+    return values
+
+
+def parse_run_config(argv: list[str] | None = None, prog: str = "run_mlm_flax.py",
+                     defaults: dict[str, Any] | None = None) -> RunConfig:
+    """`defaults`, then the YAML (first positional argument), then flags; one-line message on bad input."""
+    parser = build_parser(prog)
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    config_file = args.pop("config_file", None)
+    try:
+        values = dict(defaults or {})
+        values.update(load_yaml(config_file) if config_file else {})
+        values.update(args)
+        return RunConfig(**values).validate()
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def fresh_model_config(run: RunConfig, vocab_size: int):
+    """The ModelConfig of a model initialized from scratch with the run's sizes."""
+    from flax_bert.config import ModelConfig
+
+    sizes = dict(vocab_size=run.vocab_size or vocab_size, hidden_size=run.hidden_size,
+                 num_hidden_layers=run.num_hidden_layers, num_attention_heads=run.num_attention_heads,
+                 intermediate_size=run.intermediate_size, hidden_dropout_prob=run.hidden_dropout_prob,
+                 attention_probs_dropout_prob=run.attention_probs_dropout_prob)
+    if run.max_position_embeddings:
+        sizes["max_position_embeddings"] = run.max_position_embeddings
+    return ModelConfig.for_family(run.model_type, **sizes, **runtime_overrides(run))
+
+
+def runtime_overrides(run: RunConfig) -> dict:
+    """How to run any model (fresh or loaded): dtype, scan, remat."""
+    return dict(dtype=run.dtype, scan_layers=run.scan_layers, remat_policy=run.remat_policy)

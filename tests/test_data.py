@@ -1,0 +1,476 @@
+"""The host data pipeline: packing, order, shares, resume, caching, prefetch, NSP pairs, bad input."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from flax_bert import data_tokenize
+from flax_bert.data import (DataArgs, DataError, PackedRows, Prefetcher, build_datasets, check_tokenizer_fits,
+                            make_global_batch, tokenizer_info)
+from flax_bert.data_nsp import build_nsp_rows
+from flax_bert.data_packing import segment_positions
+from flax_bert.data_sources import DataFileNotFoundError, document_streams
+from flax_bert.data_tokenize import TokenizedCorpus
+from flax_bert.tokenizer_training import train_tokenizer
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="module")
+def corpus_texts(cache_root):
+    from flax_bert import corpus
+
+    return corpus.load_builtin_corpus(cache_root)
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus_texts, tmp_path_factory):
+    return train_tokenizer(corpus_texts[::4], kind="bpe", vocab_size=2000,
+                           output_dir=tmp_path_factory.mktemp("tok") / "bpe")
+
+
+@pytest.fixture(scope="module")
+def wordpiece(corpus_texts, tmp_path_factory):
+    return train_tokenizer(corpus_texts[::4], kind="wordpiece", vocab_size=2000,
+                           output_dir=tmp_path_factory.mktemp("tok") / "wordpiece")
+
+
+@pytest.fixture(scope="module")
+def builtin_rows(bpe, cache_root):
+    args = DataArgs(cache_dir=str(cache_root), max_seq_length=64)
+    train, evaluation = build_datasets(args, bpe)
+    return args, train, evaluation
+
+
+@pytest.fixture(scope="module")
+def small_txt(corpus_texts, tmp_path_factory):
+    """The first 300 corpus documents as a WikiText-style file: quick enough to stream many times."""
+    path = tmp_path_factory.mktemp("small") / "small.txt"
+    path.write_text("\n\n".join(text.replace("\n\n", "\n") for text in corpus_texts[:300]) + "\n", encoding="utf-8")
+    return path
+
+
+def epoch(rows, global_batch_size, **kwargs):
+    kwargs = {"process_index": 0, "process_count": 1, "num_epochs": 1, **kwargs}
+    return list(rows.iterator(global_batch_size, **kwargs))
+
+
+def stacked(batches):
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def documents_of(args):
+    return [text for batch in document_streams(args)[0].batches() for text in batch]
+
+
+def wrapped_token_stream(tokenizer, texts):
+    """The tokenizer's own encoding of every document, with its special tokens, end to end."""
+    return np.concatenate([np.asarray(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
+
+
+# ---------------------------------------------------------------- packing
+
+def test_one_epoch_holds_every_token_exactly_once(builtin_rows, bpe):
+    args, train, evaluation = builtin_rows
+    expected = wrapped_token_stream(bpe, documents_of(args))
+    assert train.num_tokens == len(expected) and evaluation is not None and len(evaluation) > 0
+    in_order = stacked(epoch(train, 24, shuffle=False))
+    assert in_order["input_ids"].shape[1] == 64
+    np.testing.assert_array_equal(in_order["input_ids"][in_order["segment_ids"] > 0], expected)
+    shuffled = stacked(epoch(train, 24, seed=5))
+    assert len(shuffled["input_ids"]) == -(-len(train) // 24) * 24  # last batch filled with empty rows
+    real = shuffled["input_ids"][shuffled["segment_ids"] > 0]
+    assert len(real) == len(expected)
+    np.testing.assert_array_equal(np.bincount(real, minlength=2000), np.bincount(expected, minlength=2000))
+    assert not np.array_equal(real, expected)  # ... and really shuffled
+
+
+def test_segment_ids_follow_documents(builtin_rows, bpe):
+    _, train, _ = builtin_rows
+    ids, seg = np.asarray(train.arrays["input_ids"]), np.asarray(train.arrays["segment_ids"])
+    bos, eos, pad = bpe.cls_token_id, bpe.sep_token_id, bpe.pad_token_id
+    assert ids.shape == (len(train), 64) and seg.dtype == np.int32
+    assert (seg[:-1] > 0).all()  # only the last row has padding
+    assert (ids[seg == 0] == pad).all()
+    for row in range(len(train)):
+        real = seg[row][seg[row] > 0]
+        assert real[0] == 1 and set(np.diff(real)) <= {0, 1}  # 1, 1, ..., 2, 2, ..., n
+        starts = np.flatnonzero(np.diff(seg[row]) == 1) + 1
+        assert (ids[row, starts] == bos).all() and (ids[row, starts - 1] == eos).all()
+        previous_ended = row == 0 or ids[row - 1, -1] == eos
+        assert (ids[row, 0] == bos) == previous_ended  # a cut document continues as a new segment
+    # positions restart at every segment (the model adds RoBERTa's padding_idx + 1 to these)
+    positions = segment_positions(seg)
+    assert (positions[seg == 0] == 0).all()
+    new_segment = np.ones_like(seg, bool)
+    new_segment[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    assert (positions[new_segment & (seg > 0)] == 0).all()
+    inside = ~new_segment & (seg > 0)
+    assert (positions[:, 1:][inside[:, 1:]] == positions[:, :-1][inside[:, 1:]] + 1).all()
+
+
+def test_line_by_line_one_document_per_row(bpe, cache_root):
+    args = DataArgs(cache_dir=str(cache_root), max_seq_length=32, line_by_line=True, validation_split_percentage=0)
+    train, evaluation = build_datasets(args, bpe)
+    assert evaluation is None
+    encoded = bpe(documents_of(args), add_special_tokens=True)["input_ids"]
+    assert len(train) == len(encoded)
+    ids, seg = np.asarray(train.arrays["input_ids"]), np.asarray(train.arrays["segment_ids"])
+    for row in range(0, len(train), 37):
+        want = encoded[row][:31] + [bpe.sep_token_id] if len(encoded[row]) > 32 else encoded[row]
+        assert ids[row, : len(want)].tolist() == want
+        assert (seg[row, : len(want)] == 1).all() and (seg[row, len(want) :] == 0).all()
+
+
+def test_word_starts_for_byte_level_bpe_and_wordpiece(bpe, wordpiece, tmp_path):
+    text = "The lobster swims quickly, unbelievably far. It eats 3 crabs."
+    source = tmp_path / "words.txt"
+    source.write_text(text + "\n")
+    for tokenizer in (bpe, wordpiece):
+        args = DataArgs(train_file=str(source), cache_dir=str(tmp_path / "c"), max_seq_length=40,
+                        line_by_line=True, validation_split_percentage=0)
+        rows, _ = build_datasets(args, tokenizer)
+        ids = rows.arrays["input_ids"][0][rows.arrays["segment_ids"][0] > 0]
+        starts = rows.arrays["word_starts"][0][rows.arrays["segment_ids"][0] > 0]
+        words = np.split(ids, np.flatnonzero(starts)[1:])
+        decoded = [tokenizer.decode(word).strip() for word in words]
+        if tokenizer is bpe:  # byte-level: words are what whitespace separates; punctuation sticks
+            assert decoded == ["<s>", *text.split(), "</s>"]
+        else:  # WordPiece: the pre-tokenizer's words ("##" pieces joined), punctuation on its own
+            normalized = tokenizer.backend_tokenizer.normalizer.normalize_str(text)
+            pre = [w for w, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(normalized)]
+            assert decoded == ["[CLS]", *pre, "[SEP]"]
+    newline = tokenizer_info(bpe)
+    assert newline.breaks_word[bpe.convert_tokens_to_ids("Ċ")]  # "a\nword": "word" has no "Ġ" but starts a word
+    # a document cut by a row boundary starts a new word at the top of the next row
+    args = DataArgs(train_file=str(source), cache_dir=str(tmp_path / "c"), max_seq_length=7,
+                    validation_split_percentage=0)
+    rows, _ = build_datasets(args, wordpiece)
+    assert rows.arrays["word_starts"][:, 0].all()
+    assert not (rows.arrays["word_starts"] & (rows.arrays["segment_ids"] == 0)).any()
+
+
+def test_wikitext_rows(gpt2_bpe_dir, shared_dir, tmp_path):
+    from transformers import RobertaTokenizer
+
+    tokenizer = RobertaTokenizer(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
+    assert len(tokenizer) == 50262  # GPT-2's 50257 + <s> <pad> </s> <unk> <mask>: the vocab really loaded
+    args = DataArgs(train_file=str(shared_dir / "data/wikitext-2-raw/wiki.valid.raw"), cache_dir=str(tmp_path),
+                    max_seq_length=128)
+    train, evaluation = build_datasets(args, tokenizer)
+    expected = wrapped_token_stream(tokenizer, documents_of(args))
+    batches = epoch(train, 64, seed=1)
+    assert all(b["input_ids"].shape == (64, 128) for b in batches)
+    real = stacked(batches)["input_ids"][stacked(batches)["segment_ids"] > 0]
+    np.testing.assert_array_equal(np.bincount(real, minlength=len(tokenizer)),
+                                  np.bincount(expected, minlength=len(tokenizer)))
+    assert 0.04 < len(evaluation) / (len(train) + len(evaluation)) < 0.06  # 5% carved out
+
+
+# ---------------------------------------------------------------- order, shares, resume
+
+def test_two_processes_get_disjoint_shares_that_cover_the_epoch(builtin_rows):
+    _, train, _ = builtin_rows
+    # tag every row with its number (0 marks the empty rows that fill the last batch)
+    tagged = PackedRows({**train.arrays, "row": np.arange(1, len(train) + 1)[:, None]}, train.pad_id)
+    whole = epoch(tagged, 16, seed=2)
+    shares = [epoch(tagged, 16, seed=2, process_index=p, process_count=2) for p in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == len(whole)
+    for step, batch in enumerate(whole):
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([shares[0][step][key], shares[1][step][key]]), batch[key])
+    rows = [np.concatenate([b["row"][:, 0] for b in share]) for share in shares]
+    rows = [r[r > 0] for r in rows]
+    assert not set(rows[0]) & set(rows[1])
+    assert sorted(np.concatenate(rows)) == list(range(1, len(train) + 1))
+
+
+def test_epochs_reshuffle_from_the_seed(builtin_rows):
+    _, train, _ = builtin_rows
+    iterator = train.iterator(8, seed=7, process_index=0, process_count=1)
+    np.testing.assert_array_equal(iterator.epoch_order(0), train.iterator(8, seed=7, process_index=0,
+                                                                          process_count=1).epoch_order(0))
+    assert not np.array_equal(iterator.epoch_order(0), iterator.epoch_order(1))
+    assert sorted(iterator.epoch_order(1)) == list(range(len(train)))
+
+
+@pytest.mark.parametrize("stop_after", [5, "epoch_end"])
+def test_restored_iterator_continues_with_identical_batches(builtin_rows, stop_after):
+    _, train, _ = builtin_rows
+    first = train.iterator(32, seed=3, process_index=1, process_count=2)
+    k = first.steps_per_epoch - 1 if stop_after == "epoch_end" else stop_after
+    for _ in range(k):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # small and serializable
+    expected = [next(first) for _ in range(3)]  # crosses into epoch 1 in the "epoch_end" case
+    fresh = train.iterator(32, seed=3, process_index=1, process_count=2)
+    fresh.load_state_dict(state)
+    for want in expected:
+        got = next(fresh)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_prefetcher_state_counts_only_consumed_batches(builtin_rows):
+    _, train, _ = builtin_rows
+    with Prefetcher(train.iterator(8, seed=4, process_index=0, process_count=1), depth=3) as batches:
+        consumed = [next(batches) for _ in range(4)]
+        time.sleep(0.1)  # let the thread run ahead
+        state = batches.state_dict()
+    assert state == {"epoch": 0, "position": 32}
+    plain = train.iterator(8, seed=4, process_index=0, process_count=1)
+    for want in consumed:
+        np.testing.assert_array_equal(next(plain)["input_ids"], want["input_ids"])
+    restored = train.iterator(8, seed=4, process_index=0, process_count=1)
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(next(restored)["input_ids"], next(plain)["input_ids"])
+
+
+def test_prefetcher_reports_waiting_and_errors():
+    class Slow:
+        def __init__(self, fail_at=None):
+            self.count, self.fail_at = 0, fail_at
+
+        def state_dict(self):
+            return {"epoch": 0, "position": self.count}
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            time.sleep(0.05)
+            if self.count == 3:
+                raise StopIteration
+            if self.count == self.fail_at:
+                raise RuntimeError("broken source")
+            self.count += 1
+            return {"x": np.array([self.count])}
+
+    batches = Prefetcher(Slow())
+    assert [int(b["x"][0]) for b in batches] == [1, 2, 3]
+    assert batches.wait_seconds > 0.05 and batches.state_dict() == {"epoch": 0, "position": 3}
+    failing = Prefetcher(Slow(fail_at=1))
+    next(failing)
+    with pytest.raises(RuntimeError, match="broken source"):
+        next(failing)
+
+
+def test_make_global_batch_assembles_sharded_arrays(builtin_rows):
+    import jax
+    from jax.sharding import PartitionSpec
+
+    _, train, _ = builtin_rows
+    devices = jax.device_count()
+    mesh = jax.make_mesh((devices,), ("data",))
+    local = next(train.iterator(2 * devices, seed=0))
+    local["next_sentence_label"] = np.arange(2 * devices, dtype=np.int32)
+    batch = make_global_batch(local, mesh, PartitionSpec("data"))
+    assert batch["input_ids"].shape == (2 * devices, 64)
+    assert batch["input_ids"].sharding.spec == PartitionSpec("data")
+    assert len(batch["input_ids"].addressable_shards) == devices
+    for key in local:
+        np.testing.assert_array_equal(np.asarray(batch[key]), local[key])
+
+
+# ---------------------------------------------------------------- cache and streaming
+
+def test_second_run_reads_the_cache(bpe, small_txt, tmp_path, monkeypatch):
+    args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64)
+    first, _ = build_datasets(args, bpe)
+
+    def no_tokenizing(*_, **__):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data_tokenize, "encode_texts", no_tokenizing)
+    again, _ = build_datasets(args, bpe)
+    for key in first.arrays:
+        np.testing.assert_array_equal(again.arrays[key], first.arrays[key])
+    longer, _ = build_datasets(DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=96), bpe)
+    assert longer.num_tokens == first.num_tokens  # repacked from the tokenized cache
+    with pytest.raises(AssertionError, match="tokenized again"):
+        build_datasets(DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), overwrite_cache=True), bpe)
+
+
+def test_streaming_matches_the_cached_pipeline_and_resumes(bpe, small_txt, tmp_path):
+    cached_args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64)
+    cached, _ = build_datasets(cached_args, bpe)
+    stream, stream_eval = build_datasets(DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path),
+                                                  max_seq_length=64, streaming=True, shuffle_buffer_size=50), bpe)
+    assert stream_eval is not None
+    streamed = stacked(epoch(stream, 8, seed=1))
+    real = streamed["input_ids"][streamed["segment_ids"] > 0]
+    np.testing.assert_array_equal(np.sort(real), np.sort(cached.arrays["input_ids"][cached.arrays["segment_ids"] > 0]))
+    whole = epoch(stream, 8, seed=1)
+    shares = [epoch(stream, 8, seed=1, process_index=p, process_count=2) for p in (0, 1)]
+    for step, batch in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([shares[0][step]["input_ids"], shares[1][step]["input_ids"]]),
+                                      batch["input_ids"])
+    iterator = stream.iterator(8, seed=1, process_index=1, process_count=2)
+    for _ in range(4):
+        next(iterator)
+    state, expected = iterator.state_dict(), [next(iterator)["input_ids"] for _ in range(2)]
+    fresh = stream.iterator(8, seed=1, process_index=1, process_count=2)
+    fresh.load_state_dict(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(fresh)["input_ids"], want)
+
+
+def test_table_formats_and_text_column(bpe, tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    texts = ["First document about lobsters.", "Second one, about crabs and shrimp.", "Third: krill."] * 20
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": t, "n": i}) + "\n" for i, t in enumerate(texts)))
+    (tmp_path / "d.csv").write_text("body,n\n" + "".join(f'"{t}",{i}\n' for i, t in enumerate(texts)))
+    pyarrow.parquet.write_table(pyarrow.table({"body": texts}), tmp_path / "d.parquet")
+    expected = wrapped_token_stream(bpe, texts)
+    for name in ("d.jsonl", "d.csv", "d.parquet"):
+        for streaming in (False, True):
+            args = DataArgs(train_file=str(tmp_path / name), text_column="body", cache_dir=str(tmp_path / "c"),
+                            max_seq_length=16, validation_split_percentage=0, streaming=streaming)
+            rows, _ = build_datasets(args, bpe)
+            batch = stacked(epoch(rows, 4, shuffle=False))
+            np.testing.assert_array_equal(batch["input_ids"][batch["segment_ids"] > 0], expected, err_msg=name)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _build(tmp_path, tokenizer, **kwargs):
+    kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
+    return build_datasets(DataArgs(**kwargs), tokenizer)
+
+
+def _nothing_written(tmp_path):
+    return not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_missing_empty_and_blank_files(bpe, tmp_path):
+    with pytest.raises(DataFileNotFoundError, match="does not exist: check --train_file") as error:
+        _build(tmp_path, bpe, train_file=str(tmp_path / "nope.txt"))
+    assert isinstance(error.value, FileNotFoundError)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.txt is empty"):
+        _build(tmp_path, bpe, train_file=str(tmp_path / "empty.txt"))
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    with pytest.raises(DataError, match="has no text"):
+        _build(tmp_path, bpe, train_file=str(tmp_path / "blank.txt"))
+    (tmp_path / "data.xml").write_text("<a/>")
+    with pytest.raises(DataError, match="unsupported extension '.xml'"):
+        _build(tmp_path, bpe, train_file=str(tmp_path / "data.xml"))
+    assert _nothing_written(tmp_path)
+
+
+def test_invalid_utf8_names_file_and_offset_or_is_skipped(bpe, tmp_path, caplog):
+    raw = ("good line\n\n" + "lobster " * 40 + "\n").encode() + b"bad \xff byte " + ("crab " * 40).encode() + b"\n"
+    for name, body in (("bad.txt", raw), ("bad.jsonl", b'{"text": "ok"}\n{"text": "bad \xff"}\n')):
+        (tmp_path / name).write_bytes(body)
+        offset = body.index(0xFF)
+        message = f"{name} is not valid UTF-8 \\(byte offset {offset}\\).*--skip_invalid_utf8"
+        with pytest.raises(DataError, match=message):
+            _build(tmp_path, bpe, train_file=str(tmp_path / name), max_seq_length=8)
+    assert _nothing_written(tmp_path)
+    with caplog.at_level("WARNING"):
+        rows, _ = _build(tmp_path, bpe, train_file=str(tmp_path / "bad.txt"), skip_invalid_utf8=True,
+                         validation_split_percentage=0, max_seq_length=16)
+    assert "skipped 1 invalid UTF-8 bytes" in caplog.text
+    assert rows.num_tokens == wrapped_token_stream(bpe, documents_of(DataArgs(
+        train_file=str(tmp_path / "bad.txt"), skip_invalid_utf8=True, validation_split_percentage=0))).size
+
+
+def test_missing_text_column(bpe, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"content": "a document"}\n')
+    with pytest.raises(DataError, match="has no column 'text' \\(columns: content\\): pass --text_column"):
+        _build(tmp_path, bpe, train_file=str(tmp_path / "d.jsonl"))
+    assert _nothing_written(tmp_path)
+
+
+def test_corpus_shorter_than_one_row(bpe, tmp_path):
+    (tmp_path / "tiny.txt").write_text("just a few words\n")
+    with pytest.raises(DataError, match="less than one row of max_seq_length=128: add text or lower --max_seq_length"):
+        _build(tmp_path, bpe, train_file=str(tmp_path / "tiny.txt"), validation_split_percentage=0)
+    assert _nothing_written(tmp_path)
+
+
+def test_hub_dataset_without_network(bpe, tmp_path):
+    with pytest.raises(DataError, match="there is no network.*--train_file"):
+        _build(tmp_path, bpe, dataset_name="wikitext", dataset_config_name="wikitext-2-raw-v1")
+
+
+def test_check_tokenizer_fits(bpe):
+    check_tokenizer_fits(bpe, model_vocab_size=2000, max_position_embeddings=514, max_seq_length=512,
+                         model_type="roberta")
+    with pytest.raises(DataError, match="tokenizer has 2000 tokens but the model's vocab_size is 1999"):
+        check_tokenizer_fits(bpe, 1999, 514, 128, "roberta")
+    with pytest.raises(DataError, match="max_seq_length=513 exceeds the 512 positions roberta can use"):
+        check_tokenizer_fits(bpe, 2000, 514, 513, "roberta")  # positions start at pad_token_id + 1 = 2
+    check_tokenizer_fits(bpe, 2000, 512, 512, "bert")
+    with pytest.raises(DataError, match="exceeds the 512 positions bert"):
+        check_tokenizer_fits(bpe, 2000, 512, 513, "bert")
+
+
+# ---------------------------------------------------------------- next-sentence prediction
+
+def test_nsp_rows_from_the_corpus(wordpiece, cache_root):
+    args = DataArgs(cache_dir=str(cache_root), max_seq_length=64, objective="mlm+nsp")
+    train, _ = build_datasets(args, wordpiece)
+    a = {key: np.asarray(value) for key, value in train.arrays.items()}
+    assert len(train) >= 2000
+    assert abs(a["next_sentence_label"].mean() - 0.5) <= 0.02
+    cls, sep = wordpiece.cls_token_id, wordpiece.sep_token_id
+    for row in range(len(train)):
+        n = int((a["segment_ids"][row] > 0).sum())
+        ids, types = a["input_ids"][row], a["token_type_ids"][row]
+        assert (a["segment_ids"][row][:n] == 1).all() and (a["segment_ids"][row][n:] == 0).all()
+        seps = np.flatnonzero(ids[:n] == sep)
+        assert ids[0] == cls and len(seps) == 2 and seps[1] == n - 1 and seps[0] >= 2 and n <= 64
+        assert (types[: seps[0] + 1] == 0).all() and (types[seps[0] + 1 : n] == 1).all() and (types[n:] == 0).all()
+
+
+def test_nsp_pairs_are_true_next_half_the_time():
+    """Synthetic corpus: token id = 10 + global position, so a pair's origin can be read off its ids."""
+    rng = np.random.default_rng(0)
+    sentence_lengths = rng.integers(3, 30, size=12_000)
+    sentences_per_doc = rng.integers(1, 12, size=2_000)
+    sentences_per_doc[-1] += len(sentence_lengths) - sentences_per_doc.sum()
+    assert sentences_per_doc[-1] > 0
+    unit_offsets = np.concatenate([[0], np.cumsum(sentence_lengths)])
+    doc_units = np.concatenate([[0], np.cumsum(sentences_per_doc)])
+    corpus = TokenizedCorpus(np.arange(unit_offsets[-1], dtype=np.int32) + 10, unit_offsets, doc_units)
+    size = int(unit_offsets[-1]) + 10
+    info = data_tokenize.TokenizerInfo("fake", size, 0, (2,), (3,), 2, 3, (0, 1, 2, 3),
+                                       np.ones(size, bool), np.zeros(size, bool), "every-token")
+    rows = build_nsp_rows(corpus, info, max_seq_length=48, seed=1)
+    labels = rows["next_sentence_label"]
+    assert len(labels) > 3000 and abs(labels.mean() - 0.5) <= 0.02
+    doc_of_token = np.repeat(np.arange(len(sentences_per_doc)), np.add.reduceat(sentence_lengths, doc_units[:-1]))
+    for ids, types, label in zip(rows["input_ids"], rows["token_type_ids"], labels):
+        real = ids[ids >= 10]
+        a, b = real[types[ids >= 10] == 0] - 10, real[types[ids >= 10] == 1] - 10
+        assert len(a) and len(b) and len(set(doc_of_token[a])) == 1 and len(set(doc_of_token[b])) == 1
+        if label == 0:  # B follows A in the same document
+            assert doc_of_token[a[0]] == doc_of_token[b[0]] and a.max() < b.min()
+        else:
+            assert doc_of_token[a[0]] != doc_of_token[b[0]]
+
+
+def test_nsp_needs_sentence_pairs_tokenizer(bpe, tmp_path):
+    (tmp_path / "one.txt").write_text("A single document. With two sentences.\n")
+    with pytest.raises(DataError, match="at least 2 documents"):
+        _build(tmp_path, bpe, train_file=str(tmp_path / "one.txt"), objective="mlm+nsp", validation_split_percentage=0)
+    assert _nothing_written(tmp_path)
+    with pytest.raises(DataError, match="drop --streaming"):
+        _build(tmp_path, bpe, train_file=str(tmp_path / "one.txt"), objective="mlm+nsp", streaming=True)
+
+
+def test_tokenizer_info_knows_the_layout(bpe, wordpiece):
+    roberta, bert = tokenizer_info(bpe), tokenizer_info(wordpiece)
+    assert (roberta.prefix, roberta.suffix, roberta.pad_id, roberta.word_rule) == ((0,), (2,), 1, "byte-level")
+    assert (bert.prefix, bert.suffix, bert.pad_id, bert.word_rule) == ((2,), (3,), 0, "wordpiece")
+    assert isinstance(PackedRows({"input_ids": np.zeros((1, 4), np.int32)}, 0), PackedRows)
