@@ -97,6 +97,48 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class StepTimer:
+    """Wall time per step, plus what says whether the number can be trusted on a shared host:
+    this process's CPU seconds and page faults per step, and the share of the host's CPU that
+    other processes used meanwhile (0 = the machine was ours alone)."""
+
+    def __init__(self):
+        self.times, self.cpu, self.faults = [], [], []
+        self._host_start = _host_busy_jiffies()
+        self._own_start = resource.getrusage(resource.RUSAGE_SELF)
+        self._wall_start = time.perf_counter()
+
+    def time(self, step_fn):
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        out = step_fn()
+        self.times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        self.faults.append(after.ru_minflt - before.ru_minflt)
+        return out
+
+    def summary(self) -> dict:
+        wall = time.perf_counter() - self._wall_start
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        own_cpu = own.ru_utime - self._own_start.ru_utime + own.ru_stime - self._own_start.ru_stime
+        host = _host_busy_jiffies()
+        other = None
+        if host and self._host_start:
+            busy = (host - self._host_start) / os.sysconf("SC_CLK_TCK")
+            other = max(0.0, busy - own_cpu) / (wall * os.cpu_count())
+        return {"cpu_seconds_per_step": statistics.median(self.cpu),
+                "page_faults_per_step": int(statistics.median(self.faults)), "host_other_load": other}
+
+
+def _host_busy_jiffies() -> int | None:
+    """Busy CPU time of the whole host from /proc/stat (None where there is no /proc)."""
+    try:
+        fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except OSError:
+        return None
+    return sum(fields) - fields[3] - fields[4]  # all minus idle and iowait
+
+
 # ----------------------------------------------------------------------------- JAX worker
 def measure_matmul_peak(dtype: str, sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
     """Best FLOP/s of a jitted square matmul in `dtype` over a few sizes (the denominator of MFU)."""
@@ -197,15 +239,12 @@ def run_jax(args) -> dict:
     for _ in range(args.warmup_steps):
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
-    times = []
     profile = args.profile_dir and jax.profiler.trace(args.profile_dir)
     if profile:
         profile.__enter__()
+    timer = StepTimer()
     for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
+        state, metrics = timer.time(lambda: jax.block_until_ready(compiled(state, batch)))
     if profile:
         profile.__exit__(None, None, None)
     loss = float(metrics["loss"])
@@ -213,7 +252,7 @@ def run_jax(args) -> dict:
         raise FloatingPointError(f"benchmark loss is {loss}")
 
     head_fraction = 1.0 if args.dense_head else run.mlm_probability
-    result = _rates("", rows * run.max_seq_length, times, model_config, run, head_fraction, peak)
+    result = _rates("", rows * run.max_seq_length, timer, model_config, run, head_fraction, peak)
     device_memory = device_peak_memory(devices)
     result.update(
         framework="jax", device=f"{len(devices)}x {devices[0].device_kind}", compile_seconds=compile_seconds,
@@ -225,14 +264,15 @@ def run_jax(args) -> dict:
     return result
 
 
-def _rates(prefix, tokens_per_step, times, model_config, run, head_fraction, peak) -> dict:
+def _rates(prefix, tokens_per_step, timer, model_config, run, head_fraction, peak) -> dict:
+    times = timer.times
     step = statistics.median(times)
     flops = flops_per_token(model_config, run.max_seq_length, head_fraction)
     tokens_per_second = tokens_per_step / step
     return {f"{prefix}step_seconds": step, f"{prefix}step_seconds_min": min(times),
             f"{prefix}step_seconds_max": max(times), f"{prefix}tokens_per_second": tokens_per_second,
             f"{prefix}flops_per_token": flops, f"{prefix}mfu": tokens_per_second * flops / peak if peak else None,
-            f"{prefix}timed_steps": len(times)}
+            f"{prefix}timed_steps": len(times), **timer.summary()}
 
 
 # ----------------------------------------------------------------------------- PyTorch worker
@@ -270,7 +310,7 @@ def run_torch(args) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=run.learning_rate, betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon)
-    rows = run.per_device_train_batch_size
+    rows = args._rows or run.per_device_train_batch_size  # the JAX run's global batch
     batch = {k: torch.from_numpy(v).long() for k, v in random_batch(rows, run.max_seq_length, model_config, nsp=nsp).items()
              if k != "word_starts"}
     specials, mask_id = special_token_ids(model_config)
@@ -292,12 +332,10 @@ def run_torch(args) -> dict:
     first_step_seconds = time.perf_counter() - start
     for _ in range(args.warmup_steps):
         step()
-    times = []
+    timer = StepTimer()
     for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-    result = _rates("", rows * run.max_seq_length, times, model_config, run, 1.0, None)
+        loss = timer.time(step)
+    result = _rates("", rows * run.max_seq_length, timer, model_config, run, 1.0, None)
     result.update(framework="torch", first_step_seconds=first_step_seconds, peak_memory_bytes=peak_rss_bytes(),
                   loss=loss, threads=torch.get_num_threads(), torch_version=torch.__version__,
                   attn_implementation=model.config._attn_implementation)
@@ -318,18 +356,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup_steps", type=int, default=1, help="untimed steps after the first (compiling) step")
     parser.add_argument("--compare", choices=["torch"], help="also time transformers' PyTorch model + AdamW")
     parser.add_argument("--dense_head", action="store_true", help="ablation: vocabulary head on every position")
+    parser.add_argument("--hugepages", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL",
+                        help="run both frameworks with glibc.malloc.hugetlb=1 (fewer page faults; default true)")
     parser.add_argument("--profile_dir", help="write a jax.profiler trace of the timed steps here")
     parser.add_argument("--output", help="write the results as JSON to this file")
     parser.add_argument("--_worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--_result", help=argparse.SUPPRESS)
+    parser.add_argument("--_rows", type=int, help=argparse.SUPPRESS)
     return parser
 
 
-def _run_worker(framework: str, argv: list[str]) -> dict:
+def worker_env(hugepages: bool) -> dict:
+    """The children's environment. With `hugepages`, glibc's malloc asks for transparent huge pages
+    (glibc >= 2.35): XLA:CPU maps a fresh temp buffer of about 1.8 GB per roberta-base step and
+    touching it costs ~460k page faults (over a second of kernel time) with 4 KiB pages. Applied to
+    both frameworks alike; glibc reads the tunable only at process start, hence the environment."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    if hugepages and "glibc.malloc.hugetlb" not in env.get("GLIBC_TUNABLES", ""):
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
+    return env
+
+
+def _run_worker(framework: str, argv: list[str], env: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = pathlib.Path(tmp) / "result.json"
         command = [sys.executable, "-m", "flax_bert.bench", *argv, "--_worker", framework, "--_result", str(result_file)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(command, env=env)
         if done.returncode or not result_file.is_file():
             raise RuntimeError(f"the {framework} benchmark process failed (exit code {done.returncode}); see its output above")
@@ -357,6 +408,11 @@ def format_table(summary: dict) -> str:
         compile_s = f"{summary['compile_seconds']:.1f}" if name == "jax" else "-"
         lines.append(f"{name:<10}{summary[p + 'step_seconds']:>17.3f}{summary[p + 'tokens_per_second']:>11.1f}"
                      f"{summary[p + 'mfu']:>8.1%}{compile_s:>11}{summary[p + 'peak_memory_bytes'] / gib:>14.2f}")
+    for name, p in rows:
+        other = summary.get(p + "host_other_load")
+        if other is not None and other > 0.05:
+            lines.append(f"warning: other processes used {other:.0%} of the host's CPU during the {name} steps; "
+                         "the timings are disturbed")
     if "speedup_vs_torch" in summary:
         lines.append(f"jax/torch: tokens/s x{summary['speedup_vs_torch']:.2f}, "
                      f"peak memory x{summary['memory_ratio_vs_torch']:.2f}")
@@ -375,10 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         pathlib.Path(args._result).write_text(json.dumps(result))
         return 0
     run, model_config = load_setup(args)  # fail fast on bad input, before any child starts
-    jax_result = _run_worker("jax", argv)
+    env = worker_env(args.hugepages)
+    jax_result = _run_worker("jax", argv, env)
     jax_result.update(config=str(args.config), max_seq_length=run.max_seq_length, dtype=model_config.dtype,
-                      per_device_train_batch_size=run.per_device_train_batch_size, steps=args.steps)
-    torch_result = _run_worker("torch", argv) if args.compare == "torch" else None
+                      per_device_train_batch_size=run.per_device_train_batch_size, steps=args.steps,
+                      malloc_hugepages=args.hugepages)
+    torch_argv = [*argv, "--_rows", str(jax_result["global_batch_size"])]
+    torch_result = _run_worker("torch", torch_argv, env) if args.compare == "torch" else None
     summary = summarize(jax_result, torch_result)
     print(format_table(summary))
     if args.output:

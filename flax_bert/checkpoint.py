@@ -23,7 +23,8 @@ import signal
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,8 @@ ITEMS = ("state", "data", "config", "meta")
 
 # What a run writes at the top of its output_dir. --overwrite_output_dir deletes these and nothing else.
 OWNED_ENTRIES = frozenset({
-    CHECKPOINTS, DAMAGED, SUPERSEDED, RUN_CONFIG_FILE, "metrics.jsonl", "tensorboard", "eval_results.json",
-    "tokenizer", "curves.png",
+    CHECKPOINTS, DAMAGED, SUPERSEDED, RUN_CONFIG_FILE, f".{RUN_CONFIG_FILE}.tmp", "metrics.jsonl", "tensorboard",
+    "eval_results.json", "tokenizer", "curves.png",
     # the exported Hugging Face model (written at the end of training)
     "config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt"})
@@ -93,7 +94,8 @@ class Checkpointer:
                  read_only: bool = False, checkpoint_dir=None):
         self.output_dir = epath.Path(output_dir)
         self.directory = epath.Path(checkpoint_dir) if checkpoint_dir else self.output_dir / CHECKPOINTS
-        self.save_steps, self.save_minutes, self.keep_best, self.read_only = save_steps, save_minutes, keep_best, read_only
+        self.save_steps, self.save_minutes = save_steps, save_minutes
+        self.keep_best, self.read_only = keep_best, read_only
         self.default_step: int | None = None        # for_path(".../checkpoints/STEP") restores STEP by default
         self.damaged: list[tuple[str, str]] = []    # (path, reason) of checkpoints the last restore skipped
         self.last_save_blocked_seconds = 0.0         # how long the caller waited in the last save()
@@ -116,7 +118,7 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     @classmethod
-    def for_path(cls, path) -> "Checkpointer":
+    def for_path(cls, path) -> Checkpointer:
         """Read-only access to a run directory, its checkpoints/ folder, or one checkpoints/STEP folder."""
         directory, step = locate_checkpoints(path)
         checkpointer = cls(directory.parent, read_only=True, checkpoint_dir=directory)
@@ -161,7 +163,8 @@ class Checkpointer:
         self._saved.add(step)
         self._last_save = time.monotonic()
         self._time_due.reset()
-        log.info("saving checkpoint %s (step %d) in the background", self.directory / str(step), step)
+        log.info("%s checkpoint %s (step %d)", "writing" if self._manager.is_saving_in_progress() else "saved",
+                 self.directory / str(step), step)
         return True
 
     def wait(self) -> None:
@@ -185,6 +188,7 @@ class Checkpointer:
             return
         self._stale_checked = True
         stale = [s for s in complete_steps(self.directory) if s >= step]
+        _barrier("flax_bert_listed_stale_checkpoints")  # every process has listed them before any is moved
         for s in stale:
             self._move_aside(s, SUPERSEDED, "it is newer than the step this run continues from")
         if stale:
@@ -240,7 +244,7 @@ class Checkpointer:
                 restored, error = restore_one(s), None
             except CheckpointMismatchError:
                 raise
-            except Exception as err:  # any read failure of a bundle means it cannot be trusted
+            except Exception as err:  # noqa: BLE001 - any read failure means the bundle cannot be trusted
                 restored, error = None, err
             if not _all_processes(error is None):
                 error = error or RuntimeError("another process could not read it")
@@ -310,11 +314,14 @@ def _check_fits(path: epath.Path, abstract) -> None:
               jax.tree_util.tree_flatten_with_path(abstract)[0]}
     if saved == wanted or (set(saved) != set(wanted) and Counter(saved.values()) == Counter(wanted.values())):
         return  # equal, or the same arrays under other container names (e.g. optax NamedTuple vs dict)
-    differences = [f"{'.'.join(k)}: {saved.get(k, ('absent',))[0]} saved, {wanted.get(k, ('absent',))[0]} wanted"
-                   for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
-    raise CheckpointMismatchError(f"checkpoint {path} holds a different model or optimizer ({'; '.join(differences[:3])}"
-                                  f"{'; ...' if len(differences) > 3 else ''}): resume with the settings it was "
-                                  "saved with, or start over with --overwrite_output_dir")
+    def shown(spec):
+        return "absent" if spec is None else f"{spec[1]}{list(spec[0])}"
+    differences = [f"{'.'.join(k)}: {shown(saved.get(k))} saved, {shown(wanted.get(k))} wanted"
+                   for k in sorted(set(saved) | set(wanted), key=lambda k: (k[:1] != ("params",), k))  # params first
+                   if saved.get(k) != wanted.get(k)]
+    raise CheckpointMismatchError(f"checkpoint {path} holds a different model or optimizer "
+                                  f"({'; '.join(differences[:3])}{'; ...' if len(differences) > 3 else ''}): resume "
+                                  "with the settings it was saved with, or start over with --overwrite_output_dir")
 
 
 def _tree_metadata(item_dir: epath.Path) -> dict:
@@ -374,8 +381,10 @@ def _jsonable(value):
 
 def _one_line(error: BaseException) -> str:
     """The root cause: Orbax wraps TensorStore's precise message (which file, which byte range) in a vaguer one."""
-    while (error.__cause__ or error.__context__) is not None:
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
         error = error.__cause__ or error.__context__
+        seen.add(id(error))
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
@@ -394,7 +403,8 @@ class StartPoint:
             return f"resuming from checkpoint {self.path} (step {self.step}{origin})"
         if self.kind == "hf":
             return f"starting from the Hugging Face weights {self.path} (weights only: new optimizer state, step 0)"
-        return "starting fresh from random initialization (no checkpoint, --resume_from_checkpoint or --model_name_or_path)"
+        return ("starting fresh from random initialization "
+                "(no checkpoint, --resume_from_checkpoint or --model_name_or_path)")
 
 
 def resolve_start(output_dir, resume_from_checkpoint: str | None = None, model_name_or_path: str | None = None,
@@ -416,8 +426,10 @@ def resolve_start(output_dir, resume_from_checkpoint: str | None = None, model_n
 
 
 # ----------------------------------------------------------------------------- the output directory
-def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming: bool = False) -> list[str]:
-    """Refuse an output_dir holding another run's files unless `overwrite`; then record run_config.json.
+def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming: bool = False,
+                     record: bool = True) -> list[str]:
+    """Refuse an output_dir holding another run's files unless `overwrite`; then record run_config.json
+    (unless `record` is False, e.g. for a run directory prepared for a later run to take over).
 
     The same run: its run_config.json agrees on RUN_IDENTITY_KEYS. A folder without run_config.json is
     accepted only empty, or (`resuming`: the caller restores its checkpoint) holding nothing but what
@@ -440,6 +452,8 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
         log.warning("--overwrite_output_dir: deleted %s from %s%s", ", ".join(deleted), out,
                     f" (kept {', '.join(kept)}: flax-bert did not write them)" if kept else "")
     out.mkdir(parents=True, exist_ok=True)
+    if not record:
+        return deleted
     temporary = out / f".{RUN_CONFIG_FILE}.tmp"
     temporary.write_text(json.dumps(_jsonable(run_config), indent=2, sort_keys=True) + "\n")
     temporary.replace(out / RUN_CONFIG_FILE)
@@ -491,11 +505,11 @@ class PreemptionGuard:
         self.signals = tuple(signals)
         self.requested = False        # a signal arrived in this process
         self.signal_name: str | None = None
-        self.stopped_at: int | None = None
+        self.stopped_at: int | None = None  # the step should_stop() first said True (the same on all processes)
         self._previous: dict = {}
         self._agree = _AnyProcess()
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
@@ -518,6 +532,11 @@ class PreemptionGuard:
         # os.write, not print/logging: a signal handler may interrupt a write in progress
         os.write(2, f"\n{name} received: finishing this step, saving a checkpoint, then exiting "
                     f"(send it again to exit at once)\n".encode())
+
+    @property
+    def stopped(self) -> bool:
+        """should_stop() said True: use this, not `requested`, to decide what to do next on every process."""
+        return self.stopped_at is not None
 
     def should_stop(self, step: int) -> bool:
         """True on every process at the same step once any process got a signal (call it every step;

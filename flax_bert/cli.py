@@ -72,7 +72,8 @@ def export_main(argv) -> int:
     from flax_bert.run_dir import load_run_model
 
     model, tokenizer, run, step = load_run_model(args.run_dir, args.step)
-    global_batch = run.get("per_device_train_batch_size", 0) * run.get("gradient_accumulation_steps", 1)
+    global_batch = (run.get("per_device_train_batch_size", 0) * run.get("gradient_accumulation_steps", 1)
+                    * run.get("device_count", 1))
     folder = write_model_folder(model, args.to, tokenizer, run, step, global_batch, None, overwrite=args.overwrite,
                                 architecture=args.architecture)
     print(f"exported step {step} of {args.run_dir} to {folder}")
@@ -87,12 +88,14 @@ def import_main(argv) -> int:
                                  "then `flax-bert train --output_dir RUN_DIR ...` resumes from it.")
     parser.add_argument("hf_folder", help="Hugging Face model folder (or hub id when online)")
     parser.add_argument("--to", required=True, help="the run directory to create")
+    parser.add_argument("--optimizer", choices=["adamw", "lamb"], default="adamw",
+                        help="the optimizer whose (fresh) state the checkpoint holds")
     args = parser.parse_args(argv)
     from flax_bert.run_dir import import_hf_model
 
-    step_dir = import_hf_model(args.hf_folder, args.to)
-    print(f"imported {args.hf_folder} into {step_dir}; continue with: flax-bert train --output_dir {args.to} "
-          f"--tokenizer_name {args.to}/tokenizer --model_name_or_path {args.hf_folder} ...")
+    step_dir = import_hf_model(args.hf_folder, args.to, args.optimizer)
+    print(f"imported {args.hf_folder} into {step_dir}; continue pretraining with: "
+          f"flax-bert train --output_dir {args.to} --model_name_or_path {args.hf_folder} [data and training options]")
     return 0
 
 

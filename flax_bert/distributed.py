@@ -10,7 +10,10 @@ log = logging.getLogger(__name__)
 
 
 def _environment_says_multiprocess() -> bool:
-    """Cloud TPU pod slices and SLURM jobs describe their processes in the environment."""
+    """TPU VMs (pod slices learn their workers from the TPU metadata, which jax.distributed reads),
+    GKE and SLURM jobs describe their processes in the environment."""
+    if os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"):  # a TPU VM: initialize() finds the slice
+        return True
     tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in tpu_hosts.split(",") if h]) > 1:
         return True

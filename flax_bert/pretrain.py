@@ -76,6 +76,7 @@ class Run:
 
     def __init__(self, run: RunConfig):
         distributed.initialize(run)
+        self.mesh = make_mesh(run.mesh)  # first: a mesh that does not fit the devices fails before any work
         self.run = run
         self.is_main = jax.process_index() == 0
         self.output_dir = pathlib.Path(run.output_dir)
@@ -91,7 +92,6 @@ class Run:
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, self.model_config.max_position_embeddings,
                              run.max_seq_length, self.model_config.model_type, self.model_config.pad_token_id)
         self.train_rows, self.eval_rows = build_datasets(data_args_from_run(run), self.tokenizer, seed=run.seed)
-        self.mesh = make_mesh(run.mesh)
         self.micro_batch = run.per_device_train_batch_size * jax.device_count()
         self.global_batch = self.micro_batch * run.gradient_accumulation_steps
         self.total_steps = self._total_steps()
@@ -126,7 +126,8 @@ class Run:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 self.trainer.abstract_state, self.trainer.state_shardings)
         if self.start.kind == "checkpoint":
-            source = self.checkpoints if self.start.path is None else ckpt_lib.Checkpointer.for_path(self.start.path)
+            own = self.start.source == "output_dir"  # the writer may move a damaged checkpoint aside
+            source = self.checkpoints if own else ckpt_lib.Checkpointer.for_path(self.start.path)
             state, data_state, _, step = source.restore(abstract, step=self.start.step)
             log.info("restored step %d", step)
             return state, data_state
@@ -149,6 +150,7 @@ class Run:
         if data_state:
             iterator.load_state_dict(data_state)
         step = int(state.step)
+        self.final_state = state
         if step >= self.total_steps:
             log.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return {"step": step}
@@ -159,7 +161,6 @@ class Run:
                  jax.device_count(), dict(self.mesh.shape), peak, peak_source)
         progress = _progress_bar(self.is_main and run.progress_bar, step, self.total_steps)
         window = _Window()
-        last_eval: dict = {}
         pending = None  # (step, metrics on device, local tokens): checked after the next step is dispatched
         with ckpt_lib.PreemptionGuard() as guard, Prefetcher(iterator) as batches:
             compile_start = time.perf_counter()
@@ -189,18 +190,19 @@ class Run:
                     log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
                     window.reset()
                 progress.update(1)
+                eval_results = None  # only the step that evaluated carries metrics (for --keep_best)
                 if self._eval_due(step):
                     eval_start = time.perf_counter()
-                    last_eval = self.evaluate(state.params, step)
+                    eval_results = self.evaluate(state.params, step) or None
                     window.start += time.perf_counter() - eval_start  # throughput counts training time only
                 # the last step and a requested stop always save; otherwise --save_steps / --save_minutes decide
                 self.checkpoints.save(step, state, batches.state_dict(), self._bundle_config(),
-                                      metrics=last_eval or None, force=stopping or step == self.total_steps)
+                                      metrics=eval_results, force=stopping or step == self.total_steps)
                 if stopping:
                     break
         progress.close()
         self.checkpoints.wait()
-        if guard.requested:
+        if guard.stopped:  # agreed by every process, not only the one that got the signal
             log.info("stopped by a signal at step %d; checkpoint saved in %s — run the same command to resume",
                      step, self.checkpoints.directory)
             return {"step": step, "preempted": True}
@@ -219,7 +221,8 @@ class Run:
 
     def _bundle_config(self) -> dict:
         architecture = model_class_for(self.model_config, self.run.objective).__name__
-        return {"run": self.run.to_dict(), "model": self.model_config.to_hf_dict(architecture)}
+        return {"run": {**self.run.to_dict(), "device_count": jax.device_count()},
+                "model": self.model_config.to_hf_dict(architecture)}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, params, step: int) -> dict[str, float]:

@@ -33,3 +33,35 @@ def load_run_model(run_dir, step: int | None = None):
     model = MODEL_CLASSES[hf_config["architectures"][0]](cfg, rngs=nnx.Rngs(0))
     nnx.update(model, params)
     return model, load_run_tokenizer(run_dir, bundle["run"]), bundle["run"], step
+
+
+def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw") -> pathlib.Path:
+    """Write a run directory whose step-0 checkpoint holds `hf_folder`'s weights (and a fresh optimizer
+    state), so `flax-bert train --output_dir RUN_DIR --model_name_or_path HF_FOLDER` continues pretraining it."""
+    import jax
+    from transformers import AutoTokenizer
+
+    from flax_bert.checkpoint import Checkpointer, check_output_dir
+    from flax_bert.convert import architecture_of, load_hf
+    from flax_bert.optim import make_optimizer
+    from flax_bert.run_config import RunConfig
+    from flax_bert.sharding import make_mesh
+    from flax_bert.train import MaskingConfig, StepConfig, Trainer
+
+    model = load_hf(hf_folder)
+    cfg, architecture = model.config, architecture_of(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
+    objective = "mlm+nsp" if architecture == "BertForPreTraining" else "mlm"
+    run = RunConfig(model_type=cfg.model_type, model_name_or_path=str(hf_folder), output_dir=str(run_dir),
+                    objective=objective, optimizer=optimizer)
+    check_output_dir(run_dir, False, run.to_dict(), record=False)  # the train run records its own settings
+    tokenizer.save_pretrained(str(pathlib.Path(run_dir) / "tokenizer"))
+    tx, schedule = make_optimizer(learning_rate=run.learning_rate, warmup_steps=0, total_steps=1, schedule="constant",
+                                  optimizer=optimizer)
+    trainer = Trainer(cfg, StepConfig(masking=MaskingConfig.from_tokenizer(tokenizer), objective=objective), tx,
+                      make_mesh("data=1", jax.devices()[:1]), schedule)
+    state = trainer.init_state(params=nnx.state(model, nnx.Param).to_pure_dict())
+    with Checkpointer(run_dir, save_steps=0) as checkpoints:
+        checkpoints.save(0, state, {}, {"run": run.to_dict(), "model": cfg.to_hf_dict(architecture)}, force=True)
+        checkpoints.wait()
+    return pathlib.Path(str(checkpoints.directory)) / "0"
