@@ -176,13 +176,19 @@ def encode_texts(backend, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def iter_encoded(stream: DocumentStream, backend, sentences: bool, num_workers: int | None):
-    """Yields (ids, unit_lengths, units_per_doc or None) per group of documents; empty units dropped."""
+def iter_encoded(stream: DocumentStream, backend, sentences: bool, num_workers: int | None,
+                 space_later_sentences: bool = False):
+    """Yields (ids, unit_lengths, units_per_doc or None) per group of documents; empty units dropped.
+
+    `space_later_sentences` (byte-level BPE): a sentence after a document's first is encoded with its
+    leading space, so its first word gets the same token ("ĠIt", a word start) as in running text."""
     with _rust_threads(num_workers):
         for texts in _text_groups(stream):
             per_doc = None
             if sentences:
                 pieces = [split_sentences(t) for t in texts]
+                if space_later_sentences:
+                    pieces = [[p[0]] + [" " + x for x in p[1:]] if p else p for p in pieces]
                 per_doc = np.fromiter(map(len, pieces), np.int64, len(pieces))
                 texts = [s for p in pieces for s in p]
             ids, lengths = encode_texts(backend, texts)
@@ -194,7 +200,7 @@ def iter_encoded(stream: DocumentStream, backend, sentences: bool, num_workers: 
 
 
 def tokenized_cache_key(info: TokenizerInfo, stream: DocumentStream, sentences: bool) -> str:
-    parts = [CACHE_VERSION, info.fingerprint, stream.fingerprint, "sentences" if sentences else "documents"]
+    parts = [CACHE_VERSION, info.fingerprint, stream.fingerprint, "spaced-sentences" if sentences else "documents"]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
@@ -220,7 +226,8 @@ def tokenize_to_cache(stream: DocumentStream, tokenizer, info: TokenizerInfo, ca
     try:
         unit_lengths, docs_units, total = [], [], 0
         with open(staging / "tokens.bin", "wb") as out:
-            for ids, lengths, per_doc in iter_encoded(stream, backend, sentences, num_workers):
+            for ids, lengths, per_doc in iter_encoded(stream, backend, sentences, num_workers,
+                                                      space_later_sentences=info.word_rule == "byte-level"):
                 out.write(ids.tobytes())
                 unit_lengths.append(lengths)
                 total += len(ids)
