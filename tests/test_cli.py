@@ -34,8 +34,8 @@ def trained_run(shared_dir, tmp_path_factory):
     cache = out.parent / "cache"
     result = run_cli([str(ROOT / "run_mlm_flax.py"), *TINY_FLAGS, "--train_file", str(wikitext / "wiki.valid.raw"),
                       "--validation_file", str(wikitext / "wiki.test.raw"), "--do_train", "--do_eval",
-                      "--max_steps", "40", "--output_dir", str(out), "--cache_dir", str(cache),
-                      "--hub_token", SECRET], env=cli_env(FLAX_BERT_CACHE=str(cache)))
+                      "--max_steps", "40", "--output_dir", "run", "--cache_dir", str(cache),  # relative, as users write it
+                      "--hub_token", SECRET], env=cli_env(FLAX_BERT_CACHE=str(cache)), cwd=out.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -149,3 +149,8 @@ def test_yaml_config_then_flags_override(tmp_path):
         parse_run_config([str(tmp_path / "bad.yaml")])
     for name in ("tiny", "bert-base", "bert-large", "roberta-base", "roberta-large"):
         parse_run_config([str(ROOT / "configs" / f"{name}.yaml")])
+
+
+def test_configuration_reference_matches_the_options():
+    result = run_cli([str(ROOT / "docs" / "make_configuration_reference.py"), "--check"])
+    assert result.returncode == 0, result.stdout + result.stderr
