@@ -6,6 +6,8 @@ global batch. It is the same on every process, so one copy in the checkpoint res
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import threading
 import time
@@ -34,6 +36,17 @@ def _process_layout(global_batch_size: int, process_index: int | None, process_c
     return process_index, process_count, global_batch_size // process_count
 
 
+ROW_LOG_VARIABLE = "FLAX_BERT_LOG_ROWS"
+
+
+def _row_log_path(process_index: int) -> str | None:
+    """Opt-in debug record (tests of multi-process runs): with FLAX_BERT_LOG_ROWS=PREFIX every batch
+    appends the global row indices this process read to PREFIX.process<N>.jsonl, so a test can prove
+    each process touched only its own share."""
+    prefix = os.environ.get(ROW_LOG_VARIABLE)
+    return f"{prefix}.process{process_index}.jsonl" if prefix else None
+
+
 class BatchIterator:
     """Endless (``num_epochs=None``) or finite iterator over this process's share of global batches."""
 
@@ -49,6 +62,7 @@ class BatchIterator:
                              f"lower the batch size, add data or keep the last partial batch")
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = None, None
+        self._row_log = _row_log_path(self.process_index)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -85,6 +99,10 @@ class BatchIterator:
         share = self.epoch_order(self.epoch)[start : start + self.local_batch_size]
         indices = np.full(self.local_batch_size, -1, np.int64)  # -1: an empty row filling the last batch
         indices[: len(share)] = share
+        if self._row_log:
+            with open(self._row_log, "a") as log:
+                log.write(json.dumps({"epoch": int(self.epoch), "position": int(self.position),
+                                      "rows": [int(i) for i in share]}) + "\n")
         self.position += self.global_batch_size
         return self.rows.gather(indices)
 

@@ -8,6 +8,27 @@ import jax
 
 log = logging.getLogger(__name__)
 
+# When a process dies, JAX's coordination service notices the missing heartbeats and terminates every
+# other process ("Terminating process because the JAX distributed service detected fatal errors ...
+# another task died"), so nobody hangs in a collective forever. It waits this long (JAX's default is
+# 100 s); a shorter wait stops a broken job sooner but risks killing a healthy one on a flaky network.
+HEARTBEAT_TIMEOUT_VARIABLE = "FLAX_BERT_HEARTBEAT_TIMEOUT_SECONDS"
+
+
+def heartbeat_timeout_seconds() -> int | None:
+    """The heartbeat timeout from the environment, or None for JAX's default."""
+    value = os.environ.get(HEARTBEAT_TIMEOUT_VARIABLE, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise ValueError(f"{HEARTBEAT_TIMEOUT_VARIABLE}={value!r} is not a whole number of seconds >= 1: "
+                         "set e.g. 60, or unset it for JAX's default of 100")
+    return seconds
+
 
 def _environment_says_multiprocess() -> bool:
     """TPU VMs (pod slices learn their workers from the TPU metadata, which jax.distributed reads),
@@ -32,12 +53,14 @@ def initialize(run) -> None:
     # CPU collectives across processes need gloo; the setting does not touch GPU/TPU backends, and
     # asking which backend runs here would start it before initialize(), which JAX forbids.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    heartbeat = heartbeat_timeout_seconds()
+    options = {} if heartbeat is None else {"heartbeat_timeout_seconds": heartbeat}
     if explicit:
         if run.coordinator_address is None or run.num_processes is None or run.process_id is None:
             raise ValueError("multi-process runs need --coordinator_address, --num_processes and --process_id together")
-        jax.distributed.initialize(run.coordinator_address, run.num_processes, run.process_id)
+        jax.distributed.initialize(run.coordinator_address, run.num_processes, run.process_id, **options)
     else:
-        jax.distributed.initialize()  # cluster auto-detection (TPU metadata, SLURM)
+        jax.distributed.initialize(**options)  # cluster auto-detection (TPU metadata, SLURM)
     log.info("process %d of %d joined; %d local and %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -25,7 +26,7 @@ from flax_bert.metrics import MetricsWriter, device_peak_flops, flops_per_token
 from flax_bert.optim import make_optimizer
 from flax_bert.run_config import RunConfig, fresh_model_config, runtime_overrides
 from flax_bert.sharding import BATCH_AXES, make_mesh
-from flax_bert.train import MaskingConfig, StepConfig, Trainer, check_finite, eval_summary
+from flax_bert.train import MaskingConfig, NonFiniteLossError, StepConfig, Trainer, check_finite, eval_summary
 
 log = logging.getLogger("flax_bert")
 
@@ -79,7 +80,7 @@ class Run:
         self.mesh = make_mesh(run.mesh)  # first: a mesh that does not fit the devices fails before any work
         self.run = run
         self.is_main = jax.process_index() == 0
-        self.output_dir = pathlib.Path(run.output_dir)
+        self.output_dir = pathlib.Path(run.output_dir).absolute()  # Orbax (TensorStore) needs absolute paths
         self.start = ckpt_lib.resolve_start(run.output_dir, run.resume_from_checkpoint, run.model_name_or_path,
                                              overwrite_output_dir=run.overwrite_output_dir)
         if self.is_main:
@@ -127,7 +128,7 @@ class Run:
                                 self.trainer.abstract_state, self.trainer.state_shardings)
         if self.start.kind == "checkpoint":
             own = self.start.source == "output_dir"  # the writer may move a damaged checkpoint aside
-            source = self.checkpoints if own else ckpt_lib.Checkpointer.for_path(self.start.path)
+            source = self.checkpoints if own else ckpt_lib.Checkpointer.for_path(os.path.abspath(self.start.path))
             state, data_state, _, step = source.restore(abstract, step=self.start.step)
             log.info("restored step %d", step)
             return state, data_state
@@ -212,7 +213,17 @@ class Run:
     def _checked(self, pending):
         step, metrics, tokens, wait = pending
         metrics = jax.device_get(metrics)
-        check_finite(metrics, step)
+        try:
+            check_finite(metrics, step)
+            # a finite loss with non-finite gradients still makes this step's update, and the checkpoint
+            # saved from it, NaN: stop before that checkpoint is written
+            grad_norm = float(metrics.get("grad_norm", 0.0))
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}: lower --learning_rate, raise "
+                                         "--warmup_steps or use fp32 compute; the last checkpoint before it is intact")
+        except NonFiniteLossError:
+            self.checkpoints.wait()  # let the last good checkpoint finish writing before the run stops
+            raise
         return metrics, tokens, wait
 
     def _eval_due(self, step: int) -> bool:

@@ -25,7 +25,7 @@ def load_run_model(run_dir, step: int | None = None):
     from flax_bert.config import ModelConfig
     from flax_bert.model import MODEL_CLASSES
 
-    checkpointer = Checkpointer.for_path(run_dir)  # the run dir, its checkpoints/ or one checkpoints/STEP
+    checkpointer = Checkpointer.for_path(pathlib.Path(run_dir).absolute())  # the run dir, its checkpoints/ or one checkpoints/STEP
     run_dir = pathlib.Path(str(checkpointer.output_dir))
     params, bundle, step = checkpointer.restore_params(step)
     hf_config = bundle["model"]
@@ -61,7 +61,7 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw") -> pathlib.Pat
     trainer = Trainer(cfg, StepConfig(masking=MaskingConfig.from_tokenizer(tokenizer), objective=objective), tx,
                       make_mesh("data=1", jax.devices()[:1]), schedule)
     state = trainer.init_state(params=nnx.state(model, nnx.Param).to_pure_dict())
-    with Checkpointer(run_dir, save_steps=0) as checkpoints:
+    with Checkpointer(pathlib.Path(run_dir).absolute(), save_steps=0) as checkpoints:
         checkpoints.save(0, state, {}, {"run": run.to_dict(), "model": cfg.to_hf_dict(architecture)}, force=True)
         checkpoints.wait()
     return pathlib.Path(str(checkpoints.directory)) / "0"

@@ -1,0 +1,117 @@
+"""Preemption: SIGTERM / SIGINT stop the train loop after the current step (PreemptionGuard), and the
+helpers that make every process of a multi-host run take the same decision at the same step."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- signals
+class PreemptionGuard:
+    """SIGTERM / SIGINT ask the loop to stop: it finishes the step, saves, waits for the save, exits 0.
+    A second signal exits at once (128 + signal number). Handlers are restored on leaving the block.
+
+        with PreemptionGuard() as guard:
+            for step in ...:
+                state = train_step(...)
+                if guard.should_stop(step):
+                    checkpointer.save(step, ..., force=True); checkpointer.wait(); break
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals = tuple(signals)
+        self.requested = False        # a signal arrived in this process
+        self.signal_name: str | None = None
+        self.stopped_at: int | None = None  # the step should_stop() first said True (the same on all processes)
+        self._previous: dict = {}
+        self._agree = AnyProcess()
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        else:  # Python delivers signals to the main thread only
+            log.warning("PreemptionGuard outside the main thread: SIGTERM/SIGINT are not caught")
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            os.write(2, f"\n{name} again: exiting now without saving\n".encode())
+            os._exit(128 + signum)
+        self.requested, self.signal_name = True, name
+        # os.write, not print/logging: a signal handler may interrupt a write in progress
+        os.write(2, f"\n{name} received: finishing this step, saving a checkpoint, then exiting "
+                    f"(send it again to exit at once)\n".encode())
+
+    @property
+    def stopped(self) -> bool:
+        """should_stop() said True: use this, not `requested`, to decide what to do next on every process."""
+        return self.stopped_at is not None
+
+    def should_stop(self, step: int) -> bool:
+        """True on every process at the same step once any process got a signal (call it every step;
+        with several processes the answer comes one step late, so nobody waits on the devices for it)."""
+        stop = self._agree(self.requested)
+        if stop and self.stopped_at is None:
+            self.stopped_at = int(step)
+            log.warning("stopping at step %d (%s)", step, self.signal_name or "a signal on another process")
+        return stop
+
+
+# ----------------------------------------------------------------------------- several processes
+class AnyProcess:
+    """`agree(flag)`: True on every process when any process's flag is True. One process: the flag. Several:
+    a tiny all-reduce dispatched now and read at the next call, so it never stalls the step pipeline;
+    all processes must call it at the same steps."""
+
+    def __init__(self):
+        self._pending = None
+        self._reduce = None
+
+    def __call__(self, flag: bool) -> bool:
+        if jax.process_count() == 1:
+            return bool(flag)
+        agreed = self._pending is not None and bool(np.asarray(self._pending.addressable_data(0)))
+        if self._reduce is None:
+            mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("processes",))
+            self._sharding = NamedSharding(mesh, P("processes"))
+            self._reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+        local = np.full((jax.local_device_count(),), bool(flag), np.int32)
+        self._pending = self._reduce(jax.make_array_from_process_local_data(self._sharding, local))
+        return agreed
+
+    def reset(self) -> None:
+        self._pending = None
+
+
+def all_processes(ok: bool) -> bool:
+    """True when `ok` on every process (a blocking all-gather: for rare decisions such as a restore)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def barrier(name: str) -> None:
+    """Every process reaches `name` before any goes on (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

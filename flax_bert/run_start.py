@@ -1,0 +1,180 @@
+"""Where a run starts and whose directory it is: the run directory's layout, which checkpoints in it are
+complete, the resume order (resolve_start), and the guard against writing over another run (check_output_dir).
+
+OUTPUT_DIR/checkpoints/STEP is a complete bundle (see flax_bert.checkpoint): Orbax writes into
+STEP.orbax-checkpoint-tmp-* and renames the folder once every item is written, so a bare step number is whole.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS, DAMAGED, SUPERSEDED = "checkpoints", "checkpoints_damaged", "checkpoints_superseded"
+RUN_CONFIG_FILE = "run_config.json"
+
+# What a run writes at the top of its output_dir. --overwrite_output_dir deletes these and nothing else.
+OWNED_ENTRIES = frozenset({
+    CHECKPOINTS, DAMAGED, SUPERSEDED, RUN_CONFIG_FILE, f".{RUN_CONFIG_FILE}.tmp", "metrics.jsonl", "tensorboard",
+    "eval_results.json", "tokenizer", "curves.png",
+    # the exported Hugging Face model (written at the end of training)
+    "config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt"})
+
+# Settings a run resuming an output_dir must share with the run that wrote it: they fix the model's
+# shapes, the tokenizer, which rows are read in which order, and the masks. Everything else (max_steps,
+# logging, saving, learning rate, batch size, mesh, dtype, ...) may change on resume.
+RUN_IDENTITY_KEYS = (
+    "model_type", "config_name", "model_name_or_path", "tokenizer_name", "tokenizer_vocab_size", "vocab_size",
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+    "dataset_name", "dataset_config_name", "train_file", "text_column", "validation_split_percentage",
+    "max_train_samples", "streaming", "max_seq_length", "line_by_line", "mlm_probability", "whole_word_masking",
+    "objective", "optimizer", "seed")
+
+
+class OutputDirError(FileExistsError):
+    """The output directory holds files of something else."""
+
+
+# ----------------------------------------------------------------------------- the run directory's checkpoints
+def complete_steps(directory) -> list[int]:
+    """Steps of the finished bundles in a checkpoints/ folder (tmp folders of unfinished saves excluded)."""
+    directory = epath.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
+
+
+def locate_checkpoints(path) -> tuple[epath.Path, int | None]:
+    """(checkpoints folder, step or None) for a run directory, a checkpoints/ folder or a checkpoints/STEP folder."""
+    path = epath.Path(path)
+    if path.name.isdigit() and int(path.name) in complete_steps(path.parent):
+        return path.parent, int(path.name)
+    if ".orbax-checkpoint-tmp" in path.name:
+        raise FileNotFoundError(f"{path} is a checkpoint that never finished writing; pass its run directory instead")
+    for directory in (path / CHECKPOINTS, path):
+        if complete_steps(directory):
+            return directory, None
+    raise FileNotFoundError(f"{path} holds no complete checkpoint: pass a run's --output_dir, its checkpoints/ "
+                            "folder or one checkpoints/STEP folder")
+
+
+def jsonable(value):
+    """Plain JSON types for run_config.json and the checkpoint's JSON items: arrays as lists, paths as strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(value).tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- where a run starts
+@dataclasses.dataclass(frozen=True)
+class StartPoint:
+    kind: str                  # "checkpoint" | "hf" | "fresh"
+    path: str | None = None    # checkpoint: its checkpoints/STEP folder; hf: the folder or hub id
+    step: int = 0
+    source: str = "fresh"      # "output_dir" | "resume_from_checkpoint" | "model_name_or_path" | "fresh"
+
+    def describe(self) -> str:
+        if self.kind == "checkpoint":
+            origin = "" if self.source == "output_dir" else ", from --resume_from_checkpoint"
+            return f"resuming from checkpoint {self.path} (step {self.step}{origin})"
+        if self.kind == "hf":
+            return f"starting from the Hugging Face weights {self.path} (weights only: new optimizer state, step 0)"
+        return ("starting fresh from random initialization "
+                "(no checkpoint, --resume_from_checkpoint or --model_name_or_path)")
+
+
+def resolve_start(output_dir, resume_from_checkpoint: str | None = None, model_name_or_path: str | None = None,
+                  *, overwrite_output_dir: bool = False) -> StartPoint:
+    """The latest complete checkpoint in output_dir, else --resume_from_checkpoint, else
+    --model_name_or_path (weights only), else fresh. With overwrite_output_dir the output_dir's own
+    checkpoints are about to be deleted (check_output_dir), so they do not count."""
+    own = epath.Path(output_dir) / CHECKPOINTS
+    steps = [] if overwrite_output_dir else complete_steps(own)
+    if steps:
+        return StartPoint("checkpoint", str(own / str(steps[-1])), steps[-1], "output_dir")
+    if resume_from_checkpoint:
+        directory, step = locate_checkpoints(resume_from_checkpoint)
+        step = complete_steps(directory)[-1] if step is None else step
+        return StartPoint("checkpoint", str(directory / str(step)), step, "resume_from_checkpoint")
+    if model_name_or_path:
+        return StartPoint("hf", str(model_name_or_path), 0, "model_name_or_path")
+    return StartPoint("fresh")
+
+
+# ----------------------------------------------------------------------------- the output directory
+def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming: bool = False,
+                     record: bool = True) -> list[str]:
+    """Refuse an output_dir holding another run's files unless `overwrite`; then record run_config.json
+    (unless `record` is False, e.g. for a run directory prepared for a later run to take over).
+
+    The same run: its run_config.json agrees on RUN_IDENTITY_KEYS. A folder without run_config.json is
+    accepted only empty, or (`resuming`: the caller restores its checkpoint) holding nothing but what
+    runs write. `overwrite` deletes only OWNED_ENTRIES at the top level and keeps everything else.
+    Call it on one process, before resolve_start(..., overwrite_output_dir=overwrite)'s result is used.
+    Returns the names it deleted."""
+    out = epath.Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--output_dir {out} is a file: choose a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    problem = _foreign(out, entries, run_config, resuming)
+    if problem and not overwrite:
+        raise OutputDirError(f"--output_dir {out} {problem}: pass --overwrite_output_dir to replace it "
+                             "or choose another --output_dir")
+    deleted = [name for name in entries if name in OWNED_ENTRIES] if overwrite else []
+    for name in deleted:
+        (out / name).rmtree() if (out / name).is_dir() else (out / name).unlink()
+    if deleted:
+        kept = [name for name in entries if name not in OWNED_ENTRIES]
+        log.warning("--overwrite_output_dir: deleted %s from %s%s", ", ".join(deleted), out,
+                    f" (kept {', '.join(kept)}: flax-bert did not write them)" if kept else "")
+    out.mkdir(parents=True, exist_ok=True)
+    if not record:
+        return deleted
+    temporary = out / f".{RUN_CONFIG_FILE}.tmp"
+    temporary.write_text(json.dumps(jsonable(run_config), indent=2, sort_keys=True) + "\n")
+    temporary.replace(out / RUN_CONFIG_FILE)
+    return deleted
+
+
+def _foreign(out: epath.Path, entries: list[str], run_config: dict, resuming: bool) -> str | None:
+    """Why `out` is not this run's directory, or None."""
+    if not entries:
+        return None
+    if RUN_CONFIG_FILE in entries:
+        try:
+            theirs = json.loads((out / RUN_CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            theirs = None
+        if not isinstance(theirs, dict):
+            return f"holds a {RUN_CONFIG_FILE} that flax-bert did not write"
+        differences = [f"{key} {theirs[key]!r} there, {run_config[key]!r} now" for key in RUN_IDENTITY_KEYS
+                       if key in theirs and key in run_config and not _same_setting(theirs[key], run_config[key])]
+        return f"holds a different run ({'; '.join(differences)})" if differences else None
+    unknown = [name for name in entries if name not in OWNED_ENTRIES]
+    if unknown:
+        return f"holds files flax-bert did not write ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})"
+    if resuming and complete_steps(out / CHECKPOINTS):
+        return None
+    return f"holds another run's files without its {RUN_CONFIG_FILE} ({', '.join(entries[:5])})"
+
+
+def _same_setting(a, b) -> bool:
+    if a == b:
+        return True
+    paths = isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+    return paths and os.path.realpath(a) == os.path.realpath(b)
