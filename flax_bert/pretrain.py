@@ -80,6 +80,8 @@ class Run:
         self.mesh = make_mesh(run.mesh)  # first: a mesh that does not fit the devices fails before any work
         self.run = run
         self.is_main = jax.process_index() == 0
+        if not self.is_main:  # logs come from process 0; the others speak only of problems
+            log.setLevel(logging.WARNING)
         self.output_dir = pathlib.Path(run.output_dir).absolute()  # Orbax (TensorStore) needs absolute paths
         self.start = ckpt_lib.resolve_start(run.output_dir, run.resume_from_checkpoint, run.model_name_or_path,
                                              overwrite_output_dir=run.overwrite_output_dir)

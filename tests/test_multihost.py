@@ -1,0 +1,259 @@
+"""Several processes through JAX's own distributed runtime, on CPU: 2 local processes x 4 simulated
+devices joined by jax.distributed.initialize on 127.0.0.1 train exactly like 1 process x 8 devices,
+read only their own rows, resume after a kill, and stop (instead of hanging) when a peer dies.
+
+Every run is the real command line (run_mlm_flax.py) in subprocesses. The runs share a persistent
+compilation cache, so only the first run of each layout pays for compiling. The learning rate is
+constant after warmup, so a run started with a larger --max_steps (the one that gets killed) takes
+exactly the same steps as the 12-step reference and its resume with --max_steps 12 must end equal.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS, SAVE_EVERY, GLOBAL_BATCH = 12, 6, 16  # 2 rows per device x 8 devices
+HEARTBEAT_SECONDS = 15  # how long the killed run's survivor waits before the coordination service gives up
+STOP_DEADLINE_SECONDS = 120  # a survivor must be gone this long after its peer was killed
+RUN_TIMEOUT_SECONDS = 420
+TINY_RUN = ["--model_type", "roberta", "--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+            "--intermediate_size", "128", "--max_position_embeddings", "66", "--max_seq_length", "64",
+            "--per_device_train_batch_size", "2", "--learning_rate", "2e-3", "--warmup_steps", "2",
+            "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_steps", str(SAVE_EVERY),
+            "--max_train_samples", "300", "--do_eval", "false", "--progress_bar", "false", "--seed", "7"]
+
+
+# ----------------------------------------------------------------------------- launching runs
+class Launch:
+    """One run of the command line as `num_processes` local processes (logs in files: no pipe can fill)."""
+
+    def __init__(self, work: pathlib.Path, name: str, num_processes: int, extra_args=(), extra_env=None,
+                 output_dir: pathlib.Path | None = None):
+        self.out, self.num_processes = output_dir or work / name, num_processes
+        self.logs = [work / f"{name}.process{i}.log" for i in range(num_processes)]
+        self.rows_prefix = work / f"{name}.rows"
+        devices = 8 // num_processes
+        port = _free_port()
+        self.processes = []
+        for index in range(num_processes):
+            args = [sys.executable, str(ROOT / "run_mlm_flax.py"), *TINY_RUN, "--tokenizer_name", str(work / "tokenizer"),
+                    "--cache_dir", str(work / f"cache{index}"), "--output_dir", str(self.out), *extra_args]
+            if num_processes > 1:
+                args += ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
+                         "--process_id", str(index)]
+            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+            env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", HF_HUB_OFFLINE="1",
+                       HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                       JAX_COMPILATION_CACHE_DIR=str(work / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                       FLAX_BERT_LOG_ROWS=str(self.rows_prefix), **(extra_env or {}))
+            with open(self.logs[index], "w") as log:
+                self.processes.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def wait(self, timeout: float = RUN_TIMEOUT_SECONDS) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.processes]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.out.name} did not finish in {timeout} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def log(self, index: int = 0) -> str:
+        return self.logs[index].read_text(errors="replace")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return "\n".join(f"--- process {i}\n{self.log(i)[-chars:]}" for i in range(self.num_processes))
+
+    def succeed(self) -> "Launch":
+        codes = self.wait()
+        assert codes == [0] * self.num_processes, f"exit codes {codes}\n{self.log_tail()}"
+        return self
+
+    def rows_served(self, index: int) -> dict[tuple[int, int], list[int]]:
+        """(epoch, first global row of the batch) -> the global row indices process `index` read."""
+        lines = pathlib.Path(f"{self.rows_prefix}.process{index}.jsonl").read_text().splitlines()
+        served = {}
+        for record in map(json.loads, lines):
+            served[(record["epoch"], record["position"])] = record["rows"]
+        return served
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_losses(out: pathlib.Path) -> dict[int, float]:
+    """step -> train_loss from metrics.jsonl (written by process 0); a resumed run's later record wins."""
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train_loss" in record:
+            losses[record["step"]] = record["train_loss"]
+    return losses
+
+
+def final_parameters(out: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_parameters(actual: pathlib.Path, expected: pathlib.Path, rtol: float, atol: float = 0.0) -> None:
+    """Every tensor equal within rtol (rtol=atol=0: bit-identical). atol is for elements near zero: a
+    cross-process all-reduce adds in another order than one process does, and the attention key
+    biases (which softmax ignores: their true gradient is 0) hold nothing but such rounding, ~1e-9."""
+    got, want = final_parameters(actual), final_parameters(expected)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def complete_checkpoints(out: pathlib.Path) -> list[int]:
+    folder = out / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+# ----------------------------------------------------------------------------- the runs
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> pathlib.Path:
+    """A tokenizer trained once on the built-in corpus, and one cache folder per process (as on hosts
+    without a shared file system), each seeded with the corpus file so no process rebuilds it."""
+    from flax_bert.corpus import builtin_corpus_path, load_builtin_corpus
+    from flax_bert.tokenizer_training import train_tokenizer
+
+    work = tmp_path_factory.mktemp("multihost")
+    documents = load_builtin_corpus(work / "cache0")
+    train_tokenizer(documents[:1500], kind="bpe", vocab_size=1000, output_dir=work / "tokenizer", model_max_length=64)
+    corpus = builtin_corpus_path(work / "cache0")
+    (work / "cache1" / corpus.parent.name).mkdir(parents=True)
+    shutil.copy(corpus, work / "cache1" / corpus.parent.name / corpus.name)
+    return work
+
+
+@pytest.fixture(scope="module")
+def reference_runs(work):
+    """(1 process x 8 devices, 2 processes x 4 devices), both 12 steps, started together: they compile
+    different programs, and compiling is what takes the time."""
+    one = Launch(work, "one_process", 1, ["--max_steps", str(STEPS)])
+    two = Launch(work, "two_processes", 2, ["--max_steps", str(STEPS)])
+    try:
+        return one.succeed(), two.succeed()
+    finally:
+        one.kill()
+        two.kill()
+
+
+@pytest.fixture(scope="module")
+def killed_run(work, reference_runs):
+    """A 2-process run meant to go on for long, whose process 1 is SIGKILLed once checkpoint 6 is
+    complete; process 0 must then stop by itself. Returns (launch, process 0's exit code, seconds it
+    outlived process 1)."""
+    run = Launch(work, "killed", 2, ["--max_steps", "1000"],
+                 extra_env={"FLAX_BERT_HEARTBEAT_TIMEOUT_SECONDS": str(HEARTBEAT_SECONDS)})
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+        while SAVE_EVERY not in complete_checkpoints(run.out):
+            if any(p.poll() is not None for p in run.processes) or time.monotonic() > deadline:
+                pytest.fail(f"the run ended or stalled before checkpoint {SAVE_EVERY}:\n{run.log_tail()}")
+            time.sleep(0.05)
+        run.processes[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            code = run.processes[0].wait(timeout=STOP_DEADLINE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process 0 still runs {STOP_DEADLINE_SECONDS} s after process 1 died:\n{run.log_tail()}")
+        return run, code, time.monotonic() - killed_at
+    finally:
+        run.kill()
+
+
+# ----------------------------------------------------------------------------- the tests
+def test_two_processes_train_exactly_like_one(reference_runs):
+    one, two = reference_runs
+    assert "process 0 of 2 joined; 4 local and 8 global devices" in two.log(0)
+    assert "process 1 of 2 joined; 4 local and 8 global devices" in two.log(1)
+    expected = train_losses(one.out)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    got = train_losses(two.out)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-5)
+    assert expected[STEPS] < expected[1]  # it trained
+    assert_same_parameters(two.out, one.out, rtol=1e-5, atol=1e-7)
+    # only process 0 writes metrics: one record per logged step, not one per process
+    records = [json.loads(line) for line in (two.out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "train_loss" in r]) == STEPS
+
+
+def test_each_process_reads_only_its_own_share_of_each_batch(reference_runs):
+    one, two = reference_runs
+    whole = one.rows_served(0)
+    first, second = two.rows_served(0), two.rows_served(1)
+    trained = list(whole)[:STEPS]  # the batches of steps 1..12 (the prefetcher may have read a few more)
+    assert [position for _, position in trained] == [GLOBAL_BATCH * k for k in range(STEPS)]
+    for batch in trained:
+        rows_0, rows_1 = first[batch], second[batch]
+        assert len(rows_0) == len(rows_1) == GLOBAL_BATCH // 2
+        assert not set(rows_0) & set(rows_1), f"both processes read rows {set(rows_0) & set(rows_1)}"
+        # process p holds the p-th half of the global batch, which is what the device layout expects
+        assert rows_0 + rows_1 == whole[batch]
+    # every batch either process read (prefetched ones included) is its half of the same global batch
+    for process, served in enumerate((first, second)):
+        for batch in set(served) & set(whole):
+            half = GLOBAL_BATCH // 2
+            assert served[batch] == whole[batch][process * half : (process + 1) * half], (process, batch)
+
+
+def test_a_dead_process_stops_the_others_with_a_clear_error(killed_run):
+    run, code, seconds = killed_run
+    assert code != 0, run.log_tail()
+    assert seconds < STOP_DEADLINE_SECONDS
+    log = run.log(0)
+    assert "JAX distributed service detected fatal errors" in log and "another task died" in log, run.log_tail()
+    assert "stopped sending heartbeats" in log
+    assert "exported the final model" not in log
+
+
+def test_the_killed_run_resumes_from_its_checkpoint_and_ends_identical(killed_run, reference_runs):
+    _, two = reference_runs
+    killed, _, _ = killed_run
+    assert complete_checkpoints(killed.out) == [SAVE_EVERY]
+    resumed = Launch(killed.out.parent, "resumed", 2, ["--max_steps", str(STEPS)], output_dir=killed.out).succeed()
+    for index in range(2):
+        assert f"resuming from checkpoint {killed.out / 'checkpoints' / str(SAVE_EVERY)}" in resumed.log(index)
+        # it goes on with the batch after checkpoint 6: nothing replayed, nothing skipped
+        first_batch = pathlib.Path(f"{resumed.rows_prefix}.process{index}.jsonl").read_text().splitlines()[0]
+        assert json.loads(first_batch)["position"] == SAVE_EVERY * GLOBAL_BATCH
+    expected, got = train_losses(two.out), train_losses(resumed.out)
+    assert sorted(got) == sorted(expected)
+    # the same programs on the same devices from the same state: bit for bit the uninterrupted run
+    assert [got[s] for s in sorted(got)] == [expected[s] for s in sorted(expected)]
+    assert_same_parameters(resumed.out, two.out, rtol=0)
+
+
+def test_the_heartbeat_timeout_comes_from_the_environment(monkeypatch):
+    from flax_bert import distributed
+
+    monkeypatch.delenv(distributed.HEARTBEAT_TIMEOUT_VARIABLE, raising=False)
+    assert distributed.heartbeat_timeout_seconds() is None  # JAX's own default
+    monkeypatch.setenv(distributed.HEARTBEAT_TIMEOUT_VARIABLE, "30")
+    assert distributed.heartbeat_timeout_seconds() == 30
+    for bad in ("soon", "0", "1.5"):
+        monkeypatch.setenv(distributed.HEARTBEAT_TIMEOUT_VARIABLE, bad)
+        with pytest.raises(ValueError, match=distributed.HEARTBEAT_TIMEOUT_VARIABLE):
+            distributed.heartbeat_timeout_seconds()
