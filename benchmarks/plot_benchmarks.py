@@ -1,0 +1,83 @@
+"""Plot tokens/s (JAX beside PyTorch) and MFU by configuration from `flax-bert bench --output` files.
+
+    python benchmarks/plot_benchmarks.py benchmarks/results docs/benchmarks.png
+
+Every JSON file in the folder is one run; its name up to the first `.` is the configuration, so
+repeated runs (`roberta-base-b8.1.json`, `roberta-base-b8.2.json`) are one bar showing the median
+with the range of the repeats as an error bar.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import statistics
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load_runs(folder: pathlib.Path) -> dict[str, list[dict]]:
+    runs = collections.defaultdict(list)
+    for file in sorted(folder.glob("*.json")):
+        runs[file.name.split(".")[0]].append(json.loads(file.read_text()))
+    if not runs:
+        raise FileNotFoundError(f"no bench results (*.json) in {folder}: run benchmarks/run_benchmarks.sh first")
+    return dict(runs)
+
+
+def median_and_range(runs: list[dict], key: str):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if not values:
+        return None, (0.0, 0.0)
+    mid = statistics.median(values)
+    return mid, (mid - min(values), max(values) - mid)
+
+
+def plot(runs: dict[str, list[dict]], out: pathlib.Path) -> None:
+    names = list(runs)
+    fig, (ax_tps, ax_mfu) = plt.subplots(1, 2, figsize=(12, 4.8))
+    width = 0.38
+    for offset, prefix, label, color in ((-width / 2, "", "JAX (flax-bert)", "tab:blue"),
+                                         (width / 2, "torch_", "PyTorch (transformers)", "tab:orange")):
+        for metric_ax, key, scale in ((ax_tps, "tokens_per_second", 1.0), (ax_mfu, "mfu", 100.0)):
+            xs, ys, errs = [], [[], []], []
+            for i, name in enumerate(names):
+                mid, (low, high) = median_and_range(runs[name], prefix + key)
+                if mid is None:
+                    continue
+                xs.append(i + offset)
+                errs.append(mid * scale)
+                ys[0].append(low * scale)
+                ys[1].append(high * scale)
+            if xs:
+                bars = metric_ax.bar(xs, errs, width, yerr=ys, capsize=3, label=label, color=color)
+                metric_ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    for ax, title in ((ax_tps, "tokens/s (non-pad, median of repeats; bars: range)"),
+                      (ax_mfu, "MFU % of the measured fp32 matmul peak")):
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    ax_tps.set_yscale("log")
+    ax_tps.legend(fontsize=8)
+    device = next(iter(runs.values()))[0].get("device", "")
+    fig.suptitle(f"flax-bert bench, fp32 train step, {device} ({pathlib.Path(out).stem})", fontsize=11)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    folder = pathlib.Path(argv[0] if argv else "benchmarks/results")
+    out = pathlib.Path(argv[1] if len(argv) > 1 else "docs/benchmarks.png")
+    plot(load_runs(folder), out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
