@@ -1,10 +1,12 @@
-"""Plot tokens/s (JAX beside PyTorch) and MFU by configuration from `flax-bert bench --output` files.
+"""Plot tokens/s (JAX beside PyTorch) and MFU by configuration from `flax-bert bench --output` files,
+and print the Markdown table of docs/benchmarks.md.
 
     python benchmarks/plot_benchmarks.py benchmarks/results docs/benchmarks.png
 
 Every JSON file in the folder is one run; its name up to the first `.` is the configuration, so
 repeated runs (`roberta-base-b8.1.json`, `roberta-base-b8.2.json`) are one bar showing the median
-with the range of the repeats as an error bar.
+with the range of the repeats as an error bar. Runs during which other processes took more than
+10% of the host's CPU (`host_other_load`, either framework) are left out and listed.
 """
 from __future__ import annotations
 
@@ -20,13 +22,52 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def load_runs(folder: pathlib.Path) -> dict[str, list[dict]]:
-    runs = collections.defaultdict(list)
-    for file in sorted(folder.glob("*.json")):
-        runs[file.name.split(".")[0]].append(json.loads(file.read_text()))
+MAX_OTHER_LOAD = 0.10
+
+
+def disturbed(run: dict) -> bool:
+    return any((run.get(k) or 0) > MAX_OTHER_LOAD for k in ("host_other_load", "torch_host_other_load"))
+
+
+def load_runs(folder: pathlib.Path) -> tuple[dict[str, list[dict]], list[str]]:
+    """(configuration -> undisturbed runs, names of the disturbed files left out)."""
+    runs, left_out = collections.defaultdict(list), []
+    # in the order they were run (run_benchmarks.sh runs them in the order of the table)
+    for file in sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime):
+        run = json.loads(file.read_text())
+        if disturbed(run):
+            left_out.append(file.name)
+        else:
+            runs[file.name.split(".")[0]].append(run)
     if not runs:
-        raise FileNotFoundError(f"no bench results (*.json) in {folder}: run benchmarks/run_benchmarks.sh first")
-    return dict(runs)
+        raise FileNotFoundError(f"no undisturbed bench results (*.json) in {folder}: run benchmarks/run_benchmarks.sh")
+    return dict(runs), left_out
+
+
+def cell(runs: list[dict], key: str, scale: float = 1.0, digits: int = 0) -> str:
+    """Median, and the range when the repeats differ: `205 (198-206)`."""
+    values = sorted(r[key] * scale for r in runs if r.get(key) is not None)
+    if not values:
+        return "-"
+    mid = statistics.median(values)
+    text = f"{mid:.{digits}f}"
+    if len(values) > 1 and f"{values[0]:.{digits}f}" != f"{values[-1]:.{digits}f}":
+        text += f" ({values[0]:.{digits}f}-{values[-1]:.{digits}f})"
+    return text
+
+
+def markdown_table(runs: dict[str, list[dict]]) -> str:
+    gib = 1 / 2 ** 30
+    lines = ["| configuration | runs | JAX tokens/s | PyTorch tokens/s | JAX/PyTorch | JAX MFU % | PyTorch MFU % "
+             "| JAX compile s | JAX peak RSS GiB | PyTorch peak RSS GiB | matmul peak GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, group in runs.items():
+        lines.append(" | ".join([
+            f"| {name}", str(len(group)), cell(group, "tokens_per_second"), cell(group, "torch_tokens_per_second"),
+            cell(group, "speedup_vs_torch", digits=2), cell(group, "mfu", 100, 1), cell(group, "torch_mfu", 100, 1),
+            cell(group, "compile_seconds", digits=1), cell(group, "peak_memory_bytes", gib, 2),
+            cell(group, "torch_peak_memory_bytes", gib, 2), cell(group, "matmul_peak_flops", 1e-9)]) + " |")
+    return "\n".join(lines)
 
 
 def median_and_range(runs: list[dict], key: str):
@@ -74,7 +115,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     folder = pathlib.Path(argv[0] if argv else "benchmarks/results")
     out = pathlib.Path(argv[1] if len(argv) > 1 else "docs/benchmarks.png")
-    plot(load_runs(folder), out)
+    runs, left_out = load_runs(folder)
+    plot(runs, out)
+    print(markdown_table(runs))
+    if left_out:
+        print(f"\nleft out (other processes took > {MAX_OTHER_LOAD:.0%} of the CPU): {', '.join(left_out)}")
     print(f"wrote {out}")
     return 0
 
