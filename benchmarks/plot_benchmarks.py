@@ -13,16 +13,22 @@ from __future__ import annotations
 import collections
 import json
 import pathlib
+import re
 import statistics
 import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
+import matplotlib.pyplot as plt
 
 MAX_OTHER_LOAD = 0.10
+
+
+def natural_key(file: pathlib.Path):
+    """roberta-base-b8 before roberta-base-b32: numbers compare as numbers."""
+    config, _, repeat = file.name.partition(".")
+    return [[(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", text)] for text in (config, repeat)]
 
 
 def disturbed(run: dict) -> bool:
@@ -32,8 +38,7 @@ def disturbed(run: dict) -> bool:
 def load_runs(folder: pathlib.Path) -> tuple[dict[str, list[dict]], list[str]]:
     """(configuration -> undisturbed runs, names of the disturbed files left out)."""
     runs, left_out = collections.defaultdict(list), []
-    # in the order they were run (run_benchmarks.sh runs them in the order of the table)
-    for file in sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime):
+    for file in sorted(folder.glob("*.json"), key=natural_key):
         run = json.loads(file.read_text())
         if disturbed(run):
             left_out.append(file.name)
@@ -58,8 +63,8 @@ def cell(runs: list[dict], key: str, scale: float = 1.0, digits: int = 0) -> str
 
 def markdown_table(runs: dict[str, list[dict]]) -> str:
     gib = 1 / 2 ** 30
-    lines = ["| configuration | runs | JAX tokens/s | PyTorch tokens/s | JAX/PyTorch | JAX MFU % | PyTorch MFU % "
-             "| JAX compile s | JAX peak RSS GiB | PyTorch peak RSS GiB | matmul peak GFLOP/s |",
+    lines = [("| configuration | runs | JAX tokens/s | PyTorch tokens/s | JAX/PyTorch | JAX MFU % | PyTorch MFU % "
+              "| JAX compile s | JAX peak RSS GiB | PyTorch peak RSS GiB | matmul peak GFLOP/s |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, group in runs.items():
         lines.append(" | ".join([
@@ -98,14 +103,16 @@ def plot(runs: dict[str, list[dict]], out: pathlib.Path) -> None:
                 bars = metric_ax.bar(xs, errs, width, yerr=ys, capsize=3, label=label, color=color)
                 metric_ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
     for ax, title in ((ax_tps, "tokens/s (non-pad, median of repeats; bars: range)"),
-                      (ax_mfu, "MFU % of the measured fp32 matmul peak")):
+                      (ax_mfu, ("MFU % of the measured matmul peak (FLOPs each model runs:\n"
+                                "JAX head on the 15% masked tokens, PyTorch on all)"))):
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     ax_tps.set_yscale("log")
     ax_tps.legend(fontsize=8)
     device = next(iter(runs.values()))[0].get("device", "")
-    fig.suptitle(f"flax-bert bench, fp32 train step, {device} ({pathlib.Path(out).stem})", fontsize=11)
+    dtype = next(iter(runs.values()))[0].get("dtype", "")
+    fig.suptitle(f"flax-bert bench: one {dtype} train step (masking, forward, backward, AdamW) on {device}", fontsize=11)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

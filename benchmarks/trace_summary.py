@@ -13,6 +13,7 @@ import glob
 import gzip
 import json
 import os
+import pathlib
 import re
 
 WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "$", "PjRt", "TfrtCpu")
@@ -22,14 +23,15 @@ def load_events(profile_dir):
     files = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True))
     if not files:
         raise FileNotFoundError(f"no *.trace.json.gz under {profile_dir}: pass the bench's --profile_dir")
-    return json.load(gzip.open(files[-1]))["traceEvents"]
+    with gzip.open(files[-1]) as trace:
+        return json.load(trace)["traceEvents"]
 
 
 def op_phases(hlo_file):
     """HLO instruction name -> phase, from the op_name metadata JAX attaches."""
     phases = {}
     pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
-    for line in open(hlo_file):
+    for line in pathlib.Path(hlo_file).read_text().splitlines():
         match = pattern.match(line)
         if match:
             phases[match.group(1)] = phase_of(match.group(2))
@@ -61,7 +63,10 @@ def main():
             calls[name] += 1 / args.steps
     total = sum(per_op.values())
     print(f"XLA op time per step: {total:.2f} s")
-    is_matmul = lambda name: name.startswith(("ynn_fusion", "dot", "xnn_fusion", "onednn"))  # noqa: E731
+
+    def is_matmul(name):
+        return name.startswith(("ynn_fusion", "dot", "xnn_fusion", "onednn"))
+
     matmul = sum(s for n, s in per_op.items() if is_matmul(n))
     print(f"  matmuls {matmul:.2f} s ({matmul / total:.0%}), everything else {total - matmul:.2f} s")
     if args.hlo:

@@ -6,13 +6,13 @@ Idle means: over `window` seconds, less than `busy` of the host's CPU time was u
 Exits 0 when idle, 1 on timeout (the caller may run anyway and report the measured load).
 """
 import argparse
-import os
 import sys
 import time
 
 
 def busy_and_total():
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
     total = sum(fields)
     return total - fields[3] - fields[4], total
 

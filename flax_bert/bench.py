@@ -13,6 +13,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -100,32 +101,37 @@ def peak_rss_bytes() -> int:
 class StepTimer:
     """Wall time per step, plus what says whether the number can be trusted on a shared host:
     this process's CPU seconds and page faults per step, and the share of the host's CPU that
-    other processes used meanwhile (0 = the machine was ours alone)."""
+    other processes used during the timed window (0 = the machine was ours alone).
 
-    def __init__(self):
+        with StepTimer() as timer:
+            for _ in range(n):
+                with timer.step():
+                    ...
+    """
+
+    def __enter__(self):
         self.times, self.cpu, self.faults = [], [], []
-        self._host_start = _host_busy_jiffies()
-        self._own_start = resource.getrusage(resource.RUSAGE_SELF)
-        self._wall_start = time.perf_counter()
+        self._start = (time.perf_counter(), _cpu_seconds(), _host_busy_jiffies())
+        return self
 
-    def time(self, step_fn):
+    def __exit__(self, *exc):
+        self._end = (time.perf_counter(), _cpu_seconds(), _host_busy_jiffies())
+
+    @contextlib.contextmanager
+    def step(self):
         before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        out = step_fn()
+        yield
         self.times.append(time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         self.faults.append(after.ru_minflt - before.ru_minflt)
-        return out
 
     def summary(self) -> dict:
-        wall = time.perf_counter() - self._wall_start
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        own_cpu = own.ru_utime - self._own_start.ru_utime + own.ru_stime - self._own_start.ru_stime
-        host = _host_busy_jiffies()
+        (wall0, own0, host0), (wall1, own1, host1) = self._start, self._end
         other = None
-        if host and self._host_start:
-            busy = (host - self._host_start) / os.sysconf("SC_CLK_TCK")
-            other = max(0.0, busy - own_cpu) / (wall * os.cpu_count())
+        if host0 is not None and host1 is not None:
+            busy = (host1 - host0) / os.sysconf("SC_CLK_TCK")
+            other = max(0.0, busy - (own1 - own0)) / ((wall1 - wall0) * os.cpu_count())
         return {"cpu_seconds_per_step": statistics.median(self.cpu),
                 "page_faults_per_step": int(statistics.median(self.faults)), "host_other_load": other}
 
@@ -193,35 +199,22 @@ def make_trainer(run, model_config, dense_head: bool = False):
                                   schedule=run.lr_scheduler_type, optimizer=run.optimizer, b1=run.adam_beta1,
                                   b2=run.adam_beta2, eps=run.adam_epsilon, weight_decay=run.weight_decay,
                                   max_grad_norm=run.max_grad_norm)
-    trainer_class = Trainer
-    if dense_head:  # ablation: the vocabulary head on every position, then gather the slots
-        class DenseHeadTrainer(Trainer):
-            def model(self, params):
-                model = super().model(params)
-                call = model.__call__
 
-                def dense_call(*a, masked_positions=None, **kw):
-                    out = call(*a, **kw)
-                    logits = jnp.take_along_axis(out.logits, masked_positions[:, :, None], axis=1)
-                    return out.replace(logits=logits)
-                return _CallOverride(model, dense_call)
-        trainer_class = DenseHeadTrainer
+    class DenseHeadTrainer(Trainer):
+        """Ablation: the vocabulary head on every position, then the slots gathered from its logits."""
+
+        def model(self, params):
+            model = super().model(params)
+
+            def call(*args, masked_positions, **kwargs):
+                out = model(*args, **kwargs)
+                return out.replace(logits=jnp.take_along_axis(out.logits, masked_positions[:, :, None], axis=1))
+            return call
+
+    trainer_class = DenseHeadTrainer if dense_head else Trainer
     mesh = make_mesh(run.mesh)
     step_config = StepConfig(masking=masking, seed=run.seed, objective=run.objective)
     return trainer_class(model_config, step_config, tx, mesh, schedule), jax.devices()
-
-
-class _CallOverride:
-    """The model with a different __call__ (for the dense-head ablation only)."""
-
-    def __init__(self, model, call):
-        self._model, self._call = model, call
-
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def run_jax(args) -> dict:
@@ -248,23 +241,18 @@ def run_jax(args) -> dict:
     for _ in range(args.warmup_steps):
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
-    profile = args.profile_dir and jax.profiler.trace(args.profile_dir)
-    if profile:
-        profile.__enter__()
-    timer = StepTimer()
-    for _ in range(args.steps):
-        state, metrics = timer.time(lambda: jax.block_until_ready(compiled(state, batch)))
-    if profile:
-        profile.__exit__(None, None, None)
+    with jax.profiler.trace(args.profile_dir) if args.profile_dir else contextlib.nullcontext(), StepTimer() as timer:
+        for _ in range(args.steps):
+            with timer.step():
+                state, metrics = jax.block_until_ready(compiled(state, batch))
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
         raise FloatingPointError(f"benchmark loss is {loss}")
     # After the steps, so the matmul's buffers cannot add to the step's memory high-water mark.
-    del state, metrics
     peak = measure_matmul_peak(model_config.dtype)
 
     head_fraction = 1.0 if args.dense_head else run.mlm_probability
-    result = _rates("", rows * run.max_seq_length, timer, model_config, run, head_fraction, peak)
+    result = _rates(rows * run.max_seq_length, timer, model_config, run, head_fraction, peak)
     device_memory = device_peak_memory(devices)
     result.update(
         framework="jax", device=f"{len(devices)}x {devices[0].device_kind}", compile_seconds=compile_seconds,
@@ -277,15 +265,14 @@ def run_jax(args) -> dict:
     return result
 
 
-def _rates(prefix, tokens_per_step, timer, model_config, run, head_fraction, peak) -> dict:
-    times = timer.times
-    step = statistics.median(times)
+def _rates(tokens_per_step, timer, model_config, run, head_fraction, peak) -> dict:
+    step = statistics.median(timer.times)
     flops = flops_per_token(model_config, run.max_seq_length, head_fraction)
     tokens_per_second = tokens_per_step / step
-    return {f"{prefix}step_seconds": step, f"{prefix}step_seconds_min": min(times),
-            f"{prefix}step_seconds_max": max(times), f"{prefix}tokens_per_second": tokens_per_second,
-            f"{prefix}flops_per_token": flops, f"{prefix}mfu": tokens_per_second * flops / peak if peak else None,
-            f"{prefix}timed_steps": len(times), **timer.summary()}
+    return {"step_seconds": step, "step_seconds_min": min(timer.times), "step_seconds_max": max(timer.times),
+            "tokens_per_second": tokens_per_second, "flops_per_token": flops,
+            "mfu": tokens_per_second * flops / peak if peak else None, "timed_steps": len(timer.times),
+            **timer.summary()}
 
 
 # ----------------------------------------------------------------------------- PyTorch worker
@@ -306,13 +293,26 @@ def torch_mask_tokens(input_ids, special_ids, mask_id, vocab_size, mlm_probabili
     return inputs, labels
 
 
+def measure_torch_matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
+    """torch.matmul's best fp32 FLOP/s on the same sizes as the JAX peak."""
+    import torch
+
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.matmul(a, b)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
+    return best
+
+
 def run_torch(args) -> dict:
     import torch
     import transformers
 
-    run, model_config = load_setup(args)
-    if model_config.dtype != "float32":
-        raise BenchError("--compare torch times fp32 on CPU; pass --dtype float32")
+    run, model_config = load_setup(args)  # main() has checked that the dtype is float32
     torch.manual_seed(run.seed)
     nsp = run.objective == "mlm+nsp"
     model_class = (transformers.BertForPreTraining if nsp else
@@ -345,13 +345,16 @@ def run_torch(args) -> dict:
     first_step_seconds = time.perf_counter() - start
     for _ in range(args.warmup_steps):
         step()
-    timer = StepTimer()
-    for _ in range(args.steps):
-        loss = timer.time(step)
-    result = _rates("", rows * run.max_seq_length, timer, model_config, run, 1.0, None)
+    with StepTimer() as timer:
+        for _ in range(args.steps):
+            with timer.step():
+                loss = step()
+    result = _rates(rows * run.max_seq_length, timer, model_config, run, 1.0, None)
+    attn_implementation = model.config._attn_implementation
+    result["matmul_peak_flops"] = measure_torch_matmul_peak()  # for reference; MFU uses the JAX peak
     result.update(framework="torch", first_step_seconds=first_step_seconds, peak_memory_bytes=peak_rss_bytes(),
                   loss=loss, threads=torch.get_num_threads(), torch_version=torch.__version__,
-                  attn_implementation=model.config._attn_implementation)
+                  attn_implementation=attn_implementation)
     return result
 
 
@@ -394,7 +397,7 @@ def _run_worker(framework: str, argv: list[str], env: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = pathlib.Path(tmp) / "result.json"
         command = [sys.executable, "-m", "flax_bert.bench", *argv, "--_worker", framework, "--_result", str(result_file)]
-        done = subprocess.run(command, env=env)
+        done = subprocess.run(command, env=env, check=False)  # its own output explains a failure
         if done.returncode or not result_file.is_file():
             raise RuntimeError(f"the {framework} benchmark process failed (exit code {done.returncode}); see its output above")
         return json.loads(result_file.read_text())
@@ -413,8 +416,8 @@ def summarize(jax_result: dict, torch_result: dict | None) -> dict:
 
 def format_table(summary: dict) -> str:
     gib = 2 ** 30
-    lines = [f"{summary['config']}: batch {summary['global_batch_size']} x seq {summary['max_seq_length']}, "
-             f"{summary['dtype']}, {summary['device']}; matmul peak {summary['matmul_peak_flops'] / 1e9:.1f} GFLOP/s",
+    lines = [(f"{summary['config']}: batch {summary['global_batch_size']} x seq {summary['max_seq_length']}, "
+              f"{summary['dtype']}, {summary['device']}; matmul peak {summary['matmul_peak_flops'] / 1e9:.1f} GFLOP/s"),
              f"{'framework':<10}{'step s (median)':>17}{'tokens/s':>11}{'MFU':>8}{'compile s':>11}{'peak mem GiB':>14}"]
     rows = [("jax", "")] + ([("torch", "torch_")] if "torch_tokens_per_second" in summary else [])
     for name, p in rows:
@@ -436,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.steps < 5 and not args._worker:
-        print(f"note: --steps {args.steps} < 5; the issue's median wants at least 5 timed steps", file=sys.stderr)
+        print(f"note: --steps {args.steps}: a median wants at least 5 timed steps", file=sys.stderr)
     if args.steps < 1:
         raise BenchError("--steps must be at least 1")
     if args._worker:
@@ -444,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
         pathlib.Path(args._result).write_text(json.dumps(result))
         return 0
     run, model_config = load_setup(args)  # fail fast on bad input, before any child starts
+    if args.compare == "torch":
+        import importlib.util
+
+        if not all(importlib.util.find_spec(name) for name in ("torch", "transformers")):
+            raise ImportError("--compare torch needs PyTorch and transformers: pip install -e '.[torch]'")
+        if model_config.dtype != "float32":
+            raise BenchError("--compare torch times fp32 (PyTorch's CPU default); pass --dtype float32")
     env = worker_env(args.hugepages)
     jax_result = _run_worker("jax", argv, env)
     jax_result.update(config=str(args.config), max_seq_length=run.max_seq_length, dtype=model_config.dtype,
