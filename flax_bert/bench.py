@@ -86,14 +86,6 @@ def random_batch(rows: int, length: int, model_config, seed: int = 0, nsp: bool 
     return batch
 
 
-def flops_per_token(model_config, seq_len: int, head_fraction: float) -> float:
-    """Model FLOPs per token (docs/design.md), training = 3x forward; rho = head_fraction."""
-    d, f, layers, vocab = (model_config.hidden_size, model_config.intermediate_size,
-                           model_config.num_hidden_layers, model_config.vocab_size)
-    n_enc = layers * (4 * d * d + 2 * d * f)
-    return 6 * n_enc + 12 * layers * seq_len * d + head_fraction * (6 * d * vocab + 6 * d * d)
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -151,29 +143,6 @@ def _host_busy_jiffies() -> int | None:
 
 
 # ----------------------------------------------------------------------------- JAX worker
-def measure_matmul_peak(dtype: str, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted square matmul in `dtype` over a few sizes (the denominator of MFU).
-
-    The best, not the median: a peak is what the hardware can do, and on a shared host the median
-    would credit us with other processes' interference."""
-    import jax
-    import jax.numpy as jnp
-
-    # Accelerators need much larger matrices than CPU cores to reach their peak.
-    sizes = (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192, 16384)
-    best = 0.0
-    matmul = jax.jit(jnp.matmul)
-    for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-        matmul(a, b).block_until_ready()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmul(a, b).block_until_ready()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
-    return best
-
-
 def device_peak_memory(devices) -> int | None:
     """Peak bytes in use on accelerators (None on CPU, whose allocator keeps no statistics)."""
     stats = [d.memory_stats() for d in devices]
@@ -249,6 +218,8 @@ def run_jax(args) -> dict:
     if not math.isfinite(loss):
         raise FloatingPointError(f"benchmark loss is {loss}")
     # After the steps, so the matmul's buffers cannot add to the step's memory high-water mark.
+    from flax_bert.metrics import measure_matmul_peak
+
     peak = measure_matmul_peak(model_config.dtype)
 
     head_fraction = 1.0 if args.dense_head else run.mlm_probability
@@ -267,6 +238,8 @@ def run_jax(args) -> dict:
 
 def _rates(tokens_per_step, timer, model_config, run, head_fraction, peak) -> dict:
     step = statistics.median(timer.times)
+    from flax_bert.config import flops_per_token  # jax-free: the PyTorch worker uses it too
+
     flops = flops_per_token(model_config, run.max_seq_length, head_fraction)
     tokens_per_second = tokens_per_step / step
     return {"step_seconds": step, "step_seconds_min": min(timer.times), "step_seconds_max": max(timer.times),

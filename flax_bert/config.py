@@ -142,3 +142,12 @@ def _family_defaults(model_type: str) -> dict[str, Any]:
                 "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
     return {**common, "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
             "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
+
+
+def flops_per_token(cfg: "ModelConfig", seq_len: int, head_fraction: float) -> float:
+    """Training FLOPs per token, the design notes' MFU formula (kept jax-free for the PyTorch benchmark):
+    F = 6·N_enc + 12·L·s·d + ρ·(6·d·V + 6·d²), N_enc = L·(4d² + 2·d·f); ρ = `head_fraction`, the share of
+    positions sent through the vocabulary head."""
+    d, f, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    encoder_weights = layers * (4 * d * d + 2 * d * f)
+    return 6 * encoder_weights + 12 * layers * seq_len * d + head_fraction * (6 * d * vocab + 6 * d * d)

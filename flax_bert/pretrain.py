@@ -18,11 +18,11 @@ import numpy as np
 
 from flax_bert import checkpoint as ckpt_lib
 from flax_bert import distributed
-from flax_bert.config import ModelConfig
+from flax_bert.config import ModelConfig, flops_per_token
 from flax_bert.convert import load_hf
 from flax_bert.data import DataArgs, Prefetcher, build_datasets, check_tokenizer_fits, make_global_batch
 from flax_bert.model import model_class_for
-from flax_bert.metrics import MetricsWriter, device_peak_flops, flops_per_token
+from flax_bert.metrics import MetricsWriter, device_peak_flops
 from flax_bert.optim import make_optimizer
 from flax_bert.run_config import RunConfig, fresh_model_config, runtime_overrides
 from flax_bert.sharding import BATCH_AXES, make_mesh
