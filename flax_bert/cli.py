@@ -1,11 +1,12 @@
 """The `flax-bert` command: train, eval, export, import, train-tokenizer, fill-mask, plot, bench."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import pathlib
 import sys
+
+from flax_bert.run_config import OneLineErrorParser
 
 USAGE = """usage: flax-bert COMMAND [options]
 
@@ -20,11 +21,6 @@ commands:
   bench            time the train step (and PyTorch's) on this machine
 
 `flax-bert COMMAND --help` documents each command."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _setup_logging() -> None:
@@ -54,7 +50,7 @@ def eval_main(argv) -> int:
 
 # ----------------------------------------------------------------------------- export / import
 def export_main(argv) -> int:
-    parser = _Parser(prog="flax-bert export", description="Export a run's checkpoint as a Hugging Face folder.")
+    parser = OneLineErrorParser(prog="flax-bert export", description="Export a run's checkpoint as a Hugging Face folder.")
     parser.add_argument("run_dir", help="the run's --output_dir")
     parser.add_argument("--to", required=True, help="the folder to write (must not hold a model already)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
@@ -83,7 +79,7 @@ def export_main(argv) -> int:
 
 
 def import_main(argv) -> int:
-    parser = _Parser(prog="flax-bert import",
+    parser = OneLineErrorParser(prog="flax-bert import",
                      description="Turn a Hugging Face BERT/RoBERTa folder into a run directory to continue pretraining: "
                                  "then `flax-bert train --output_dir RUN_DIR ...` resumes from it.")
     parser.add_argument("hf_folder", help="Hugging Face model folder (or hub id when online)")
@@ -101,7 +97,7 @@ def import_main(argv) -> int:
 
 # ----------------------------------------------------------------------------- tokenizer
 def train_tokenizer_main(argv) -> int:
-    parser = _Parser(prog="flax-bert train-tokenizer",
+    parser = OneLineErrorParser(prog="flax-bert train-tokenizer",
                      description="Train a tokenizer on the same sources as `train` (the built-in corpus by default).")
     parser.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
                         help="byte-level BPE (RoBERTa: <s> <pad> </s> <unk> <mask>) or WordPiece (BERT)")
@@ -126,7 +122,7 @@ def train_tokenizer_main(argv) -> int:
 
 # ----------------------------------------------------------------------------- fill-mask
 def fill_mask_main(argv) -> int:
-    parser = _Parser(prog="flax-bert fill-mask", description="Top-k predictions for the mask token(s) in a sentence.")
+    parser = OneLineErrorParser(prog="flax-bert fill-mask", description="Top-k predictions for the mask token(s) in a sentence.")
     parser.add_argument("model", help="an exported Hugging Face folder or a run directory (latest checkpoint)")
     parser.add_argument("text", nargs="+", help="sentence(s) with the mask token, e.g. 'Paris is the <mask> of France.'")
     parser.add_argument("--top_k", type=int, default=5)
@@ -144,7 +140,7 @@ def fill_mask_main(argv) -> int:
 
 # ----------------------------------------------------------------------------- plot / bench
 def plot_main(argv) -> int:
-    parser = _Parser(prog="flax-bert plot", description="Draw a run's training curves (metrics.jsonl) to a PNG.")
+    parser = OneLineErrorParser(prog="flax-bert plot", description="Draw a run's training curves (metrics.jsonl) to a PNG.")
     parser.add_argument("run_dir")
     parser.add_argument("--output", help="PNG path (default RUN_DIR/curves.png)")
     args = parser.parse_args(argv)

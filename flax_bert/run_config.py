@@ -148,13 +148,15 @@ def _parser_type(hint) -> Any:
     return {bool: _str2bool, int: int, float: float}.get(kinds[0], str)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad flags end in one line naming the problem, not the whole usage block."""
+
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(prog: str = "run_mlm_flax.py") -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=prog, description="Pretrain a BERT/RoBERTa masked-language model in JAX/Flax. "
         "An optional YAML run config comes first; flags override it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
