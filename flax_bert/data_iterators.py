@@ -47,8 +47,8 @@ def _row_log_path(process_index: int) -> str | None:
     return f"{prefix}.process{process_index}.jsonl" if prefix else None
 
 
-class BatchIterator:
-    """Endless (``num_epochs=None``) or finite iterator over this process's share of global batches."""
+class _ShareIterator:
+    """What both iterators hold: the rows, the global batch, the order settings and this process's share."""
 
     def __init__(self, rows, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, drop_remainder: bool = False,
@@ -57,10 +57,20 @@ class BatchIterator:
         self.shuffle, self.num_epochs, self.drop_remainder = shuffle, num_epochs, drop_remainder
         self.process_index, self.process_count, self.local_batch_size = _process_layout(
             global_batch_size, process_index, process_count)
-        if drop_remainder and len(rows) < global_batch_size:
+        self.epoch, self.position = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.epoch), "position": int(self.position)}
+
+
+class BatchIterator(_ShareIterator):
+    """Endless (``num_epochs=None``) or finite iterator over this process's share of global batches."""
+
+    def __init__(self, rows, global_batch_size: int, **settings):
+        super().__init__(rows, global_batch_size, **settings)
+        if self.drop_remainder and len(rows) < global_batch_size:
             raise ValueError(f"{len(rows)} rows make no full global batch of {global_batch_size}: "
                              f"lower the batch size, add data or keep the last partial batch")
-        self.epoch, self.position = 0, 0
         self._order_epoch, self._order = None, None
         self._row_log = _row_log_path(self.process_index)
 
@@ -68,9 +78,6 @@ class BatchIterator:
     def steps_per_epoch(self) -> int:
         count = len(self.rows)
         return count // self.global_batch_size if self.drop_remainder else -(-count // self.global_batch_size)
-
-    def state_dict(self) -> dict:
-        return {"epoch": int(self.epoch), "position": int(self.position)}
 
     def load_state_dict(self, state: dict) -> None:
         if not 0 <= int(state["position"]) <= len(self.rows):
@@ -107,24 +114,15 @@ class BatchIterator:
         return self.rows.gather(indices)
 
 
-class StreamingBatchIterator:
+class StreamingBatchIterator(_ShareIterator):
     """Like BatchIterator for ``StreamingRows``: documents pass a seeded shuffle buffer (per epoch),
     are tokenized and packed on the fly; every process reads the stream and keeps its slice of each
     global batch (equal batch counts on all hosts, one shared state). Restoring replays the epoch up
     to the saved position, which costs tokenizing that part again."""
 
-    def __init__(self, rows, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, drop_remainder: bool = False,
-                 process_index: int | None = None, process_count: int | None = None):
-        self.rows, self.global_batch_size, self.seed = rows, global_batch_size, seed
-        self.shuffle, self.num_epochs, self.drop_remainder = shuffle, num_epochs, drop_remainder
-        self.process_index, self.process_count, self.local_batch_size = _process_layout(
-            global_batch_size, process_index, process_count)
-        self.epoch, self.position = 0, 0
+    def __init__(self, rows, global_batch_size: int, **settings):
+        super().__init__(rows, global_batch_size, **settings)
         self._batches = None
-
-    def state_dict(self) -> dict:
-        return {"epoch": int(self.epoch), "position": int(self.position)}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["position"]) % self.global_batch_size:
