@@ -5,10 +5,7 @@ tiny mlm+nsp run through the command line.
 Text: WikiText-2 (../shared) when present, else the built-in corpus; the command-line run needs WikiText.
 """
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +27,7 @@ from flax_bert.sharding import BATCH_AXES, make_mesh
 from flax_bert.tokenizer_training import train_tokenizer
 from flax_bert.train import MaskingConfig, StepConfig, Trainer
 from tests.conftest import SHARED_DIR
+from tests.test_cli import cli_env, run_cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WIKITEXT = SHARED_DIR / "data" / "wikitext-2-raw"
@@ -344,18 +342,11 @@ def nsp_run(shared_dir, tmp_path_factory):
     wikitext = shared_dir / "data" / "wikitext-2-raw"
     out = tmp_path_factory.mktemp("nsp-cli") / "run"
     cache = out.parent / "cache"
-    result = _run_cli([str(ROOT / "run_mlm_flax.py"), *TINY_NSP_FLAGS, "--train_file", str(wikitext / "wiki.valid.raw"),
-                       "--validation_file", str(wikitext / "wiki.test.raw"), "--output_dir", str(out),
-                       "--cache_dir", str(cache)], FLAX_BERT_CACHE=str(cache))
+    result = run_cli([str(ROOT / "run_mlm_flax.py"), *TINY_NSP_FLAGS, "--train_file", str(wikitext / "wiki.valid.raw"),
+                      "--validation_file", str(wikitext / "wiki.test.raw"), "--output_dir", str(out),
+                      "--cache_dir", str(cache)], env=cli_env(FLAX_BERT_CACHE=str(cache)), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
-
-
-def _run_cli(args, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: faster compiles
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env_extra)
-    return subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, timeout=900, env=env,
-                          cwd=ROOT)
 
 
 def test_tiny_mlm_nsp_run_learns_next_sentence_prediction(nsp_run):
@@ -379,8 +370,8 @@ def test_tiny_mlm_nsp_run_exports_bert_for_pretraining_and_masked_lm(nsp_run, tm
     pretraining, info = transformers.AutoModelForPreTraining.from_pretrained(nsp_run, output_loading_info=True)
     assert type(pretraining).__name__ == "BertForPreTraining"
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    result = _run_cli(["-m", "flax_bert.cli", "export", str(nsp_run), "--to", str(tmp_path / "mlm"),
-                       "--architecture", "BertForMaskedLM"])
+    result = run_cli(["-m", "flax_bert.cli", "export", str(nsp_run), "--to", str(tmp_path / "mlm"),
+                      "--architecture", "BertForMaskedLM"])
     assert result.returncode == 0, result.stderr[-2000:]
     masked_lm, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm", output_loading_info=True)
     assert type(masked_lm).__name__ == "BertForMaskedLM"
