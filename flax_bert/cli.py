@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import sys
 
 from flax_bert.run_config import OneLineErrorParser

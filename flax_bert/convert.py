@@ -14,13 +14,12 @@ import pathlib
 import tempfile
 from typing import Any, Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from flax_bert.config import ConfigError, ModelConfig
-from flax_bert.model import BertForPreTraining, MODEL_CLASSES, create_model, model_class_for
+from flax_bert.model import BertForPreTraining, MODEL_CLASSES, model_class_for
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,6 @@ def measure_matmul_peak(dtype: str, repeats: int = 5) -> float:
 
     The best, not the median: a peak is what the hardware can do, and on a shared host the median
     would credit us with other processes' interference."""
-    import jax
-    import jax.numpy as jnp
-
     # Accelerators need much larger matrices than CPU cores to reach their peak.
     sizes = (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192, 16384)
     best = 0.0
