@@ -1,7 +1,6 @@
 """From a run to a Hugging Face folder (config, safetensors, tokenizer, model card) and the Hub."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -110,8 +109,3 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
     url = f"https://huggingface.co/{repo_id}"
     log.info("uploaded to %s", url)
     return url
-
-
-def load_run_metadata(folder) -> dict:
-    path = pathlib.Path(folder) / "run_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
