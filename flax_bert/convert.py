@@ -83,7 +83,7 @@ def architecture_of(model) -> str:
 
 
 # ----------------------------------------------------------------------------- reading files
-def _resolve_folder(path: str | os.PathLike) -> pathlib.Path:
+def resolve_model_folder(path: str | os.PathLike) -> pathlib.Path:
     folder = pathlib.Path(path)
     if folder.is_dir():
         return folder
@@ -179,7 +179,7 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, architecture: str
     `architecture`: "RobertaForMaskedLM" | "BertForMaskedLM" | "BertForPreTraining"; by default the
     config's, falling back to the masked-LM model of the family.
     """
-    folder = _resolve_folder(path)
+    folder = resolve_model_folder(path)
     if dtype is not None:
         config_overrides["dtype"] = dtype
     cfg = ModelConfig.from_pretrained(folder, **config_overrides)

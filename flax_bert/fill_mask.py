@@ -11,11 +11,10 @@ def load_for_inference(path: str, step: int | None = None):
     """(model, tokenizer) from an exported Hugging Face folder, or a run directory's checkpoint."""
     from transformers import AutoTokenizer
 
-    from flax_bert.convert import load_hf
+    from flax_bert.convert import WEIGHT_FILES, load_hf
 
     folder = pathlib.Path(path)
-    if step is None and (folder / "config.json").is_file() and any(
-            (folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")):
+    if step is None and (folder / "config.json").is_file() and any((folder / f).is_file() for f in WEIGHT_FILES):
         return load_hf(folder), AutoTokenizer.from_pretrained(str(folder))
     from flax_bert.run_dir import load_run_model
 

@@ -64,9 +64,9 @@ def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path):
 
 def resolve_model_config(run: RunConfig, tokenizer) -> ModelConfig:
     if run.model_name_or_path or run.config_name:
-        from flax_bert.convert import _resolve_folder
+        from flax_bert.convert import resolve_model_folder
 
-        folder = _resolve_folder(run.model_name_or_path or run.config_name)
+        folder = resolve_model_folder(run.model_name_or_path or run.config_name)
         return ModelConfig.from_pretrained(folder, **runtime_overrides(run))
     return fresh_model_config(run, len(tokenizer))
 
