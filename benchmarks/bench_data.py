@@ -1,5 +1,6 @@
-"""Host data pipeline throughput: first pass (read + tokenize + pack + write the cache) and from the
-cache (load + shuffle + this process's share + gather rows, through the prefetch thread).
+"""Host data pipeline throughput: first pass (read + tokenize + pack + write the cache) for one
+process and for process 0 of 4 (which tokenizes only its own logical shards), and from the cache
+(load + shuffle + this process's share + gather rows, through the prefetch thread).
 
     python benchmarks/bench_data.py [--source wikitext|builtin] [--max_seq_length 128] [--global_batch_size 256]
 
@@ -43,7 +44,7 @@ def load_tokenizer(work: pathlib.Path):
 
 def data_args(source: str, cache: pathlib.Path, options) -> DataArgs:
     common = dict(cache_dir=str(cache), max_seq_length=options.max_seq_length,
-                  preprocessing_num_workers=options.workers)
+                  preprocessing_num_workers=options.workers, data_shards=options.data_shards)
     wikitext = SHARED / "data" / "wikitext-2-raw"
     if source == "wikitext" and (wikitext / "wiki.valid.raw").is_file():
         return DataArgs(train_file=str(wikitext / "wiki.valid.raw"), validation_file=str(wikitext / "wiki.test.raw"),
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--global_batch_size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=50, help="passes over the cached rows")
+    parser.add_argument("--data_shards", type=int, default=16, help="logical shards")
     parser.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
     options = parser.parse_args()
 
@@ -69,34 +71,41 @@ def main() -> None:
               f"max_seq_length {args.max_seq_length}, global batch {options.global_batch_size}")
 
         start = time.perf_counter()
-        train, evaluation = build_datasets(args, tokenizer)
+        train, evaluation = build_datasets(args, tokenizer, process_index=0, process_count=1)
         first_pass = time.perf_counter() - start
         tokens = train.num_tokens + (evaluation.num_tokens if evaluation else 0)
         print(f"first pass (read, tokenize, pack, write cache): {tokens:,} tokens in {first_pass:.2f}s "
               f"= {tokens / first_pass / 1e6:.2f}M tokens/s")
 
         start = time.perf_counter()
-        train, evaluation = build_datasets(args, tokenizer)
+        share, share_eval = build_datasets(DataArgs(**{**vars(args), "cache_dir": str(work / "cache-process0")}),
+                                           tokenizer, process_index=0, process_count=4)
+        elapsed = time.perf_counter() - start
+        own = share.num_tokens + (share_eval.num_tokens if share_eval else 0)
+        print(f"first pass of process 0 of 4 (its {args.data_shards // 4} of {args.data_shards} shards): "
+              f"{own:,} tokens ({own / tokens:.0%}) in {elapsed:.2f}s")
+
+        start = time.perf_counter()
+        train, evaluation = build_datasets(args, tokenizer, process_index=0, process_count=1)
         reopen = time.perf_counter() - start
         print(f"second run finds the cache: build_datasets in {reopen:.2f}s")
 
         streaming = DataArgs(**{**vars(args), "streaming": True})
-        stream_rows, _ = build_datasets(streaming, tokenizer)
+        stream_rows, _ = build_datasets(streaming, tokenizer, process_index=0, process_count=1)
         real, start = 0, time.perf_counter()
-        for batch in stream_rows.iterator(options.global_batch_size, seed=0, num_epochs=1, process_index=0,
-                                          process_count=1):
+        for batch in stream_rows.iterator(options.global_batch_size, seed=0, num_epochs=1):
             real += int((batch["segment_ids"] > 0).sum())
         elapsed = time.perf_counter() - start
         print(f"streaming (shuffle buffer, tokenize, pack on the fly): {real:,} tokens in {elapsed:.2f}s "
               f"= {real / elapsed / 1e6:.2f}M tokens/s")
 
-        for process_count in (1, 4):
-            iterator = train.iterator(options.global_batch_size, seed=0, num_epochs=options.epochs,
-                                      process_index=0, process_count=process_count)
+        steps = options.epochs * -(-train.local_rows // options.global_batch_size)
+        for process_count, rows in ((1, train), (4, share)):
             real = slots = 0
             start = time.perf_counter()
-            with Prefetcher(iterator, depth=4) as batches:
-                for batch in batches:
+            with Prefetcher(rows.iterator(options.global_batch_size, seed=0), depth=4) as batches:
+                for _ in range(steps):
+                    batch = next(batches)
                     real += int((batch["segment_ids"] > 0).sum())
                     slots += batch["input_ids"].size
                 waited = batches.wait_seconds

@@ -1,17 +1,22 @@
-"""Host-side data pipeline: sources -> tokenized cache -> packed rows -> per-process shuffled batches.
+"""Host-side data pipeline: sources -> logical shards -> tokenized cache -> packed rows -> batches.
 
-    train_rows, eval_rows = build_datasets(DataArgs(...), tokenizer, seed=seed)
+    num_shards = resolve_data_shards(None, jax.process_count(), global_batch_size)
+    train_rows, eval_rows = build_datasets(DataArgs(..., data_shards=num_shards), tokenizer, seed=seed)
     batches = Prefetcher(train_rows.iterator(global_batch_size, seed=seed))
     local = next(batches)                       # dict of numpy arrays, this process's rows
     batch = make_global_batch(local, mesh, PartitionSpec("data"))
-    state = batches.state_dict()                # {"epoch": e, "position": next global row}
+    state = batches.state_dict()                # rows read from every shard, the same on every process
 
 Batch dict (numpy, [B, L] unless noted, B = this process's share of the global batch):
   input_ids int32, segment_ids int32 (0 = padding, 1..n = document in the row), word_starts bool,
   and for objective "mlm+nsp": token_type_ids int32, next_sentence_label int32 [B] (0 next, 1 random).
-Order: epoch e visits rows in ``default_rng([seed, e]).permutation``; global batch b is rows
-[b*G, (b+1)*G) of it and process p takes the slice [p*G/P, (p+1)*G/P) of that. The last batch of an
-epoch is filled up with empty rows (all padding, segment 0) so shapes stay static and no row is lost.
+
+Logical shards make multi-host runs read, tokenize and shuffle only their own data, yet give the
+same batches for any number of processes: document i of a split belongs to shard i % S, and S stays
+fixed. Process p of P owns shards [p*S/P, (p+1)*S/P) and tokenizes, packs and caches only those.
+Slot j of a global batch of G rows is always filled from shard floor(j*S/G), so process p's slots
+[p*G/P, (p+1)*G/P) come from its own shards, whatever P is (P must divide S and G; S <= G).
+Each shard is an endless sequence of epochs, epoch e in ``default_rng([seed, shard, e])`` order.
 Host-side only: nothing here imports the model.
 """
 
@@ -19,24 +24,45 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pathlib
 import shutil
 import tempfile
 
 import numpy as np
 
-from flax_bert.data_iterators import BatchIterator, Prefetcher, StreamingBatchIterator, make_global_batch
+from flax_bert.data_iterators import (Prefetcher, ShardedBatchIterator, StreamingBatchIterator, empty_rows,
+                                      make_global_batch, owned_shards)
 from flax_bert.data_nsp import build_nsp_rows
 from flax_bert.data_packing import StreamPacker, pack_line_by_line, packed_row_count
 from flax_bert.data_sources import DataArgs, DataError, DocumentStream, document_streams, resolve_cache_dir
-from flax_bert.data_tokenize import (CACHE_VERSION, TokenizedCorpus, TokenizerInfo, tokenize_to_cache,
+from flax_bert.data_tokenize import (CACHE_VERSION, TokenizedCorpus, TokenizerInfo, publish_folder,
+                                     tokenize_shards_to_cache,
                                      tokenized_cache_key, tokenizer_info)
 
-__all__ = ["DataArgs", "DataError", "PackedRows", "StreamingRows", "BatchIterator", "StreamingBatchIterator",
-           "Prefetcher", "build_datasets", "check_tokenizer_fits", "make_global_batch", "tokenizer_info"]
+__all__ = ["DataArgs", "DataError", "PackedRows", "ShardedRows", "StreamingRows", "ShardedBatchIterator",
+           "StreamingBatchIterator", "Prefetcher", "build_datasets", "check_tokenizer_fits", "make_global_batch",
+           "resolve_data_shards", "tokenizer_info"]
 
 logger = logging.getLogger(__name__)
 _PACK_CHUNK_TOKENS = 1 << 22  # documents are packed this many tokens at a time (bounded memory)
+DEFAULT_DATA_SHARDS = 16
+
+
+def resolve_data_shards(requested: int | None, process_count: int, global_batch_size: int) -> int:
+    """The number of logical shards: ``requested`` when given (checked), else 16 (or the least multiple
+    of 16 and the process count) when the global batch has room for it, else one per process."""
+    if requested:
+        if requested % process_count:
+            raise DataError(f"--data_shards={requested} does not split over {process_count} processes: "
+                            f"use a multiple of {process_count}")
+        if requested > global_batch_size:
+            raise DataError(f"--data_shards={requested} is more than the global batch of {global_batch_size} rows "
+                            f"(every shard fills at least one row of each batch): lower --data_shards or raise "
+                            f"the batch size")
+        return requested
+    shards = math.lcm(DEFAULT_DATA_SHARDS, process_count)
+    return shards if shards <= global_batch_size else process_count
 
 
 class PackedRows:
@@ -67,27 +93,64 @@ class PackedRows:
                 values[~valid] = self.pad_id if name == "input_ids" else 0
         return batch
 
-    def iterator(self, global_batch_size: int, *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                 drop_remainder: bool = False, process_index: int | None = None,
-                 process_count: int | None = None) -> BatchIterator:
-        """Training: the defaults (shuffled, endless). Evaluation: ``shuffle=False, num_epochs=1``."""
-        return BatchIterator(self, global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                             drop_remainder=drop_remainder, process_index=process_index,
-                             process_count=process_count)
+
+class ShardedRows:
+    """This process's logical shards of one split, each a ``PackedRows`` (shard -> rows)."""
+
+    def __init__(self, shards: dict[int, PackedRows], num_shards: int, process_index: int, process_count: int,
+                 max_seq_length: int, pad_id: int, nsp: bool):
+        self.shards, self.num_shards = shards, num_shards
+        self.process_index, self.process_count = process_index, process_count
+        self.max_seq_length, self.pad_id, self.nsp = max_seq_length, pad_id, nsp
+
+    @property
+    def local_rows(self) -> int:
+        """Rows in this process's shards (the split's total is the sum over processes)."""
+        return sum(len(rows) for rows in self.shards.values())
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(rows.num_tokens for rows in self.shards.values())
+
+    def iterator(self, global_batch_size: int, *, seed: int = 0, shuffle: bool = True) -> ShardedBatchIterator:
+        """Endless training batches (this process's rows of each global batch)."""
+        return ShardedBatchIterator(self, global_batch_size, seed=seed, shuffle=shuffle)
+
+    def eval_batches(self, global_batch_size: int):
+        """Every row of this process's shards once, in order, in local batches of global_batch_size / P rows;
+        the last one filled up with empty rows. Processes may yield different counts: see ``empty_batch``."""
+        local = global_batch_size // self.process_count
+        for shard in sorted(self.shards):
+            rows = self.shards[shard]
+            for start in range(0, len(rows), local):
+                indices = np.full(local, -1, np.int64)
+                part = np.arange(start, min(start + local, len(rows)))
+                indices[: len(part)] = part
+                yield rows.gather(indices)
+
+    def empty_batch(self, global_batch_size: int) -> dict[str, np.ndarray]:
+        """A local batch of empty rows, for a process that has run out while others evaluate on."""
+        return empty_rows(global_batch_size // self.process_count, self.max_seq_length, self.pad_id, self.nsp)
 
 
 class StreamingRows:
-    """Rows made on the fly from a document stream (``--streaming``): nothing is cached."""
+    """Rows made on the fly from a document stream (``--streaming``): nothing is cached. Process p of P
+    tokenizes only documents i with i % P == p, so its batches depend on P (resume with the same P)."""
 
-    def __init__(self, stream: DocumentStream, tokenizer, info: TokenizerInfo, args: DataArgs):
+    def __init__(self, stream: DocumentStream, tokenizer, info: TokenizerInfo, args: DataArgs, process_index: int,
+                 process_count: int):
         self.stream, self.tokenizer, self.info, self.args = stream, tokenizer, info, args
+        self.process_index, self.process_count = process_index, process_count
 
-    def iterator(self, global_batch_size: int, *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                 drop_remainder: bool = False, process_index: int | None = None,
-                 process_count: int | None = None) -> StreamingBatchIterator:
-        return StreamingBatchIterator(self, global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                                      drop_remainder=drop_remainder, process_index=process_index,
-                                      process_count=process_count)
+    def iterator(self, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None) -> StreamingBatchIterator:
+        return StreamingBatchIterator(self, global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+
+    def eval_batches(self, global_batch_size: int):
+        return self.iterator(global_batch_size, shuffle=False, num_epochs=1)
+
+    def empty_batch(self, global_batch_size: int) -> dict[str, np.ndarray]:
+        return empty_rows(global_batch_size // self.process_count, self.args.max_seq_length, self.info.pad_id, False)
 
 
 def check_tokenizer_fits(tokenizer, model_vocab_size: int, max_position_embeddings: int, max_seq_length: int,
@@ -117,12 +180,15 @@ def _packed_cache_key(tokenized_key: str, args: DataArgs, seed: int) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
-def _load_rows(folder: pathlib.Path, pad_id: int) -> PackedRows:
-    names = json.loads((folder / "meta.json").read_text())["arrays"]
-    return PackedRows({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}, pad_id)
+def _load_rows(folder: pathlib.Path, pad_id: int) -> PackedRows | None:
+    """The rows cached in ``folder``; None for a cached empty shard."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if not meta["rows"]:
+        return None
+    return PackedRows({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}, pad_id)
 
 
-def _write_rows(folder: pathlib.Path, row_count: int, length: int, chunks) -> None:
+def _write_rows(folder: pathlib.Path, row_count: int, length: int, chunks, replace: bool = False) -> None:
     """Streams row chunks into preallocated .npy files in a temp folder, then renames it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
@@ -139,9 +205,7 @@ def _write_rows(folder: pathlib.Path, row_count: int, length: int, chunks) -> No
         for array in files.values():
             array.flush()
         (staging / "meta.json").write_text(json.dumps({"arrays": sorted(files), "rows": row_count, "length": length}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        publish_folder(staging, folder, replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -170,51 +234,68 @@ def _packed_chunks(corpus: TokenizedCorpus, info: TokenizerInfo, length: int, li
         yield rows
 
 
-def _materialize(stream: DocumentStream, tokenizer, info: TokenizerInfo, args: DataArgs, seed: int,
-                 split: str) -> PackedRows | None:
+def _materialize(stream: DocumentStream, tokenizer, info: TokenizerInfo, args: DataArgs, seed: int, split: str,
+                 num_shards: int, process_index: int, process_count: int) -> ShardedRows | None:
+    """This process's shards of ``stream`` as packed rows, from the cache or built into it."""
     cache_dir = resolve_cache_dir(args)
     nsp = args.objective == "mlm+nsp"
-    key = _packed_cache_key(tokenized_cache_key(info, stream, nsp), args, seed)
-    folder = cache_dir / "packed" / key
-    if (folder / "meta.json").is_file() and not args.overwrite_cache:
-        return _load_rows(folder, info.pad_id)
-    tokenized_folder = cache_dir / "tokenized" / tokenized_cache_key(info, stream, nsp)
-    fresh = args.overwrite_cache or not (tokenized_folder / "meta.json").is_file()
-    corpus = tokenize_to_cache(stream, tokenizer, info, cache_dir, sentences=nsp,
-                               num_workers=args.preprocessing_num_workers, overwrite=args.overwrite_cache)
-    try:
-        return _pack_to_cache(corpus, folder, stream, info, args, seed, split)
-    except DataError:
-        if fresh:  # bad input leaves nothing behind, not even the token cache made for it
-            shutil.rmtree(tokenized_folder, ignore_errors=True)
-        raise
+    shards = owned_shards(num_shards, process_index, process_count)
+    token_keys = {s: tokenized_cache_key(info, stream, nsp, s, num_shards) for s in shards}
+    folders = {s: cache_dir / "packed" / _packed_cache_key(token_keys[s], args, seed) for s in shards}
+    missing = [s for s in shards if args.overwrite_cache or not (folders[s] / "meta.json").is_file()]
+    if missing:
+        fresh = [cache_dir / "tokenized" / token_keys[s] for s in missing]
+        fresh = [folder for folder in fresh if args.overwrite_cache or not (folder / "meta.json").is_file()]
+        corpora = tokenize_shards_to_cache(stream, tokenizer, info, cache_dir, missing, num_shards, sentences=nsp,
+                                           num_workers=args.preprocessing_num_workers, overwrite=args.overwrite_cache)
+        try:
+            for shard in missing:
+                _pack_to_cache(corpora[shard], folders[shard], stream, info, args, seed, split, shard, num_shards)
+        except DataError:
+            for folder in fresh:  # bad input leaves nothing behind, not even the token cache made for it
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+    loaded = {s: _load_rows(folders[s], info.pad_id) for s in shards}
+    if num_shards == 1 and loaded[0] is None:
+        logger.warning("the validation split (%s) is empty: no evaluation", stream.name)
+        return None
+    return ShardedRows({s: rows for s, rows in loaded.items() if rows is not None}, num_shards, process_index,
+                       process_count, args.max_seq_length, info.pad_id, nsp)
 
 
 def _pack_to_cache(corpus: TokenizedCorpus, folder: pathlib.Path, stream: DocumentStream, info: TokenizerInfo,
-                   args: DataArgs, seed: int, split: str) -> PackedRows | None:
+                   args: DataArgs, seed: int, split: str, shard: int, num_shards: int) -> None:
     nsp, length = args.objective == "mlm+nsp", args.max_seq_length
-    if split == "validation" and corpus.num_units == 0:
-        logger.warning("the validation split (%s) is empty: no evaluation", stream.name)
-        return None
+    name = stream.name if num_shards == 1 else f"{stream.name}, shard {shard} of {num_shards}"
+    if corpus.num_units == 0:
+        if split == "validation":
+            _write_rows(folder, 0, length, [], args.overwrite_cache)  # cached as empty, so later runs skip it at once
+            return
+        hint = "add text" if num_shards == 1 else "add text or lower --data_shards"
+        raise DataError(f"the {split} corpus ({name}) has no text: {hint}")
     wrapped_total = corpus.num_tokens + corpus.num_units * (len(info.prefix) + len(info.suffix))
-    if corpus.num_units == 0 or (split == "train" and not args.line_by_line and not nsp and wrapped_total < length):
-        raise DataError(f"the {split} corpus ({stream.name}) has {wrapped_total} tokens, less than one row of "
+    if num_shards == 1 and split == "train" and not args.line_by_line and not nsp and wrapped_total < length:
+        raise DataError(f"the {split} corpus ({name}) has {wrapped_total} tokens, less than one row of "
                         f"max_seq_length={length}: add text or lower --max_seq_length")
     if nsp:
-        rows = build_nsp_rows(corpus, info, length, seed=seed, short_seq_prob=args.short_seq_prob)
+        rows = build_nsp_rows(corpus, info, length, seed=seed, short_seq_prob=args.short_seq_prob, shard=shard)
         if not len(rows["input_ids"]):
-            raise DataError(f"the {split} corpus ({stream.name}) gave no sentence pairs: add text")
-        _write_rows(folder, len(rows["input_ids"]), length, [rows])
+            raise DataError(f"the {split} corpus ({name}) gave no sentence pairs: add text")
+        _write_rows(folder, len(rows["input_ids"]), length, [rows], args.overwrite_cache)
     else:
         count = corpus.num_units if args.line_by_line else packed_row_count(corpus.unit_offsets, info, length)
-        _write_rows(folder, count, length, _packed_chunks(corpus, info, length, args.line_by_line))
-    return _load_rows(folder, info.pad_id)
+        _write_rows(folder, count, length, _packed_chunks(corpus, info, length, args.line_by_line),
+                    args.overwrite_cache)
 
 
-def build_datasets(args: DataArgs, tokenizer, seed: int = 0):
-    """(train_rows, eval_rows or None): ``PackedRows`` (cached on disk) or, with ``args.streaming``,
-    ``StreamingRows``. Both have ``.iterator(global_batch_size, ...)``. ``seed`` only matters for NSP
-    pairs (which are drawn once and cached); the batch order takes its seed from ``.iterator``."""
+def build_datasets(args: DataArgs, tokenizer, seed: int = 0, process_index: int | None = None,
+                   process_count: int | None = None):
+    """(train_rows, eval_rows or None) of this process: ``ShardedRows`` (cached on disk; only this
+    process's ``args.data_shards`` shards are tokenized) or, with ``args.streaming``, ``StreamingRows``.
+    Both have ``.iterator(global_batch_size, seed=...)``, ``.eval_batches`` and ``.empty_batch``.
+    ``seed`` only matters for NSP pairs (drawn once and cached); batch order takes its seed from
+    ``.iterator``. The process layout defaults to JAX's."""
+    process_index, process_count = _process_layout(process_index, process_count)
     info = tokenizer_info(tokenizer)
     if args.objective not in ("mlm", "mlm+nsp"):
         raise DataError(f"unknown objective {args.objective!r}: use 'mlm' or 'mlm+nsp'")
@@ -226,8 +307,24 @@ def build_datasets(args: DataArgs, tokenizer, seed: int = 0):
     if args.streaming:
         if args.objective != "mlm":
             raise DataError("objective 'mlm+nsp' needs the cached (map-style) pipeline: drop --streaming")
-        return (StreamingRows(train_stream, tokenizer, info, args),
-                StreamingRows(eval_stream, tokenizer, info, args) if eval_stream else None)
-    train = _materialize(train_stream, tokenizer, info, args, seed, "train")
-    evaluation = _materialize(eval_stream, tokenizer, info, args, seed, "validation") if eval_stream else None
+        layout = (process_index, process_count)
+        return (StreamingRows(train_stream, tokenizer, info, args, *layout),
+                StreamingRows(eval_stream, tokenizer, info, args, *layout) if eval_stream else None)
+    num_shards = args.data_shards or 1
+    if num_shards % process_count:
+        raise DataError(f"--data_shards={num_shards} does not split over {process_count} processes: "
+                        f"use a multiple of {process_count}")
+    layout = (num_shards, process_index, process_count)
+    train = _materialize(train_stream, tokenizer, info, args, seed, "train", *layout)
+    evaluation = _materialize(eval_stream, tokenizer, info, args, seed, "validation", *layout) if eval_stream else None
     return train, evaluation
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
+    return process_index, process_count

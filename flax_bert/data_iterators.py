@@ -1,7 +1,9 @@
-"""Batch order, per-process shares, resumable state, background prefetch, global arrays.
+"""Batch order over logical shards, per-process shares, resumable state, prefetch, global arrays.
 
-State is ``{"epoch": e, "position": r}``: r is the first global row (in epoch e's order) of the next
-global batch. It is the same on every process, so one copy in the checkpoint restores all of them.
+Training state (``ShardedBatchIterator``) is ``{"data_shards": S, "batches": b, "shard_positions": [q_0 ..]}``:
+q_s rows of shard s have been read (counting across its epochs). Every process advances every shard's
+position, so the state is the same on all of them and one copy in the checkpoint restores any number
+of processes, and a new batch size picks up where the old one stopped.
 """
 
 from __future__ import annotations
@@ -22,18 +24,34 @@ from flax_bert.data_tokenize import fast_backend, iter_encoded
 # pipeline should not pay for (or depend on) starting JAX.
 
 
-def _process_layout(global_batch_size: int, process_index: int | None, process_count: int | None):
-    if process_index is None or process_count is None:
-        import jax
+def owned_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
+    """The contiguous block of shards process ``process_index`` reads: [p*S/P, (p+1)*S/P)."""
+    per_process = num_shards // process_count
+    return list(range(process_index * per_process, (process_index + 1) * per_process))
 
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
+
+def shard_slots(num_shards: int, global_batch_size: int) -> np.ndarray:
+    """Rows of each global batch filled from each shard: slot j reads shard floor(j * S / G)."""
+    bounds = -(-np.arange(num_shards + 1) * global_batch_size // num_shards)  # first slot of each shard
+    return np.diff(bounds)
+
+
+def empty_rows(count: int, max_seq_length: int, pad_id: int, nsp: bool) -> dict[str, np.ndarray]:
+    """Rows of padding only (segment 0): they carry no tokens, no loss and no masks."""
+    rows = {"input_ids": np.full((count, max_seq_length), pad_id, np.int32),
+            "segment_ids": np.zeros((count, max_seq_length), np.int32),
+            "word_starts": np.zeros((count, max_seq_length), bool)}
+    if nsp:
+        rows["token_type_ids"] = np.zeros((count, max_seq_length), np.int32)
+        rows["next_sentence_label"] = np.zeros(count, np.int32)
+    return rows
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(f"global batch size {global_batch_size} does not split over {process_count} processes: "
                          f"use a per-device batch size that gives a multiple of {process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
-    return process_index, process_count, global_batch_size // process_count
+    return global_batch_size // process_count
 
 
 ROW_LOG_VARIABLE = "FLAX_BERT_LOG_ROWS"
@@ -41,103 +59,119 @@ ROW_LOG_VARIABLE = "FLAX_BERT_LOG_ROWS"
 
 def _row_log_path(process_index: int) -> str | None:
     """Opt-in debug record (tests of multi-process runs): with FLAX_BERT_LOG_ROWS=PREFIX every batch
-    appends the global row indices this process read to PREFIX.process<N>.jsonl, so a test can prove
+    appends the [shard, row] pairs this process read to PREFIX.process<N>.jsonl, so a test can prove
     each process touched only its own share."""
     prefix = os.environ.get(ROW_LOG_VARIABLE)
     return f"{prefix}.process{process_index}.jsonl" if prefix else None
 
 
-class _ShareIterator:
-    """What both iterators hold: the rows, the global batch, the order settings and this process's share."""
+class ShardedBatchIterator:
+    """Endless iterator over this process's rows of each global batch, read from its own shards."""
 
-    def __init__(self, rows, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, drop_remainder: bool = False,
-                 process_index: int | None = None, process_count: int | None = None):
-        self.rows, self.global_batch_size, self.seed = rows, global_batch_size, seed
-        self.shuffle, self.num_epochs, self.drop_remainder = shuffle, num_epochs, drop_remainder
-        self.process_index, self.process_count, self.local_batch_size = _process_layout(
-            global_batch_size, process_index, process_count)
-        self.epoch, self.position = 0, 0
+    def __init__(self, rows, global_batch_size: int, *, seed: int = 0, shuffle: bool = True):
+        self.rows, self.global_batch_size, self.seed, self.shuffle = rows, global_batch_size, seed, shuffle
+        self.local_batch_size = _local_batch_size(global_batch_size, rows.process_count)
+        num_shards = rows.num_shards
+        if num_shards > global_batch_size:
+            raise DataError(f"data_shards={num_shards} is more than the global batch of {global_batch_size} rows: "
+                            f"lower --data_shards or raise the batch size")
+        self.slots = shard_slots(num_shards, global_batch_size)
+        self.own = owned_shards(num_shards, rows.process_index, rows.process_count)
+        empty = [s for s in self.own if s not in rows.shards]
+        if empty:
+            raise DataError(f"data shard {empty[0]} of {num_shards} has no rows (the corpus has fewer documents than "
+                            f"shards): add text or lower --data_shards")
+        self.batches, self.positions = 0, np.zeros(num_shards, np.int64)
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}
+        self._row_log = _row_log_path(rows.process_index)
 
     def state_dict(self) -> dict:
-        return {"epoch": int(self.epoch), "position": int(self.position)}
-
-
-class BatchIterator(_ShareIterator):
-    """Endless (``num_epochs=None``) or finite iterator over this process's share of global batches."""
-
-    def __init__(self, rows, global_batch_size: int, **settings):
-        super().__init__(rows, global_batch_size, **settings)
-        if self.drop_remainder and len(rows) < global_batch_size:
-            raise ValueError(f"{len(rows)} rows make no full global batch of {global_batch_size}: "
-                             f"lower the batch size, add data or keep the last partial batch")
-        self._order_epoch, self._order = None, None
-        self._row_log = _row_log_path(self.process_index)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        count = len(self.rows)
-        return count // self.global_batch_size if self.drop_remainder else -(-count // self.global_batch_size)
+        return {"data_shards": int(self.rows.num_shards), "batches": int(self.batches),
+                "shard_positions": [int(q) for q in self.positions]}
 
     def load_state_dict(self, state: dict) -> None:
-        if not 0 <= int(state["position"]) <= len(self.rows):
-            raise ValueError(f"iterator position {state['position']} is beyond the {len(self.rows)} rows of this "
-                             f"dataset: the data changed since the checkpoint; resume with the same data")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        saved = int(state.get("data_shards", 0))
+        if saved != self.rows.num_shards or len(state.get("shard_positions", ())) != saved:
+            raise ValueError(f"the checkpoint's data was read in {saved or 'unknown'} shards, this run has "
+                             f"{self.rows.num_shards}: resume with --data_shards {saved}")
+        self.batches, self.positions = int(state["batches"]), np.asarray(state["shard_positions"], np.int64)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            count = len(self.rows)
-            self._order = (np.random.default_rng([self.seed, epoch]).permutation(count) if self.shuffle
-                           else np.arange(count))
-            self._order_epoch = epoch
-        return self._order
+    def epoch_order(self, shard: int, epoch: int) -> np.ndarray:
+        cached = self._orders.get(shard)
+        if cached is None or cached[0] != epoch:
+            count = len(self.rows.shards[shard])
+            order = (np.random.default_rng([self.seed, shard, epoch]).permutation(count) if self.shuffle
+                     else np.arange(count))
+            self._orders[shard] = cached = (epoch, order)
+        return cached[1]
+
+    def _take(self, shard: int, start: int, count: int) -> np.ndarray:
+        """Row indices ``start .. start + count`` of the shard's endless sequence of epochs."""
+        size, picked = len(self.rows.shards[shard]), []
+        while count:
+            epoch, offset = divmod(start, size)
+            part = self.epoch_order(shard, epoch)[offset : offset + count]
+            picked.append(part)
+            start, count = start + len(part), count - len(part)
+        return np.concatenate(picked) if picked else np.zeros(0, np.int64)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        last_start = len(self.rows) - (self.global_batch_size if self.drop_remainder else 1)
-        if self.position > last_start:
-            self.epoch, self.position = self.epoch + 1, 0
-        if self.num_epochs is not None and self.epoch >= self.num_epochs:
-            raise StopIteration
-        start = self.position + self.process_index * self.local_batch_size
-        share = self.epoch_order(self.epoch)[start : start + self.local_batch_size]
-        indices = np.full(self.local_batch_size, -1, np.int64)  # -1: an empty row filling the last batch
-        indices[: len(share)] = share
+        parts, read = [], []
+        for shard in self.own:
+            indices = self._take(shard, int(self.positions[shard]), int(self.slots[shard]))
+            parts.append(self.rows.shards[shard].gather(indices))
+            read.extend([shard, int(i)] for i in indices)
         if self._row_log:
             with open(self._row_log, "a") as log:
-                log.write(json.dumps({"epoch": int(self.epoch), "position": int(self.position),
-                                      "rows": [int(i) for i in share]}) + "\n")
-        self.position += self.global_batch_size
-        return self.rows.gather(indices)
+                log.write(json.dumps({"batch": self.batches, "rows": read}) + "\n")
+        self.positions += self.slots
+        self.batches += 1
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-class StreamingBatchIterator(_ShareIterator):
-    """Like BatchIterator for ``StreamingRows``: documents pass a seeded shuffle buffer (per epoch),
-    are tokenized and packed on the fly; every process reads the stream and keeps its slice of each
-    global batch (equal batch counts on all hosts, one shared state). Restoring replays the epoch up
-    to the saved position, which costs tokenizing that part again."""
+class StreamingBatchIterator:
+    """Batches of ``StreamingRows``: process p of P takes documents i with i % P == p, passes them
+    through a seeded shuffle buffer (per process and epoch), tokenizes and packs them on the fly, and
+    runs through its epochs endlessly (or ``num_epochs`` times, the last batch filled with empty rows).
+    State is the number of batches read; restoring replays that many batches of this process's share
+    from the start, which costs tokenizing them again, and needs the same number of processes."""
 
-    def __init__(self, rows, global_batch_size: int, **settings):
-        super().__init__(rows, global_batch_size, **settings)
-        self._batches = None
+    def __init__(self, rows, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None):
+        self.rows, self.global_batch_size, self.seed = rows, global_batch_size, seed
+        self.shuffle, self.num_epochs = shuffle, num_epochs
+        self.local_batch_size = _local_batch_size(global_batch_size, rows.process_count)
+        self.batches, self._local = 0, None
+
+    def state_dict(self) -> dict:
+        return {"batches": int(self.batches), "process_count": int(self.rows.process_count)}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["position"]) % self.global_batch_size:
-            raise ValueError(f"streaming position {state['position']} is not a multiple of the global batch "
-                             f"{self.global_batch_size}: resume with the batch size of the checkpoint")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._batches = None
+        saved = int(state.get("process_count", 0))
+        if saved != self.rows.process_count:
+            raise ValueError(f"the checkpoint's stream was read by {saved} processes, this run has "
+                             f"{self.rows.process_count}: a --streaming run resumes with the same number of processes")
+        self.batches, self._local = int(state["batches"]), None
+
+    def _own_documents(self):
+        process, count = self.rows.process_index, self.rows.process_count
+        index = 0
+        for batch in self.rows.stream.batches():
+            for text in batch:
+                if index % count == process:
+                    yield text
+                index += 1
 
     def _shuffled_documents(self, epoch: int):
-        documents = (text for batch in self.rows.stream.batches() for text in batch)
+        documents = self._own_documents()
         size = self.rows.args.shuffle_buffer_size
         if not self.shuffle or size <= 1:
             yield from documents
             return
-        rng, buffer = np.random.default_rng([self.seed, epoch]), []
+        rng, buffer = np.random.default_rng([self.seed, self.rows.process_index, epoch]), []
         for text in documents:
             if len(buffer) < size:
                 buffer.append(text)
@@ -163,61 +197,51 @@ class StreamingBatchIterator(_ShareIterator):
                 yield chunk
 
         shuffled = DocumentStream(rows.stream.name, rows.stream.fingerprint, in_batches)
-        packer, produced = StreamPacker(rows.info, args.max_seq_length), 0
+        packer = StreamPacker(rows.info, args.max_seq_length)
         backend = rows.info.backend or fast_backend(rows.tokenizer)
         for ids, lengths, _ in iter_encoded(shuffled, backend, False, args.preprocessing_num_workers):
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             out = (pack_line_by_line(ids, offsets, rows.info, args.max_seq_length) if args.line_by_line
                    else packer.add(ids, offsets))
             if out is not None:
-                produced += len(out["input_ids"])
                 yield out
         if not args.line_by_line and (out := packer.finish()) is not None:
-            if produced == 0 and epoch == 0:
-                raise DataError(f"the corpus ({rows.stream.name}) is shorter than one row of max_seq_length="
-                                f"{args.max_seq_length}: add text or lower --max_seq_length")
             yield out
 
-    def _global_batches(self, epoch: int):
-        """Global batches (dicts of [G, ...] arrays) of the epoch; the last one filled with empty rows
-        (or dropped with drop_remainder)."""
-        size, carry = self.global_batch_size, None
-        for chunk in self._epoch_rows(epoch):
-            rows = chunk if carry is None else {k: np.concatenate([carry[k], chunk[k]]) for k in chunk}
-            full = len(rows["input_ids"]) // size * size
-            for start in range(0, full, size):
-                yield {k: v[start : start + size] for k, v in rows.items()}
-            carry = {k: v[full:] for k, v in rows.items()}
+    def _local_batches(self):
+        """This process's local batches over its epochs; rows run on from one epoch into the next."""
+        size, carry, epoch = self.local_batch_size, None, 0
+        while self.num_epochs is None or epoch < self.num_epochs:
+            produced = 0
+            for chunk in self._epoch_rows(epoch):
+                produced += len(chunk["input_ids"])
+                rows = chunk if carry is None else {k: np.concatenate([carry[k], chunk[k]]) for k in chunk}
+                full = len(rows["input_ids"]) // size * size
+                for start in range(0, full, size):
+                    yield {k: v[start : start + size] for k, v in rows.items()}
+                carry = {k: v[full:] for k, v in rows.items()}
+            if not produced:  # a whole epoch without a row: stop instead of spinning forever
+                raise DataError(f"the stream {self.rows.stream.name} gave process {self.rows.process_index} no "
+                                f"text: check the dataset and --text_column")
+            epoch += 1
         left = 0 if carry is None else len(carry["input_ids"])
-        if left and not self.drop_remainder:
-            filler = {k: np.zeros((size - left, *v.shape[1:]), v.dtype) for k, v in carry.items()}
-            filler["input_ids"][:] = self.rows.info.pad_id
+        if left:
+            filler = empty_rows(size - left, self.rows.args.max_seq_length, self.rows.info.pad_id, False)
             yield {k: np.concatenate([carry[k], filler[k]]) for k in carry}
-
-    def _advance(self):
-        while True:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
-                raise StopIteration
-            if self._batches is None:
-                self._batches = self._global_batches(self.epoch)
-                for _ in range(self.position // self.global_batch_size):  # replay to the saved position
-                    next(self._batches, None)
-            batch = next(self._batches, None)
-            if batch is not None:
-                return batch
-            if self.position == 0:  # a whole epoch without a row: stop instead of spinning forever
-                raise DataError(f"the stream {self.rows.stream.name} gave no text: "
-                                f"check the dataset and --text_column")
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = self._advance()
-        self.position += self.global_batch_size
-        start = self.process_index * self.local_batch_size
-        return {k: v[start : start + self.local_batch_size] for k, v in batch.items()}
+        if self._local is None:
+            self._local = self._local_batches()
+            for _ in range(self.batches):  # replay to the saved position
+                next(self._local, None)
+        batch = next(self._local, None)
+        if batch is None:
+            raise StopIteration
+        self.batches += 1
+        return batch
 
 
 _END = object()

@@ -46,9 +46,10 @@ def _trimmed(a: np.ndarray, b: np.ndarray, max_tokens: int, rng: np.random.Gener
 
 
 def build_nsp_rows(corpus: TokenizedCorpus, info: TokenizerInfo, max_seq_length: int, seed: int = 0,
-                   short_seq_prob: float = 0.1) -> dict[str, np.ndarray]:
+                   short_seq_prob: float = 0.1, shard: int = 0) -> dict[str, np.ndarray]:
     """Rows [N, L]: input_ids, segment_ids (1 on tokens, 0 on padding: one pair per row), word_starts,
-    token_type_ids (0 for [CLS] A [SEP], 1 for B [SEP]) and next_sentence_label [N] (0 next, 1 random)."""
+    token_type_ids (0 for [CLS] A [SEP], 1 for B [SEP]) and next_sentence_label [N] (0 next, 1 random).
+    ``corpus`` is one data shard; random B sentences come from the shard's other documents."""
     if corpus.doc_units is None:
         raise DataError("NSP rows need a corpus tokenized by sentence: build it with sentences=True")
     if info.cls_id is None or info.sep_id is None:
@@ -59,9 +60,9 @@ def build_nsp_rows(corpus: TokenizedCorpus, info: TokenizerInfo, max_seq_length:
     doc_units = corpus.doc_units
     num_docs = len(doc_units) - 1
     if num_docs < 2:
-        raise DataError("next-sentence prediction needs at least 2 documents (random B comes from another one): "
-                        "add text")
-    rng = np.random.default_rng([seed, 0x4E5350])
+        raise DataError(f"next-sentence prediction needs at least 2 documents per data shard (random B comes from "
+                        f"another one) but one has {num_docs}: add text or lower --data_shards")
+    rng = np.random.default_rng([seed, 0x4E5350, shard])
     max_tokens = max_seq_length - 3
     unit = corpus.unit
     pairs = []

@@ -65,6 +65,7 @@ class DataArgs:
     max_eval_samples: int | None = None  # first N validation documents
     objective: str = "mlm"  # "mlm" or "mlm+nsp" (BERT sentence pairs)
     short_seq_prob: float = 0.1  # NSP: share of pairs with a shorter random target length (BERT's default)
+    data_shards: int | None = None  # logical shards (document i -> shard i % data_shards); None = 1
 
 
 @dataclasses.dataclass

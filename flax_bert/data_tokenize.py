@@ -176,31 +176,38 @@ def encode_texts(backend, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def iter_encoded(stream: DocumentStream, backend, sentences: bool, num_workers: int | None,
-                 space_later_sentences: bool = False):
-    """Yields (ids, unit_lengths, units_per_doc or None) per group of documents; empty units dropped.
+def encode_group(backend, texts: list[str], sentences: bool, space_later_sentences: bool = False):
+    """(ids, unit_lengths, units_per_doc or None) of one group of documents; empty units dropped.
 
     `space_later_sentences` (byte-level BPE): a sentence after a document's first is encoded with its
     leading space, so its first word gets the same token ("ĠIt", a word start) as in running text."""
+    per_doc = None
+    if sentences:
+        pieces = [split_sentences(t) for t in texts]
+        if space_later_sentences:
+            pieces = [[p[0]] + [" " + x for x in p[1:]] if p else p for p in pieces]
+        per_doc = np.fromiter(map(len, pieces), np.int64, len(pieces))
+        texts = [s for p in pieces for s in p]
+    ids, lengths = encode_texts(backend, texts)
+    if per_doc is not None:
+        doc_of_unit = np.repeat(np.arange(len(per_doc)), per_doc)
+        per_doc = np.bincount(doc_of_unit[lengths > 0], minlength=len(per_doc))
+        per_doc = per_doc[per_doc > 0]
+    return ids, lengths[lengths > 0], per_doc
+
+
+def iter_encoded(stream: DocumentStream, backend, sentences: bool, num_workers: int | None,
+                 space_later_sentences: bool = False):
+    """``encode_group`` over the whole stream, a group of ~_ENCODE_CHARS characters at a time."""
     with _rust_threads(num_workers):
         for texts in _text_groups(stream):
-            per_doc = None
-            if sentences:
-                pieces = [split_sentences(t) for t in texts]
-                if space_later_sentences:
-                    pieces = [[p[0]] + [" " + x for x in p[1:]] if p else p for p in pieces]
-                per_doc = np.fromiter(map(len, pieces), np.int64, len(pieces))
-                texts = [s for p in pieces for s in p]
-            ids, lengths = encode_texts(backend, texts)
-            if per_doc is not None:
-                doc_of_unit = np.repeat(np.arange(len(per_doc)), per_doc)
-                per_doc = np.bincount(doc_of_unit[lengths > 0], minlength=len(per_doc))
-                per_doc = per_doc[per_doc > 0]
-            yield ids, lengths[lengths > 0], per_doc
+            yield encode_group(backend, texts, sentences, space_later_sentences)
 
 
-def tokenized_cache_key(info: TokenizerInfo, stream: DocumentStream, sentences: bool) -> str:
-    parts = [CACHE_VERSION, info.fingerprint, stream.fingerprint, "spaced-sentences" if sentences else "documents"]
+def tokenized_cache_key(info: TokenizerInfo, stream: DocumentStream, sentences: bool, shard: int = 0,
+                        num_shards: int = 1) -> str:
+    parts = [CACHE_VERSION, info.fingerprint, stream.fingerprint, "spaced-sentences" if sentences else "documents",
+             shard, num_shards]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
@@ -212,37 +219,89 @@ def load_tokenized(folder: pathlib.Path) -> TokenizedCorpus:
     return TokenizedCorpus(tokens, np.load(folder / "unit_offsets.npy"), doc_units)
 
 
+def publish_folder(staging: pathlib.Path, folder: pathlib.Path, replace: bool = False) -> None:
+    """Moves a finished temp folder into place (``replace``: over an older one). Cache folders are
+    deterministic, so when another process sharing the cache got there first, its copy is kept."""
+    if folder.exists() and (replace or not (folder / "meta.json").is_file()):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class _ShardWriter:
+    """Token ids of one shard, appended group by group into a temp folder that ``finish`` renames into place."""
+
+    def __init__(self, folder: pathlib.Path, sentences: bool, shard: int, num_shards: int, replace: bool):
+        self.folder, self.sentences, self.shard, self.num_shards = folder, sentences, shard, num_shards
+        self.replace = replace
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        self.tokens = open(self.staging / "tokens.bin", "wb")
+        self.unit_lengths, self.docs_units, self.total = [], [], 0
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray, per_doc: np.ndarray | None) -> None:
+        self.tokens.write(ids.tobytes())
+        self.unit_lengths.append(lengths)
+        self.total += len(ids)
+        if per_doc is not None:
+            self.docs_units.append(per_doc)
+
+    def finish(self, source: str) -> None:
+        self.tokens.close()
+        lengths = np.concatenate(self.unit_lengths) if self.unit_lengths else np.zeros(0, np.int64)
+        np.save(self.staging / "unit_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        if self.sentences:
+            per_doc = np.concatenate(self.docs_units) if self.docs_units else np.zeros(0, np.int64)
+            np.save(self.staging / "doc_units.npy", np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64))
+        meta = {"num_tokens": self.total, "num_units": len(lengths), "sentences": self.sentences, "source": source,
+                "shard": self.shard, "num_shards": self.num_shards}
+        (self.staging / "meta.json").write_text(json.dumps(meta))
+        publish_folder(self.staging, self.folder, self.replace)
+
+    def discard(self) -> None:
+        self.tokens.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def tokenize_shards_to_cache(stream: DocumentStream, tokenizer, info: TokenizerInfo, cache_dir: pathlib.Path,
+                             shards: list[int], num_shards: int = 1, sentences: bool = False,
+                             num_workers: int | None = None, overwrite: bool = False) -> dict[int, TokenizedCorpus]:
+    """Tokenizes the documents of ``shards`` (document i belongs to shard i % num_shards) into
+    ``cache_dir/tokenized/<key>``, one folder per shard, in one pass over the stream; shards already
+    cached are loaded. Only the chosen shards' documents are tokenized: each process of a multi-host
+    run builds its own shards and never the others'. Each folder appears atomically (temp + rename)."""
+    folders = {s: cache_dir / "tokenized" / tokenized_cache_key(info, stream, sentences, s, num_shards)
+               for s in shards}
+    missing = [s for s in shards if overwrite or not (folders[s] / "meta.json").is_file()]
+    if missing:
+        backend = info.backend or fast_backend(tokenizer)
+        space = info.word_rule == "byte-level"
+        writers = {}
+        try:
+            for s in missing:
+                writers[s] = _ShardWriter(folders[s], sentences, s, num_shards, overwrite)
+            first = 0  # index of the group's first document in the stream
+            with _rust_threads(num_workers):
+                for texts in _text_groups(stream):
+                    for s in missing:
+                        mine = texts[(s - first) % num_shards :: num_shards]
+                        if mine:
+                            writers[s].add(*encode_group(backend, mine, sentences, space))
+                    first += len(texts)
+            for s in missing:
+                writers.pop(s).finish(stream.name)
+        finally:
+            for writer in writers.values():
+                writer.discard()
+    return {s: load_tokenized(folders[s]) for s in shards}
+
+
 def tokenize_to_cache(stream: DocumentStream, tokenizer, info: TokenizerInfo, cache_dir: pathlib.Path,
                       sentences: bool = False, num_workers: int | None = None,
                       overwrite: bool = False) -> TokenizedCorpus:
-    """Tokenizes ``stream`` once into ``cache_dir/tokenized/<key>`` (atomic: a temp folder renamed
-    into place), or loads it from there when it already exists."""
-    folder = cache_dir / "tokenized" / tokenized_cache_key(info, stream, sentences)
-    if (folder / "meta.json").is_file() and not overwrite:
-        return load_tokenized(folder)
-    backend = info.backend or fast_backend(tokenizer)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
-        unit_lengths, docs_units, total = [], [], 0
-        with open(staging / "tokens.bin", "wb") as out:
-            for ids, lengths, per_doc in iter_encoded(stream, backend, sentences, num_workers,
-                                                      space_later_sentences=info.word_rule == "byte-level"):
-                out.write(ids.tobytes())
-                unit_lengths.append(lengths)
-                total += len(ids)
-                if per_doc is not None:
-                    docs_units.append(per_doc)
-        lengths = np.concatenate(unit_lengths) if unit_lengths else np.zeros(0, np.int64)
-        np.save(staging / "unit_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        if sentences:
-            per_doc = np.concatenate(docs_units) if docs_units else np.zeros(0, np.int64)
-            np.save(staging / "doc_units.npy", np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64))
-        meta = {"num_tokens": total, "num_units": len(lengths), "sentences": sentences, "source": stream.name}
-        (staging / "meta.json").write_text(json.dumps(meta))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return load_tokenized(folder)
+    """The whole stream as one shard."""
+    return tokenize_shards_to_cache(stream, tokenizer, info, cache_dir, [0], 1, sentences, num_workers, overwrite)[0]

@@ -5,6 +5,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +72,18 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def process_sum(value: int) -> int:
+    """The sum of ``value`` (< 2**31 per process) over all processes (itself for one process)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(value, np.int32))
+    return int(np.sum(np.asarray(gathered, np.int64)))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on at least one."""
+    return process_sum(int(bool(flag))) > 0

@@ -20,7 +20,8 @@ from flax_bert import checkpoint as ckpt_lib
 from flax_bert import distributed
 from flax_bert.config import ModelConfig, flops_per_token
 from flax_bert.convert import load_hf
-from flax_bert.data import DataArgs, Prefetcher, build_datasets, check_tokenizer_fits, make_global_batch
+from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
+                            make_global_batch, resolve_data_shards)
 from flax_bert.model import model_class_for
 from flax_bert.metrics import MetricsWriter, device_peak_flops
 from flax_bert.optim import make_optimizer
@@ -94,9 +95,15 @@ class Run:
         self.model_config = resolve_model_config(run, self.tokenizer)
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, self.model_config.max_position_embeddings,
                              run.max_seq_length, self.model_config.model_type, self.model_config.pad_token_id)
-        self.train_rows, self.eval_rows = build_datasets(data_args_from_run(run), self.tokenizer, seed=run.seed)
         self.micro_batch = run.per_device_train_batch_size * jax.device_count()
         self.global_batch = self.micro_batch * run.gradient_accumulation_steps
+        data_args = data_args_from_run(run)
+        data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), self.global_batch)
+        if not run.streaming:
+            log.info("data in %d logical shards, %d per process (pass --data_shards %d to keep the same batches "
+                     "with another number of processes)", data_args.data_shards,
+                     data_args.data_shards // jax.process_count(), data_args.data_shards)
+        self.train_rows, self.eval_rows = build_datasets(data_args, self.tokenizer, seed=run.seed)
         self.total_steps = self._total_steps()
         tx, self.schedule = make_optimizer(
             learning_rate=run.learning_rate, warmup_steps=min(run.warmup_steps, self.total_steps - 1),
@@ -117,9 +124,9 @@ class Run:
     def _total_steps(self) -> int:
         if self.run.max_steps > 0:
             return self.run.max_steps
-        if not hasattr(self.train_rows, "__len__"):
+        if isinstance(self.train_rows, StreamingRows):
             raise ValueError("--streaming has no epoch length: set --max_steps")
-        steps_per_epoch = math.ceil(len(self.train_rows) / self.global_batch)
+        steps_per_epoch = math.ceil(distributed.process_sum(self.train_rows.local_rows) / self.global_batch)
         return max(1, math.ceil(self.run.num_train_epochs * steps_per_epoch))
 
     # ------------------------------------------------------------------ state
@@ -244,8 +251,15 @@ class Run:
             return {}
         batch_size = self.run.per_device_eval_batch_size * jax.device_count()
         totals: dict[str, float] = {}
-        for index, local in enumerate(self.eval_rows.iterator(batch_size, shuffle=False, num_epochs=1)):
+        local_batches, index = self.eval_rows.eval_batches(batch_size), 0
+        while True:  # processes may hold different numbers of eval rows: go on while any has some
+            local = next(local_batches, None)
+            if not distributed.any_process(local is not None):
+                break
+            if local is None:
+                local = self.eval_rows.empty_batch(batch_size)
             sums = jax.device_get(self.trainer.eval_step(params, self._global(local), index))
+            index += 1
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         if not totals:

@@ -55,7 +55,9 @@ class RunConfig:
     objective: str = _field("mlm", "training objective; mlm+nsp adds BERT's next-sentence prediction", ["mlm", "mlm+nsp"])
     preprocessing_num_workers: int | None = _field(None, "tokenizer threads (default: all cores)")
     streaming: bool = _field(False, "stream the dataset instead of loading it (corpora larger than disk or memory)")
-    shuffle_buffer_size: int = _field(10000, "streaming: rows in the shuffle buffer")
+    shuffle_buffer_size: int = _field(10000, "streaming: documents in the shuffle buffer (per process)")
+    data_shards: int | None = _field(None, "logical data shards, each tokenized by one process; fixed, they keep the "
+                                     "batches the same for any number of processes (default 16, at most the global batch)")
     cache_dir: str | None = _field(None, "where tokenized data and the built-in corpus are cached")
     skip_invalid_utf8: bool = _field(False, "skip undecodable lines (and count them) instead of stopping")
     max_train_samples: int | None = _field(None, "use at most this many training rows")
@@ -110,6 +112,7 @@ class RunConfig:
             (0 < self.mlm_probability < 1, "--mlm_probability must be between 0 and 1, e.g. 0.15"),
             (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1"),
             (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be at least 1"),
+            (self.data_shards is None or self.data_shards >= 1, "--data_shards must be at least 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
             (self.learning_rate > 0, "--learning_rate must be positive"),
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),

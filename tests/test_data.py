@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flax_bert import data_tokenize
-from flax_bert.data import (DataArgs, DataError, PackedRows, Prefetcher, build_datasets, check_tokenizer_fits,
-                            make_global_batch, tokenizer_info)
+from flax_bert.data import (DataArgs, DataError, PackedRows, Prefetcher, ShardedRows, build_datasets,
+                            check_tokenizer_fits, make_global_batch, resolve_data_shards, tokenizer_info)
 from flax_bert.data_nsp import build_nsp_rows
 from flax_bert.data_packing import segment_positions
 from flax_bert.data_sources import DataFileNotFoundError, document_streams
@@ -57,9 +57,21 @@ def small_txt(corpus_texts, tmp_path_factory):
     return path
 
 
-def epoch(rows, global_batch_size, **kwargs):
-    kwargs = {"process_index": 0, "process_count": 1, "num_epochs": 1, **kwargs}
-    return list(rows.iterator(global_batch_size, **kwargs))
+def single(rows: ShardedRows) -> PackedRows:
+    """The rows of a split built in one shard (build_datasets' default)."""
+    assert rows.num_shards == 1 and list(rows.shards) == [0]
+    return rows.shards[0]
+
+
+def first_epoch(rows, global_batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of the first (shuffled) epoch: the first len(rows) rows of the endless iterator of a
+    one-shard split, or every batch of one streamed epoch."""
+    if isinstance(rows, ShardedRows):
+        iterator = rows.iterator(global_batch_size, seed=seed)
+        count = len(single(rows))
+        batches = stacked([next(iterator) for _ in range(-(-count // global_batch_size))])
+        return {key: value[:count] for key, value in batches.items()}
+    return stacked(list(rows.iterator(global_batch_size, seed=seed, num_epochs=1)))
 
 
 def stacked(batches):
@@ -80,12 +92,12 @@ def wrapped_token_stream(tokenizer, texts):
 def test_one_epoch_holds_every_token_exactly_once(builtin_rows, bpe):
     args, train, evaluation = builtin_rows
     expected = wrapped_token_stream(bpe, documents_of(args))
-    assert train.num_tokens == len(expected) and evaluation is not None and len(evaluation) > 0
-    in_order = stacked(epoch(train, 24, shuffle=False))
+    assert train.num_tokens == len(expected) and evaluation is not None and evaluation.local_rows > 0
+    in_order = stacked(list(train.eval_batches(24)))
     assert in_order["input_ids"].shape[1] == 64
+    assert len(in_order["input_ids"]) == -(-train.local_rows // 24) * 24  # last batch filled with empty rows
     np.testing.assert_array_equal(in_order["input_ids"][in_order["segment_ids"] > 0], expected)
-    shuffled = stacked(epoch(train, 24, seed=5))
-    assert len(shuffled["input_ids"]) == -(-len(train) // 24) * 24  # last batch filled with empty rows
+    shuffled = first_epoch(train, 24, seed=5)
     real = shuffled["input_ids"][shuffled["segment_ids"] > 0]
     assert len(real) == len(expected)
     np.testing.assert_array_equal(np.bincount(real, minlength=2000), np.bincount(expected, minlength=2000))
@@ -93,7 +105,7 @@ def test_one_epoch_holds_every_token_exactly_once(builtin_rows, bpe):
 
 
 def test_segment_ids_follow_documents(builtin_rows, bpe):
-    _, train, _ = builtin_rows
+    train = single(builtin_rows[1])
     ids, seg = np.asarray(train.arrays["input_ids"]), np.asarray(train.arrays["segment_ids"])
     bos, eos, pad = bpe.cls_token_id, bpe.sep_token_id, bpe.pad_token_id
     assert ids.shape == (len(train), 64) and seg.dtype == np.int32
@@ -119,6 +131,7 @@ def test_segment_ids_follow_documents(builtin_rows, bpe):
 def test_line_by_line_one_document_per_row(bpe, cache_root):
     args = DataArgs(cache_dir=str(cache_root), max_seq_length=32, line_by_line=True, validation_split_percentage=0)
     train, evaluation = build_datasets(args, bpe)
+    train = single(train)
     assert evaluation is None
     encoded = bpe(documents_of(args), add_special_tokens=True)["input_ids"]
     assert len(train) == len(encoded)
@@ -136,7 +149,7 @@ def test_word_starts_for_byte_level_bpe_and_wordpiece(bpe, wordpiece, tmp_path):
     for tokenizer in (bpe, wordpiece):
         args = DataArgs(train_file=str(source), cache_dir=str(tmp_path / "c"), max_seq_length=40,
                         line_by_line=True, validation_split_percentage=0)
-        rows, _ = build_datasets(args, tokenizer)
+        rows = single(build_datasets(args, tokenizer)[0])
         ids = rows.arrays["input_ids"][0][rows.arrays["segment_ids"][0] > 0]
         starts = rows.arrays["word_starts"][0][rows.arrays["segment_ids"][0] > 0]
         words = np.split(ids, np.flatnonzero(starts)[1:])
@@ -152,7 +165,7 @@ def test_word_starts_for_byte_level_bpe_and_wordpiece(bpe, wordpiece, tmp_path):
     # a document cut by a row boundary starts a new word at the top of the next row
     args = DataArgs(train_file=str(source), cache_dir=str(tmp_path / "c"), max_seq_length=7,
                     validation_split_percentage=0)
-    rows, _ = build_datasets(args, wordpiece)
+    rows = single(build_datasets(args, wordpiece)[0])
     assert rows.arrays["word_starts"][:, 0].all()
     assert not (rows.arrays["word_starts"] & (rows.arrays["segment_ids"] == 0)).any()
 
@@ -166,69 +179,138 @@ def test_wikitext_rows(gpt2_bpe_dir, shared_dir, tmp_path):
                     max_seq_length=128)
     train, evaluation = build_datasets(args, tokenizer)
     expected = wrapped_token_stream(tokenizer, documents_of(args))
-    batches = epoch(train, 64, seed=1)
-    assert all(b["input_ids"].shape == (64, 128) for b in batches)
-    real = stacked(batches)["input_ids"][stacked(batches)["segment_ids"] > 0]
+    rows = first_epoch(train, 64, seed=1)
+    assert rows["input_ids"].shape[1] == 128
+    real = rows["input_ids"][rows["segment_ids"] > 0]
     np.testing.assert_array_equal(np.bincount(real, minlength=len(tokenizer)),
                                   np.bincount(expected, minlength=len(tokenizer)))
-    assert 0.04 < len(evaluation) / (len(train) + len(evaluation)) < 0.06  # 5% carved out
+    assert 0.04 < evaluation.local_rows / (train.local_rows + evaluation.local_rows) < 0.06  # 5% carved out
 
 
 # ---------------------------------------------------------------- order, shares, resume
 
-def test_two_processes_get_disjoint_shares_that_cover_the_epoch(builtin_rows):
-    _, train, _ = builtin_rows
-    # tag every row with its number (0 marks the empty rows that fill the last batch)
-    tagged = PackedRows({**train.arrays, "row": np.arange(1, len(train) + 1)[:, None]}, train.pad_id)
-    whole = epoch(tagged, 16, seed=2)
-    shares = [epoch(tagged, 16, seed=2, process_index=p, process_count=2) for p in (0, 1)]
-    assert len(shares[0]) == len(shares[1]) == len(whole)
-    for step, batch in enumerate(whole):
-        for key in batch:
-            np.testing.assert_array_equal(np.concatenate([shares[0][step][key], shares[1][step][key]]), batch[key])
-    rows = [np.concatenate([b["row"][:, 0] for b in share]) for share in shares]
-    rows = [r[r > 0] for r in rows]
-    assert not set(rows[0]) & set(rows[1])
-    assert sorted(np.concatenate(rows)) == list(range(1, len(train) + 1))
+def tagged(rows: ShardedRows) -> ShardedRows:
+    """The same rows with a "row" feature naming each one (shard * 1e6 + row + 1; 0 marks empty rows)."""
+    shards = {shard: PackedRows({**part.arrays, "row": shard * 1_000_000 + np.arange(1, len(part) + 1)[:, None]},
+                                part.pad_id) for shard, part in rows.shards.items()}
+    return ShardedRows(shards, rows.num_shards, rows.process_index, rows.process_count, rows.max_seq_length,
+                       rows.pad_id, rows.nsp)
+
+
+def processes(args, tokenizer, process_count):
+    """Every process's training rows of a ``process_count``-process run, built in turn."""
+    return [tagged(build_datasets(args, tokenizer, process_index=p, process_count=process_count)[0])
+            for p in range(process_count)]
+
+
+def global_batches(shares, global_batch_size, steps, seed=2, state=None):
+    """``steps`` global batches (the processes' local batches in process order) and the state after them."""
+    iterators = [rows.iterator(global_batch_size, seed=seed) for rows in shares]
+    for iterator in iterators:
+        if state is not None:
+            iterator.load_state_dict(json.loads(json.dumps(state)))  # small and serializable
+    batches = [stacked([next(iterator) for iterator in iterators]) for _ in range(steps)]
+    states = [iterator.state_dict() for iterator in iterators]
+    assert all(state == states[0] for state in states)  # one state, whatever the process
+    return batches, states[0]
+
+
+def test_each_process_tokenizes_only_its_own_shards(bpe, small_txt, tmp_path, monkeypatch):
+    documents = documents_of(DataArgs(train_file=str(small_txt), validation_split_percentage=0))
+    encoded = []
+    real_encode = data_tokenize.encode_texts
+    monkeypatch.setattr(data_tokenize, "encode_texts",
+                        lambda backend, texts: encoded.extend(texts) or real_encode(backend, texts))
+    for process in (0, 1):  # two hosts without a shared disk: each has its own cache
+        encoded.clear()
+        args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path / f"host{process}"), max_seq_length=64,
+                        validation_split_percentage=0, data_shards=4)
+        rows, _ = build_datasets(args, bpe, process_index=process, process_count=2)
+        own = [2 * process, 2 * process + 1]
+        assert sorted(rows.shards) == own
+        assert sorted(encoded) == sorted(d for i, d in enumerate(documents) if i % 4 in own)
+        assert len(list((tmp_path / f"host{process}" / "tokenized").iterdir())) == 2
+        assert rows.num_tokens == wrapped_token_stream(bpe, [d for i, d in enumerate(documents) if i % 4 in own]).size
+
+
+def test_batches_are_the_same_for_any_number_of_processes(bpe, small_txt, tmp_path):
+    args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64, data_shards=4)
+    one = processes(args, bpe, 1)
+    steps = max(len(part) for part in one[0].shards.values())  # 2 rows per shard per batch: every shard wraps
+    whole, _ = global_batches(one, 8, steps)
+    for process_count in (2, 4):
+        batches, _ = global_batches(processes(args, bpe, process_count), 8, steps)
+        for want, got in zip(whole, batches):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+    # slot j of a batch comes from shard j * 4 // 8; each shard is read in whole epochs, each reshuffled
+    rows = np.stack([batch["row"][:, 0] for batch in whole])  # [steps, 8]
+    for shard, part in one[0].shards.items():
+        sequence = rows[:, 2 * shard : 2 * shard + 2].reshape(-1)
+        assert (sequence // 1_000_000 == shard).all()
+        count = len(part)
+        epochs = [sequence[e * count : (e + 1) * count] for e in range(len(sequence) // count)]
+        assert len(epochs) >= 2
+        for order in epochs:
+            assert sorted(order % 1_000_000) == list(range(1, count + 1))
+        assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_restored_state_continues_on_any_number_of_processes(bpe, small_txt, tmp_path):
+    args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64, data_shards=4)
+    two = processes(args, bpe, 2)
+    steps = max(len(part) for part in two[0].shards.values()) // 2 + 3  # some shards into their 2nd epoch
+    _, state = global_batches(two, 8, steps)
+    expected, _ = global_batches(two, 8, 4, state=state)
+    for process_count in (1, 2, 4):
+        got, _ = global_batches(processes(args, bpe, process_count), 8, 4, state=state)
+        for want, batch in zip(expected, got):
+            np.testing.assert_array_equal(batch["row"], want["row"])
+    # a bigger batch picks up every shard where the smaller one stopped
+    bigger, _ = global_batches(two, 16, 2, state=state)
+    for shard in range(4):
+        continued = np.concatenate([b["row"][2 * shard : 2 * shard + 2, 0] for b in expected])
+        np.testing.assert_array_equal(np.concatenate([b["row"][4 * shard : 4 * shard + 4, 0] for b in bigger]),
+                                      continued)
+    with pytest.raises(ValueError, match="read in 4 shards, this run has 2: resume with --data_shards 4"):
+        other = build_datasets(DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64,
+                                        data_shards=2), bpe, process_index=0, process_count=1)[0]
+        other.iterator(8).load_state_dict(state)
+
+
+def test_data_shard_count_rules(bpe, tmp_path):
+    assert resolve_data_shards(None, 1, 16) == resolve_data_shards(None, 2, 16) == resolve_data_shards(None, 8, 64) == 16
+    assert resolve_data_shards(None, 3, 48) == 48 and resolve_data_shards(None, 64, 512) == 64
+    assert resolve_data_shards(None, 1, 8) == 1 and resolve_data_shards(None, 2, 8) == 2  # small batches
+    assert resolve_data_shards(6, 3, 6) == 6
+    with pytest.raises(DataError, match="--data_shards=6 does not split over 4 processes: use a multiple of 4"):
+        resolve_data_shards(6, 4, 16)
+    with pytest.raises(DataError, match="--data_shards=32 is more than the global batch of 16 rows"):
+        resolve_data_shards(32, 1, 16)
+    (tmp_path / "two.txt").write_text("first document\n\nsecond document\n")
+    with pytest.raises(DataError, match="shard 2 of 4\\) has no text: add text or lower --data_shards"):
+        _build(tmp_path, bpe, train_file=str(tmp_path / "two.txt"), validation_split_percentage=0, data_shards=4)
 
 
 def test_epochs_reshuffle_from_the_seed(builtin_rows):
     _, train, _ = builtin_rows
-    iterator = train.iterator(8, seed=7, process_index=0, process_count=1)
-    np.testing.assert_array_equal(iterator.epoch_order(0), train.iterator(8, seed=7, process_index=0,
-                                                                          process_count=1).epoch_order(0))
-    assert not np.array_equal(iterator.epoch_order(0), iterator.epoch_order(1))
-    assert sorted(iterator.epoch_order(1)) == list(range(len(train)))
-
-
-@pytest.mark.parametrize("stop_after", [5, "epoch_end"])
-def test_restored_iterator_continues_with_identical_batches(builtin_rows, stop_after):
-    _, train, _ = builtin_rows
-    first = train.iterator(32, seed=3, process_index=1, process_count=2)
-    k = first.steps_per_epoch - 1 if stop_after == "epoch_end" else stop_after
-    for _ in range(k):
-        next(first)
-    state = json.loads(json.dumps(first.state_dict()))  # small and serializable
-    expected = [next(first) for _ in range(3)]  # crosses into epoch 1 in the "epoch_end" case
-    fresh = train.iterator(32, seed=3, process_index=1, process_count=2)
-    fresh.load_state_dict(state)
-    for want in expected:
-        got = next(fresh)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
+    iterator = train.iterator(8, seed=7)
+    np.testing.assert_array_equal(iterator.epoch_order(0, 0), train.iterator(8, seed=7).epoch_order(0, 0))
+    assert not np.array_equal(iterator.epoch_order(0, 0), iterator.epoch_order(0, 1))
+    assert sorted(iterator.epoch_order(0, 1)) == list(range(train.local_rows))
 
 
 def test_prefetcher_state_counts_only_consumed_batches(builtin_rows):
     _, train, _ = builtin_rows
-    with Prefetcher(train.iterator(8, seed=4, process_index=0, process_count=1), depth=3) as batches:
+    with Prefetcher(train.iterator(8, seed=4), depth=3) as batches:
         consumed = [next(batches) for _ in range(4)]
         time.sleep(0.1)  # let the thread run ahead
         state = batches.state_dict()
-    assert state == {"epoch": 0, "position": 32}
-    plain = train.iterator(8, seed=4, process_index=0, process_count=1)
+    assert state == {"data_shards": 1, "batches": 4, "shard_positions": [32]}
+    plain = train.iterator(8, seed=4)
     for want in consumed:
         np.testing.assert_array_equal(next(plain)["input_ids"], want["input_ids"])
-    restored = train.iterator(8, seed=4, process_index=0, process_count=1)
+    restored = train.iterator(8, seed=4)
     restored.load_state_dict(state)
     np.testing.assert_array_equal(next(restored)["input_ids"], next(plain)["input_ids"])
 
@@ -290,8 +372,8 @@ def test_second_run_reads_the_cache(bpe, small_txt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(data_tokenize, "encode_texts", no_tokenizing)
     again, _ = build_datasets(args, bpe)
-    for key in first.arrays:
-        np.testing.assert_array_equal(again.arrays[key], first.arrays[key])
+    for key in single(first).arrays:
+        np.testing.assert_array_equal(single(again).arrays[key], single(first).arrays[key])
     longer, _ = build_datasets(DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=96), bpe)
     assert longer.num_tokens == first.num_tokens  # repacked from the tokenized cache
     with pytest.raises(AssertionError, match="tokenized again"):
@@ -300,26 +382,31 @@ def test_second_run_reads_the_cache(bpe, small_txt, tmp_path, monkeypatch):
 
 def test_streaming_matches_the_cached_pipeline_and_resumes(bpe, small_txt, tmp_path):
     cached_args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64)
-    cached, _ = build_datasets(cached_args, bpe)
-    stream, stream_eval = build_datasets(DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path),
-                                                  max_seq_length=64, streaming=True, shuffle_buffer_size=50), bpe)
+    cached = single(build_datasets(cached_args, bpe)[0])
+    stream_args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64, streaming=True,
+                           shuffle_buffer_size=50)
+    stream, stream_eval = build_datasets(stream_args, bpe)
     assert stream_eval is not None
-    streamed = stacked(epoch(stream, 8, seed=1))
+    streamed = first_epoch(stream, 8, seed=1)
     real = streamed["input_ids"][streamed["segment_ids"] > 0]
     np.testing.assert_array_equal(np.sort(real), np.sort(cached.arrays["input_ids"][cached.arrays["segment_ids"] > 0]))
-    whole = epoch(stream, 8, seed=1)
-    shares = [epoch(stream, 8, seed=1, process_index=p, process_count=2) for p in (0, 1)]
-    for step, batch in enumerate(whole):
-        np.testing.assert_array_equal(np.concatenate([shares[0][step]["input_ids"], shares[1][step]["input_ids"]]),
-                                      batch["input_ids"])
-    iterator = stream.iterator(8, seed=1, process_index=1, process_count=2)
+    # two processes: each tokenizes every other document, and nothing else
+    documents = documents_of(cached_args)
+    for process in (0, 1):
+        share = build_datasets(stream_args, bpe, process_index=process, process_count=2)[0]
+        rows = first_epoch(share, 8, seed=1)
+        mine = wrapped_token_stream(bpe, documents[process::2])
+        np.testing.assert_array_equal(np.sort(rows["input_ids"][rows["segment_ids"] > 0]), np.sort(mine))
+    iterator = share.iterator(8, seed=1)
     for _ in range(4):
         next(iterator)
     state, expected = iterator.state_dict(), [next(iterator)["input_ids"] for _ in range(2)]
-    fresh = stream.iterator(8, seed=1, process_index=1, process_count=2)
+    fresh = share.iterator(8, seed=1)
     fresh.load_state_dict(state)
     for want in expected:
         np.testing.assert_array_equal(next(fresh)["input_ids"], want)
+    with pytest.raises(ValueError, match="read by 2 processes, this run has 1"):
+        stream.iterator(8).load_state_dict(state)
 
 
 def test_table_formats_and_text_column(bpe, tmp_path):
@@ -336,7 +423,7 @@ def test_table_formats_and_text_column(bpe, tmp_path):
             args = DataArgs(train_file=str(tmp_path / name), text_column="body", cache_dir=str(tmp_path / "c"),
                             max_seq_length=16, validation_split_percentage=0, streaming=streaming)
             rows, _ = build_datasets(args, bpe)
-            batch = stacked(epoch(rows, 4, shuffle=False))
+            batch = stacked(list(rows.eval_batches(4)))
             np.testing.assert_array_equal(batch["input_ids"][batch["segment_ids"] > 0], expected, err_msg=name)
 
 
@@ -419,7 +506,7 @@ def test_check_tokenizer_fits(bpe):
 
 def test_nsp_rows_from_the_corpus(wordpiece, cache_root):
     args = DataArgs(cache_dir=str(cache_root), max_seq_length=64, objective="mlm+nsp")
-    train, _ = build_datasets(args, wordpiece)
+    train = single(build_datasets(args, wordpiece)[0])
     a = {key: np.asarray(value) for key, value in train.arrays.items()}
     assert len(train) >= 2000
     assert abs(a["next_sentence_label"].mean() - 0.5) <= 0.02

@@ -29,7 +29,8 @@ TINY_RUN = ["--model_type", "roberta", "--hidden_size", "64", "--num_hidden_laye
             "--intermediate_size", "128", "--max_position_embeddings", "66", "--max_seq_length", "64",
             "--per_device_train_batch_size", "2", "--learning_rate", "2e-3", "--warmup_steps", "2",
             "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_steps", str(SAVE_EVERY),
-            "--max_train_samples", "300", "--do_eval", "false", "--progress_bar", "false", "--seed", "7"]
+            "--max_train_samples", "300", "--max_eval_samples", "60", "--per_device_eval_batch_size", "2",
+            "--progress_bar", "false", "--seed", "7"]
 
 
 # ----------------------------------------------------------------------------- launching runs
@@ -83,13 +84,10 @@ class Launch:
         assert codes == [0] * self.num_processes, f"exit codes {codes}\n{self.log_tail()}"
         return self
 
-    def rows_served(self, index: int) -> dict[tuple[int, int], list[int]]:
-        """(epoch, first global row of the batch) -> the global row indices process `index` read."""
+    def rows_served(self, index: int) -> dict[int, list[tuple[int, int]]]:
+        """batch number -> the (data shard, row) pairs process `index` read for it, in order."""
         lines = pathlib.Path(f"{self.rows_prefix}.process{index}.jsonl").read_text().splitlines()
-        served = {}
-        for record in map(json.loads, lines):
-            served[(record["epoch"], record["position"])] = record["rows"]
-        return served
+        return {record["batch"]: [tuple(pair) for pair in record["rows"]] for record in map(json.loads, lines)}
 
 
 def _free_port() -> int:
@@ -200,18 +198,46 @@ def test_two_processes_train_exactly_like_one(reference_runs):
     assert len([r for r in records if "train_loss" in r]) == STEPS
 
 
+def test_two_processes_evaluate_every_row_once_like_one(work, reference_runs):
+    """Each process evaluates the rows of its own shards; one that runs out first contributes empty rows
+    while the other goes on. The masks follow the batch layout, so the numbers agree closely, not exactly."""
+    from transformers import AutoTokenizer
+
+    from flax_bert.data import DataArgs, build_datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
+    local_batches = []
+    for index in (0, 1):  # the same rows the runs built, from the caches they left
+        args = DataArgs(cache_dir=str(work / f"cache{index}"), max_seq_length=64, max_train_samples=300,
+                        max_eval_samples=60, data_shards=16)
+        rows = build_datasets(args, tokenizer, process_index=index, process_count=2)[1].local_rows
+        local_batches.append(-(-rows // (GLOBAL_BATCH // 2)))
+    assert local_batches[0] != local_batches[1], local_batches  # the case where one process waits on the other
+    one, two = (json.loads((run.out / "eval_results.json").read_text()) for run in reference_runs)
+    assert one["eval_loss"] > 0 and two["eval_loss"] > 0
+    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=0.05)
+    np.testing.assert_allclose(two["eval_accuracy"], one["eval_accuracy"], atol=0.05)
+
+
 def test_each_process_reads_only_its_own_share_of_each_batch(reference_runs):
     one, two = reference_runs
     whole = one.rows_served(0)
     first, second = two.rows_served(0), two.rows_served(1)
     trained = list(whole)[:STEPS]  # the batches of steps 1..12 (the prefetcher may have read a few more)
-    assert [position for _, position in trained] == [GLOBAL_BATCH * k for k in range(STEPS)]
+    assert trained == list(range(STEPS))
     for batch in trained:
         rows_0, rows_1 = first[batch], second[batch]
         assert len(rows_0) == len(rows_1) == GLOBAL_BATCH // 2
-        assert not set(rows_0) & set(rows_1), f"both processes read rows {set(rows_0) & set(rows_1)}"
+        # 16 logical shards: process 0 reads only shards 0-7, process 1 only shards 8-15
+        assert {shard for shard, _ in rows_0} <= set(range(8)) and {shard for shard, _ in rows_1} <= set(range(8, 16))
         # process p holds the p-th half of the global batch, which is what the device layout expects
         assert rows_0 + rows_1 == whole[batch]
+    # each process tokenized only its own shards of the training and validation splits (process 1 has a
+    # cache of its own; process 0 shares one with the 1-process run, which built all 16)
+    for cache, shards in (("cache1", range(8, 16)), ("cache0", range(16))):
+        built = [json.loads(meta.read_text()) for meta in (one.out.parent / cache).glob("tokenized/*/meta.json")]
+        assert sorted(m["shard"] for m in built) == sorted(2 * list(shards)), cache
+        assert {m["num_shards"] for m in built} == {16}
     # every batch either process read (prefetched ones included) is its half of the same global batch
     for process, served in enumerate((first, second)):
         for batch in set(served) & set(whole):
@@ -239,7 +265,7 @@ def test_the_killed_run_resumes_from_its_checkpoint_and_ends_identical(killed_ru
     for index in range(2):
         # it goes on with the batch after checkpoint 6: nothing replayed, nothing skipped
         first_batch = pathlib.Path(f"{resumed.rows_prefix}.process{index}.jsonl").read_text().splitlines()[0]
-        assert json.loads(first_batch)["position"] == SAVE_EVERY * GLOBAL_BATCH
+        assert json.loads(first_batch)["batch"] == SAVE_EVERY
     expected, got = train_losses(two.out), train_losses(resumed.out)
     assert sorted(got) == sorted(expected)
     # the same programs on the same devices from the same state: bit for bit the uninterrupted run
