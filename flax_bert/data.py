@@ -118,15 +118,17 @@ class ShardedRows:
 
     def eval_batches(self, global_batch_size: int):
         """Every row of this process's shards once, in order, in local batches of global_batch_size / P rows;
-        the last one filled up with empty rows. Processes may yield different counts: see ``empty_batch``."""
+        only the last one is filled up with empty rows. Processes may yield different counts: see ``empty_batch``."""
         local = global_batch_size // self.process_count
-        for shard in sorted(self.shards):
-            rows = self.shards[shard]
-            for start in range(0, len(rows), local):
-                indices = np.full(local, -1, np.int64)
-                part = np.arange(start, min(start + local, len(rows)))
-                indices[: len(part)] = part
-                yield rows.gather(indices)
+        order = sorted(self.shards)
+        shard_of_row = np.repeat(order, [len(self.shards[s]) for s in order])
+        row_in_shard = np.concatenate([np.arange(len(self.shards[s])) for s in order] or [np.zeros(0, np.int64)])
+        for start in range(0, len(shard_of_row), local):
+            shards, rows = shard_of_row[start : start + local], row_in_shard[start : start + local]
+            parts = [self.shards[s].gather(rows[shards == s]) for s in np.unique(shards)]
+            if len(rows) < local:
+                parts.append(empty_rows(local - len(rows), self.max_seq_length, self.pad_id, self.nsp))
+            yield {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def empty_batch(self, global_batch_size: int) -> dict[str, np.ndarray]:
         """A local batch of empty rows, for a process that has run out while others evaluate on."""

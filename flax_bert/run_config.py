@@ -60,8 +60,8 @@ class RunConfig:
                                      "batches the same for any number of processes (default 16, at most the global batch)")
     cache_dir: str | None = _field(None, "where tokenized data and the built-in corpus are cached")
     skip_invalid_utf8: bool = _field(False, "skip undecodable lines (and count them) instead of stopping")
-    max_train_samples: int | None = _field(None, "use at most this many training rows")
-    max_eval_samples: int | None = _field(None, "evaluate on at most this many rows")
+    max_train_samples: int | None = _field(None, "use the first N training documents")
+    max_eval_samples: int | None = _field(None, "evaluate on the first N validation documents")
     tokenizer_vocab_size: int = _field(8192, "vocabulary of a tokenizer trained when --tokenizer_name is not given")
     # ---- training
     output_dir: str = _field("runs/flax-bert", "where checkpoints, metrics and the exported model go")

@@ -278,6 +278,20 @@ def test_restored_state_continues_on_any_number_of_processes(bpe, small_txt, tmp
         other.iterator(8).load_state_dict(state)
 
 
+def test_evaluation_reads_each_process_rows_once_padding_only_the_last_batch(bpe, small_txt, tmp_path):
+    args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64, data_shards=4)
+    for process in (0, 1):
+        rows = build_datasets(args, bpe, process_index=process, process_count=2)[1]
+        batches = list(rows.eval_batches(16))
+        assert len(batches) == -(-rows.local_rows // 8) and all(len(b["input_ids"]) == 8 for b in batches)
+        empty = [int((b["segment_ids"] == 0).all(axis=1).sum()) for b in batches]
+        assert sum(empty) == len(batches) * 8 - rows.local_rows and not any(empty[:-1])
+        expected = np.concatenate([part.arrays["input_ids"][part.arrays["segment_ids"] > 0]
+                                   for _, part in sorted(rows.shards.items())])
+        got = stacked(batches)
+        np.testing.assert_array_equal(got["input_ids"][got["segment_ids"] > 0], expected)
+
+
 def test_data_shard_count_rules(bpe, tmp_path):
     assert resolve_data_shards(None, 1, 16) == resolve_data_shards(None, 2, 16) == resolve_data_shards(None, 8, 64) == 16
     assert resolve_data_shards(None, 3, 48) == 48 and resolve_data_shards(None, 64, 512) == 64
