@@ -1,6 +1,7 @@
 """Several processes through JAX's own distributed runtime, on CPU: 2 local processes x 4 simulated
 devices joined by jax.distributed.initialize on 127.0.0.1 train exactly like 1 process x 8 devices,
-read only their own rows, resume after a kill, and stop (instead of hanging) when a peer dies.
+tokenize and read only their own data shards, evaluate together, resume after a kill (on 2 processes
+or on 1), and stop (instead of hanging) when a peer dies.
 
 Every run is the real command line (run_mlm_flax.py) in subprocesses. The runs share a persistent
 compilation cache, so only the first run of each layout pays for compiling. The learning rate is
@@ -176,7 +177,9 @@ def killed_run(work, reference_runs):
             code = run.processes[0].wait(timeout=STOP_DEADLINE_SECONDS)
         except subprocess.TimeoutExpired:
             pytest.fail(f"process 0 still runs {STOP_DEADLINE_SECONDS} s after process 1 died:\n{run.log_tail()}")
-        return run, code, time.monotonic() - killed_at
+        stopped_after = time.monotonic() - killed_at
+        shutil.copytree(run.out, work / "killed_copy")  # for a resume on another number of processes
+        return run, code, stopped_after
     finally:
         run.kill()
 
@@ -284,3 +287,18 @@ def test_the_heartbeat_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(distributed.HEARTBEAT_TIMEOUT_VARIABLE, bad)
         with pytest.raises(ValueError, match=distributed.HEARTBEAT_TIMEOUT_VARIABLE):
             distributed.heartbeat_timeout_seconds()
+
+
+def test_the_killed_run_resumes_on_one_process_and_ends_like_two(work, killed_run, reference_runs):
+    """The data position is the rows read from each logical shard, the same for any number of processes,
+    and Orbax reshards the state: the 2-process checkpoint goes on as 1 process x 8 devices."""
+    _, two = reference_runs
+    copy = work / "killed_copy"
+    resumed = Launch(work, "resumed_on_one", 1, ["--max_steps", str(STEPS)], output_dir=copy).succeed()
+    assert f"resuming from checkpoint {copy / 'checkpoints' / str(SAVE_EVERY)}" in resumed.log(0)
+    first_batch = pathlib.Path(f"{resumed.rows_prefix}.process0.jsonl").read_text().splitlines()[0]
+    assert json.loads(first_batch)["batch"] == SAVE_EVERY
+    expected, got = train_losses(two.out), train_losses(copy)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-5)
+    assert_same_parameters(copy, two.out, rtol=1e-5, atol=1e-7)
