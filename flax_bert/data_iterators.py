@@ -91,8 +91,11 @@ class ShardedBatchIterator:
 
     def load_state_dict(self, state: dict) -> None:
         saved = int(state.get("data_shards", 0))
-        if saved != self.rows.num_shards or len(state.get("shard_positions", ())) != saved:
-            raise ValueError(f"the checkpoint's data was read in {saved or 'unknown'} shards, this run has "
+        if not saved or len(state.get("shard_positions", ())) != saved:
+            raise ValueError(f"the checkpoint's data position {state} is not one of logical shards: resume it with "
+                             f"the flax-bert version that wrote it, or start a fresh --output_dir")
+        if saved != self.rows.num_shards:
+            raise ValueError(f"the checkpoint's data was read in {saved} shards, this run has "
                              f"{self.rows.num_shards}: resume with --data_shards {saved}")
         self.batches, self.positions = int(state["batches"]), np.asarray(state["shard_positions"], np.int64)
 
