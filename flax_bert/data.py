@@ -137,7 +137,8 @@ class ShardedRows:
 
 class StreamingRows:
     """Rows made on the fly from a document stream (``--streaming``): nothing is cached. Process p of P
-    tokenizes only documents i with i % P == p, so its batches depend on P (resume with the same P)."""
+    reads only its own files of a dataset made of several files, else tokenizes only documents i with
+    i % P == p; either way its batches depend on P (resume with the same P)."""
 
     def __init__(self, stream: DocumentStream, tokenizer, info: TokenizerInfo, args: DataArgs, process_index: int,
                  process_count: int):

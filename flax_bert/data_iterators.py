@@ -136,7 +136,8 @@ class ShardedBatchIterator:
 
 
 class StreamingBatchIterator:
-    """Batches of ``StreamingRows``: process p of P takes documents i with i % P == p, passes them
+    """Batches of ``StreamingRows``: process p of P takes its own files of a dataset made of a multiple
+    of P files (it never reads the others), else documents i with i % P == p; it passes them
     through a seeded shuffle buffer (per process and epoch), tokenizes and packs them on the fly, and
     runs through its epochs endlessly (or ``num_epochs`` times, the last batch filled with empty rows).
     State is the number of batches read; restoring replays that many batches of this process's share
@@ -161,6 +162,11 @@ class StreamingBatchIterator:
 
     def _own_documents(self):
         process, count = self.rows.process_index, self.rows.process_count
+        own_files = self.rows.stream.files_of_process(process, count) if count > 1 else None
+        if own_files is not None:  # a dataset of several files: read only this process's files
+            for batch in own_files.batches():
+                yield from batch
+            return
         index = 0
         for batch in self.rows.stream.batches():
             for text in batch:

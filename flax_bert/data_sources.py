@@ -76,9 +76,16 @@ class DocumentStream:
     fingerprint: str
     read: Callable[[], Iterator[list[str]]]
     streamable: bool = True
+    # A streamed source made of several files may hand each process of a multi-host run its own files:
+    # (process_index, process_count) -> that process's documents, or None when it cannot.
+    split_by_files: Callable[[int, int], "DocumentStream | None"] | None = None
 
     def batches(self) -> Iterator[list[str]]:
         return self.read()
+
+    def files_of_process(self, process_index: int, process_count: int) -> "DocumentStream | None":
+        """This process's own files of the stream (it never reads the others'), or None."""
+        return self.split_by_files(process_index, process_count) if self.split_by_files else None
 
 
 def _hash(*parts) -> str:
@@ -251,8 +258,21 @@ def hub_documents(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None
     def stream(split):
         table = splits[split]
         token = getattr(table, "_fingerprint", None) or "stream"
-        return DocumentStream(f"{label}[{split}]", _hash("hub", label, split, token, args.text_column),
-                              lambda: _text_batches_from_dataset(table, args.text_column, f"{label}[{split}]"))
+        name = f"{label}[{split}]"
+
+        def split_by_files(process_index: int, process_count: int) -> DocumentStream | None:
+            if table.num_shards % process_count:  # datasets would read every file and skip rows: no gain
+                return None
+            from datasets.distributed import split_dataset_by_node
+
+            own = split_dataset_by_node(table, rank=process_index, world_size=process_count)
+            return DocumentStream(f"{name} (files of process {process_index} of {process_count})",
+                                  _hash("hub", label, split, token, args.text_column, process_index, process_count),
+                                  lambda: _text_batches_from_dataset(own, args.text_column, name))
+
+        return DocumentStream(name, _hash("hub", label, split, token, args.text_column),
+                              lambda: _text_batches_from_dataset(table, args.text_column, name),
+                              split_by_files=split_by_files if args.streaming else None)
 
     validation = "validation" if "validation" in splits else None
     return stream("train"), (stream(validation) if validation else None)
@@ -298,7 +318,13 @@ def _select(stream: DocumentStream, role: str, percentage: int, limit: int | Non
             if limit is not None and kept >= limit:
                 return
 
-    return DocumentStream(f"{stream.name} ({role})", _hash(stream.fingerprint, role, percentage, limit), read)
+    def split_by_files(process_index: int, process_count: int) -> DocumentStream | None:
+        own = stream.files_of_process(process_index, process_count)
+        # "the first N documents" is a statement about the whole stream: then keep reading all of it
+        return _select(own, role, percentage, None) if own is not None and limit is None else None
+
+    return DocumentStream(f"{stream.name} ({role})", _hash(stream.fingerprint, role, percentage, limit), read,
+                          split_by_files=split_by_files if stream.split_by_files else None)
 
 
 def resolve_cache_dir(args: DataArgs) -> pathlib.Path:

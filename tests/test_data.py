@@ -423,6 +423,29 @@ def test_streaming_matches_the_cached_pipeline_and_resumes(bpe, small_txt, tmp_p
         stream.iterator(8).load_state_dict(state)
 
 
+def test_streamed_dataset_of_several_files_gives_each_process_its_own_files(bpe, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    texts = {part: [f"Part {part}, document {i}: lobsters and crabs." for i in range(25)] for part in range(4)}
+    for part, documents in texts.items():
+        (folder / f"part{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in documents))
+    args = DataArgs(dataset_name=str(folder), streaming=True, validation_split_percentage=0,
+                    cache_dir=str(tmp_path / "cache"), max_seq_length=32)
+
+    def tokens_of(rows):
+        batches = stacked(list(rows.eval_batches(4 * rows.process_count)))
+        return np.sort(batches["input_ids"][batches["segment_ids"] > 0])
+
+    everything = [t for part in range(4) for t in texts[part]]
+    for process in (0, 1):  # 4 files over 2 processes: files `process` and `process + 2`
+        rows, _ = build_datasets(args, bpe, process_index=process, process_count=2)
+        mine = texts[process] + texts[process + 2]
+        np.testing.assert_array_equal(tokens_of(rows), np.sort(wrapped_token_stream(bpe, mine)))
+    # 3 processes do not divide 4 files: each reads everything and keeps every third document
+    shares = [tokens_of(build_datasets(args, bpe, process_index=p, process_count=3)[0]) for p in range(3)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.sort(wrapped_token_stream(bpe, everything)))
+
+
 def test_table_formats_and_text_column(bpe, tmp_path):
     import pyarrow
     import pyarrow.parquet
