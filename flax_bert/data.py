@@ -255,7 +255,8 @@ def _materialize(stream: DocumentStream, tokenizer, info: TokenizerInfo, args: D
             for shard in missing:
                 _pack_to_cache(corpora[shard], folders[shard], stream, info, args, seed, split, shard, num_shards)
         except DataError:
-            for folder in fresh:  # bad input leaves nothing behind, not even the token cache made for it
+            # bad input leaves nothing behind: not the rows of the shards before it, not the token cache
+            for folder in fresh + [folders[s] for s in missing]:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
     loaded = {s: _load_rows(folders[s], info.pad_id) for s in shards}
@@ -272,7 +273,7 @@ def _pack_to_cache(corpus: TokenizedCorpus, folder: pathlib.Path, stream: Docume
     name = stream.name if num_shards == 1 else f"{stream.name}, shard {shard} of {num_shards}"
     if corpus.num_units == 0:
         if split == "validation":
-            _write_rows(folder, 0, length, [], args.overwrite_cache)  # cached as empty, so later runs skip it at once
+            _write_rows(folder, 0, length, [], args.overwrite_cache)  # cached as empty: later runs skip it
             return
         hint = "add text" if num_shards == 1 else "add text or lower --data_shards"
         raise DataError(f"the {split} corpus ({name}) has no text: {hint}")

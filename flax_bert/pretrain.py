@@ -263,6 +263,7 @@ class Run:
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         if not totals:
+            log.warning("the validation split has no rows: no evaluation")
             return {}
         results = eval_summary(totals)
         self.metrics.write(step, results)

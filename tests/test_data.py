@@ -304,6 +304,7 @@ def test_data_shard_count_rules(bpe, tmp_path):
     (tmp_path / "two.txt").write_text("first document\n\nsecond document\n")
     with pytest.raises(DataError, match="shard 2 of 4\\) has no text: add text or lower --data_shards"):
         _build(tmp_path, bpe, train_file=str(tmp_path / "two.txt"), validation_split_percentage=0, data_shards=4)
+    assert _nothing_written(tmp_path)  # not even the shards 0 and 1 that had text
 
 
 def test_epochs_reshuffle_from_the_seed(builtin_rows):
