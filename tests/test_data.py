@@ -292,6 +292,29 @@ def test_evaluation_reads_each_process_rows_once_padding_only_the_last_batch(bpe
         np.testing.assert_array_equal(got["input_ids"][got["segment_ids"] > 0], expected)
 
 
+def _build_in_another_process(tokenizer_dir: str, train_file: str, cache_dir: str) -> list[int]:
+    """Runs in a spawned process: builds 4 shards into ``cache_dir``; returns each shard's token count."""
+    from transformers import AutoTokenizer
+
+    args = DataArgs(train_file=train_file, cache_dir=cache_dir, max_seq_length=64, data_shards=4)
+    rows, _ = build_datasets(args, AutoTokenizer.from_pretrained(tokenizer_dir), process_index=0, process_count=1)
+    return [rows.shards[s].num_tokens for s in range(4)]
+
+
+def test_processes_sharing_a_cold_cache_agree(bpe, small_txt, tmp_path):
+    import concurrent.futures
+    import multiprocessing
+
+    bpe.save_pretrained(tmp_path / "tokenizer")
+    cache = tmp_path / "shared-cache"
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_build_in_another_process, *zip(*[(str(tmp_path / "tokenizer"), str(small_txt),
+                                                                    str(cache))] * 3)))
+    assert results[0] == results[1] == results[2] and all(results[0])
+    assert len(list((cache / "tokenized").glob("*/meta.json"))) == 8  # 4 train + 4 validation shards, once
+    assert not list(cache.rglob(".tmp-*"))  # the copies that lost the race are gone
+
+
 def test_data_shard_count_rules(bpe, tmp_path):
     assert resolve_data_shards(None, 1, 16) == resolve_data_shards(None, 2, 16) == resolve_data_shards(None, 8, 64) == 16
     assert resolve_data_shards(None, 3, 48) == 48 and resolve_data_shards(None, 64, 512) == 64
