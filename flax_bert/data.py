@@ -31,8 +31,8 @@ import tempfile
 
 import numpy as np
 
-from flax_bert.data_iterators import (Prefetcher, ShardedBatchIterator, StreamingBatchIterator, empty_rows,
-                                      make_global_batch, owned_shards)
+from flax_bert.data_iterators import (Prefetcher, ShardedBatchIterator, StreamingBatchIterator, check_data_shards,
+                                      empty_rows, make_global_batch, owned_shards)
 from flax_bert.data_nsp import build_nsp_rows
 from flax_bert.data_packing import StreamPacker, pack_line_by_line, packed_row_count
 from flax_bert.data_sources import DataArgs, DataError, DocumentStream, document_streams, resolve_cache_dir
@@ -53,13 +53,7 @@ def resolve_data_shards(requested: int | None, process_count: int, global_batch_
     """The number of logical shards: ``requested`` when given (checked), else 16 (or the least multiple
     of 16 and the process count) when the global batch has room for it, else one per process."""
     if requested:
-        if requested % process_count:
-            raise DataError(f"--data_shards={requested} does not split over {process_count} processes: "
-                            f"use a multiple of {process_count}")
-        if requested > global_batch_size:
-            raise DataError(f"--data_shards={requested} is more than the global batch of {global_batch_size} rows "
-                            f"(every shard fills at least one row of each batch): lower --data_shards or raise "
-                            f"the batch size")
+        check_data_shards(requested, process_count, global_batch_size)
         return requested
     shards = math.lcm(DEFAULT_DATA_SHARDS, process_count)
     return shards if shards <= global_batch_size else process_count
@@ -315,9 +309,7 @@ def build_datasets(args: DataArgs, tokenizer, seed: int = 0, process_index: int 
         return (StreamingRows(train_stream, tokenizer, info, args, *layout),
                 StreamingRows(eval_stream, tokenizer, info, args, *layout) if eval_stream else None)
     num_shards = args.data_shards or 1
-    if num_shards % process_count:
-        raise DataError(f"--data_shards={num_shards} does not split over {process_count} processes: "
-                        f"use a multiple of {process_count}")
+    check_data_shards(num_shards, process_count)
     layout = (num_shards, process_index, process_count)
     train = _materialize(train_stream, tokenizer, info, args, seed, "train", *layout)
     evaluation = _materialize(eval_stream, tokenizer, info, args, seed, "validation", *layout) if eval_stream else None

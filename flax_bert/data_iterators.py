@@ -30,6 +30,18 @@ def owned_shards(num_shards: int, process_index: int, process_count: int) -> lis
     return list(range(process_index * per_process, (process_index + 1) * per_process))
 
 
+def check_data_shards(num_shards: int, process_count: int, global_batch_size: int | None = None) -> None:
+    """Raises DataError when the shards cannot be laid out: every process owns the same number of them
+    and every shard fills at least one row of each global batch."""
+    if num_shards % process_count:
+        raise DataError(f"--data_shards={num_shards} does not split over {process_count} processes: "
+                        f"use a multiple of {process_count}")
+    if global_batch_size is not None and num_shards > global_batch_size:
+        raise DataError(f"--data_shards={num_shards} is more than the global batch of {global_batch_size} rows "
+                        f"(every shard fills at least one row of each batch): lower --data_shards or raise "
+                        f"the batch size")
+
+
 def shard_slots(num_shards: int, global_batch_size: int) -> np.ndarray:
     """Rows of each global batch filled from each shard: slot j reads shard floor(j * S / G)."""
     bounds = -(-np.arange(num_shards + 1) * global_batch_size // num_shards)  # first slot of each shard
@@ -72,9 +84,7 @@ class ShardedBatchIterator:
         self.rows, self.global_batch_size, self.seed, self.shuffle = rows, global_batch_size, seed, shuffle
         self.local_batch_size = _local_batch_size(global_batch_size, rows.process_count)
         num_shards = rows.num_shards
-        if num_shards > global_batch_size:
-            raise DataError(f"data_shards={num_shards} is more than the global batch of {global_batch_size} rows: "
-                            f"lower --data_shards or raise the batch size")
+        check_data_shards(num_shards, rows.process_count, global_batch_size)
         self.slots = shard_slots(num_shards, global_batch_size)
         self.own = owned_shards(num_shards, rows.process_index, rows.process_count)
         empty = [s for s in self.own if s not in rows.shards]
