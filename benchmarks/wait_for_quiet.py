@@ -6,15 +6,13 @@ Idle means: over `window` seconds, less than `busy` of the host's CPU time was u
 Exits 0 when idle, 1 on timeout (the caller may run anyway and report the measured load).
 """
 import argparse
+import pathlib
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-def busy_and_total():
-    with open("/proc/stat") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:]]
-    total = sum(fields)
-    return total - fields[3] - fields[4], total
+from flax_bert.bench import host_cpu_jiffies  # noqa: E402  (stdlib only: starts no framework)
 
 
 def main() -> int:
@@ -25,9 +23,9 @@ def main() -> int:
     args = parser.parse_args()
     deadline = time.time() + args.timeout
     while time.time() < deadline:
-        busy0, total0 = busy_and_total()
+        busy0, total0 = host_cpu_jiffies()
         time.sleep(args.window)
-        busy1, total1 = busy_and_total()
+        busy1, total1 = host_cpu_jiffies()
         load = (busy1 - busy0) / max(total1 - total0, 1)
         if load < args.busy:
             print(f"host idle ({load:.0%} busy over {args.window:.0f} s)", file=sys.stderr)

@@ -133,13 +133,18 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _host_busy_jiffies() -> int | None:
-    """Busy CPU time of the whole host from /proc/stat (None where there is no /proc)."""
+def host_cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole host from /proc/stat, in clock ticks (None without /proc)."""
     try:
         fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
     except OSError:
         return None
-    return sum(fields) - fields[3] - fields[4]  # all minus idle and iowait
+    return sum(fields) - fields[3] - fields[4], sum(fields)  # busy: all but idle and iowait
+
+
+def _host_busy_jiffies() -> int | None:
+    jiffies = host_cpu_jiffies()
+    return jiffies[0] if jiffies else None
 
 
 # ----------------------------------------------------------------------------- JAX worker
