@@ -299,9 +299,3 @@ def tokenize_shards_to_cache(stream: DocumentStream, tokenizer, info: TokenizerI
                 writer.discard()
     return {s: load_tokenized(folders[s]) for s in shards}
 
-
-def tokenize_to_cache(stream: DocumentStream, tokenizer, info: TokenizerInfo, cache_dir: pathlib.Path,
-                      sentences: bool = False, num_workers: int | None = None,
-                      overwrite: bool = False) -> TokenizedCorpus:
-    """The whole stream as one shard."""
-    return tokenize_shards_to_cache(stream, tokenizer, info, cache_dir, [0], 1, sentences, num_workers, overwrite)[0]

@@ -19,7 +19,7 @@ from flax_bert.config import ModelConfig
 from flax_bert.convert import assign_hf_tensors, save_hf, to_hf_tensors
 from flax_bert.data import DataArgs, build_datasets, make_global_batch, tokenizer_info
 from flax_bert.data_sources import document_streams
-from flax_bert.data_tokenize import tokenize_to_cache
+from flax_bert.data_tokenize import tokenize_shards_to_cache
 from flax_bert.masking import mask_tokens
 from flax_bert.model import create_model
 from flax_bert.optim import make_optimizer
@@ -69,7 +69,8 @@ def nsp_rows(text_args, wordpiece):
     rows = {name: np.asarray(values) for name, values in train.shards[0].arrays.items()}
     info = tokenizer_info(wordpiece)
     # the same cache entry the pipeline just wrote: sentence units with document boundaries
-    corpus = tokenize_to_cache(document_streams(args)[0], wordpiece, info, pathlib.Path(args.cache_dir), sentences=True)
+    corpus = tokenize_shards_to_cache(document_streams(args)[0], wordpiece, info, pathlib.Path(args.cache_dir),
+                                      shards=[0], sentences=True)[0]
     return rows, corpus
 
 
