@@ -293,8 +293,10 @@ def run_torch(args) -> dict:
     run, model_config = load_setup(args)  # main() has checked that the dtype is float32
     torch.manual_seed(run.seed)
     nsp = run.objective == "mlm+nsp"
-    model_class = (transformers.BertForPreTraining if nsp else
-                   transformers.RobertaForMaskedLM if model_config.model_type == "roberta" else transformers.BertForMaskedLM)
+    from flax_bert.models import family
+
+    model_family = family(model_config.model_type)
+    model_class = getattr(transformers, model_family.nsp_architecture if nsp else model_family.architectures[0])
     model = model_class(model_config.to_hf_config(model_class.__name__)).train()
     no_decay = [p for n, p in model.named_parameters() if "bias" in n or "LayerNorm.weight" in n or "layer_norm.weight" in n]
     decay = [p for p in model.parameters() if all(p is not q for q in no_decay)]

@@ -1,8 +1,9 @@
 """Weights between Hugging Face folders (PyTorch safetensors / .bin, transformers-4 Flax msgpack) and ours.
 
-One explicit name table (`name_table`) pairs every Hugging Face tensor with a path in our NNX
-state and says how to transform it. Our encoder layers are stacked on a leading axis, so the
-table's per-layer rows carry the layer index.
+Each model family's module (`flax_bert/models/`) has one explicit name table (`name_table`) that
+pairs every Hugging Face tensor with a path in our NNX state and says how to transform it; this
+module reads and writes files with it, whatever the family. Our encoder layers are stacked on a
+leading axis, so the table's per-layer rows carry the layer index.
 """
 from __future__ import annotations
 
@@ -19,67 +20,17 @@ import numpy as np
 from flax import nnx
 
 from flax_bert.config import ConfigError, ModelConfig
-from flax_bert.model import BertForPreTraining, MODEL_CLASSES, model_class_for
+from flax_bert.models import all_architectures, architecture_of, family, model_class_for, name_table, normalize_names
+from flax_bert.models.layers import Entry  # noqa: F401  (the table rows, re-exported)
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "flax_model.msgpack")
-_LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
-                  "attention.output.dense", "intermediate.dense", "output.dense")
-_LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
 
 
 class WeightsError(ValueError):
     """A checkpoint whose tensors do not fit the model its config describes."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    hf_name: str             # e.g. roberta.encoder.layer.3.attention.self.query.weight
-    path: tuple[str, ...]    # our state path, e.g. (roberta, encoder, layer, attention, self, query, kernel)
-    transform: str           # "linear" (transpose) | "copy"
-    layer: int | None = None  # index into our stacked layer axis
-    head: bool = False       # part of a task head (may be freshly initialized when absent)
-
-
-def name_table(cfg: ModelConfig, architecture: str) -> list[Entry]:
-    """Every tensor of `architecture` (a key of MODEL_CLASSES) as Hugging Face names it."""
-    p = cfg.model_type  # backbone prefix: "bert" or "roberta"
-    entries: list[Entry] = []
-
-    def linear(hf: str, ours: str, layer=None, head=False):
-        entries.append(Entry(f"{hf}.weight", (*ours.split("."), "kernel"), "linear", layer, head))
-        entries.append(Entry(f"{hf}.bias", (*ours.split("."), "bias"), "copy", layer, head))
-
-    def norm(hf: str, ours: str, layer=None, head=False):
-        entries.append(Entry(f"{hf}.weight", (*ours.split("."), "scale"), "copy", layer, head))
-        entries.append(Entry(f"{hf}.bias", (*ours.split("."), "bias"), "copy", layer, head))
-
-    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        entries.append(Entry(f"{p}.embeddings.{table}.weight", (p, "embeddings", table, "embedding"), "copy"))
-    norm(f"{p}.embeddings.LayerNorm", f"{p}.embeddings.LayerNorm")
-    for i in range(cfg.num_hidden_layers):
-        for name in _LAYER_LINEARS:
-            linear(f"{p}.encoder.layer.{i}.{name}", f"{p}.encoder.layer.{name}", layer=i)
-        for name in _LAYER_NORMS:
-            norm(f"{p}.encoder.layer.{i}.{name}", f"{p}.encoder.layer.{name}", layer=i)
-    if architecture == "RobertaForMaskedLM":
-        linear("lm_head.dense", "lm_head.dense", head=True)
-        norm("lm_head.layer_norm", "lm_head.layer_norm", head=True)
-        entries.append(Entry("lm_head.bias", ("lm_head", "bias"), "copy", head=True))
-    else:
-        linear("cls.predictions.transform.dense", "cls.predictions.transform.dense", head=True)
-        norm("cls.predictions.transform.LayerNorm", "cls.predictions.transform.LayerNorm", head=True)
-        entries.append(Entry("cls.predictions.bias", ("cls", "predictions", "bias"), "copy", head=True))
-    if architecture == "BertForPreTraining":
-        linear(f"{p}.pooler.dense", f"{p}.pooler.dense", head=True)
-        linear("cls.seq_relationship", "cls.seq_relationship", head=True)
-    return entries
-
-
-def architecture_of(model) -> str:
-    return next(name for name, cls in MODEL_CLASSES.items() if type(model) is cls)
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -155,25 +106,10 @@ def _msgpack_to_hf_names(file: pathlib.Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _normalize_names(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Old and headless checkpoints: TF-era gamma/beta, a bare BertModel without its prefix."""
-    prefix = cfg.model_type + "."
-    backbone_roots = ("embeddings.", "encoder.", "pooler.")
-    out = {}
-    for name, value in tensors.items():
-        if name.endswith((".position_ids", ".token_type_ids")):  # buffers, not weights
-            continue
-        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if name.startswith(backbone_roots):
-            name = prefix + name
-        out[name] = value
-    return out
-
-
 # ----------------------------------------------------------------------------- load / save
 def load_hf(path: str | os.PathLike, dtype: str | None = None, architecture: str | None = None,
             **config_overrides: Any):
-    """Load a Hugging Face BERT/RoBERTa folder (or hub id) into our model.
+    """Load a Hugging Face folder (or hub id) of a registered family into our model.
 
     `dtype` is the compute dtype; parameters stay in `param_dtype` (fp32 by default).
     `architecture`: "RobertaForMaskedLM" | "BertForMaskedLM" | "BertForPreTraining"; by default the
@@ -185,12 +121,14 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, architecture: str
     cfg = ModelConfig.from_pretrained(folder, **config_overrides)
     hf_archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     if architecture is None:
-        objective = "mlm+nsp" if "BertForPreTraining" in hf_archs else "mlm"
+        nsp = family(cfg.model_type).nsp_architecture
+        objective = "mlm+nsp" if nsp and nsp in hf_archs else "mlm"
         architecture = model_class_for(cfg, objective).__name__
-    if architecture not in MODEL_CLASSES:
-        raise ConfigError(f"unknown architecture {architecture!r}; use one of {', '.join(MODEL_CLASSES)}")
-    tensors = _normalize_names(_read_weight_files(folder), cfg)
-    model = MODEL_CLASSES[architecture](cfg, rngs=nnx.Rngs(0))
+    if architecture not in family(cfg.model_type).architectures:
+        raise ConfigError(f"architecture {architecture!r} is not a {cfg.model_type} model; use one of "
+                          f"{', '.join(family(cfg.model_type).architectures)}")
+    tensors = normalize_names(_read_weight_files(folder), cfg)
+    model = all_architectures()[architecture](cfg, rngs=nnx.Rngs(0))
     fresh = assign_hf_tensors(model, tensors, source=str(folder))
     if fresh:
         log.warning("%s has no %s weights: %s freshly initialized (fine-tune or pretrain before use)",
@@ -253,8 +191,10 @@ def save_hf(model, path: str | os.PathLike, tokenizer=None, architecture: str | 
 
     folder = pathlib.Path(path)
     architecture = architecture or architecture_of(model)
-    if isinstance(model, BertForPreTraining) is False and architecture == "BertForPreTraining":
-        raise ConfigError("only a model trained with the NSP head can be exported as BertForPreTraining")
+    if architecture != architecture_of(model) and (architecture not in family(model.config.model_type).architectures
+                                                   or architecture == family(model.config.model_type).nsp_architecture):
+        raise ConfigError(f"a {architecture_of(model)} cannot be exported as {architecture}"
+                          " (only a model trained with the NSP head can be exported as BertForPreTraining)")
     if not overwrite and any((folder / name).exists() for name in ("config.json", "model.safetensors")):
         raise FileExistsError(f"{folder} already holds a model; pass overwrite=True (--overwrite_output_dir) to replace it")
     folder.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ print(fill("The capital of France is {mask}."))
 def model_card(model, tokenizer, run: dict, steps: int, global_batch: int, eval_results: dict | None,
                load_path: str) -> str:
     from flax_bert.convert import architecture_of
-    from flax_bert.model import count_parameters
+    from flax_bert.models import count_parameters
 
     cfg = model.config
     data = run.get("dataset_name") or run.get("train_file") or "the built-in corpus (Python standard library docstrings)"

@@ -22,7 +22,7 @@ from flax_bert.config import ModelConfig, flops_per_token
 from flax_bert.convert import load_hf
 from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
                             make_global_batch, resolve_data_shards)
-from flax_bert.model import model_class_for
+from flax_bert.models import family, model_class_for
 from flax_bert.metrics import MetricsWriter, device_peak_flops
 from flax_bert.optim import make_optimizer
 from flax_bert.run_config import RunConfig, fresh_model_config, runtime_overrides
@@ -54,7 +54,7 @@ def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path):
         return AutoTokenizer.from_pretrained(str(run_tokenizer))
     from flax_bert.tokenizer_training import train_tokenizer_from_args
 
-    kind = "bpe" if run.model_type == "roberta" else "wordpiece"
+    kind = family(run.model_type).tokenizer_kind
     log.info("no --tokenizer_name: training a %d-token %s tokenizer on the training data", run.tokenizer_vocab_size, kind)
     if jax.process_index() == 0:
         train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,

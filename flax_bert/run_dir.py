@@ -23,14 +23,14 @@ def load_run_model(run_dir, step: int | None = None):
     """(model, tokenizer, run config dict, step) from a run's checkpoint (the latest by default)."""
     from flax_bert.checkpoint import Checkpointer
     from flax_bert.config import ModelConfig
-    from flax_bert.model import MODEL_CLASSES
+    from flax_bert.models import all_architectures
 
     checkpointer = Checkpointer.for_path(pathlib.Path(run_dir).absolute())  # the run dir, its checkpoints/ or one checkpoints/STEP
     run_dir = pathlib.Path(str(checkpointer.output_dir))
     params, bundle, step = checkpointer.restore_params(step)
     hf_config = bundle["model"]
     cfg = ModelConfig.from_hf_dict(hf_config, scan_layers=True)
-    model = MODEL_CLASSES[hf_config["architectures"][0]](cfg, rngs=nnx.Rngs(0))
+    model = all_architectures()[hf_config["architectures"][0]](cfg, rngs=nnx.Rngs(0))
     nnx.update(model, params)
     return model, load_run_tokenizer(run_dir, bundle["run"]), bundle["run"], step
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax_bert import sharding
 from flax_bert.config import ModelConfig
 from flax_bert.masking import MaskedBatch, mask_tokens, num_prediction_slots
-from flax_bert.model import model_class_for
+from flax_bert.models import model_class_for
 
 Batch = dict[str, jax.Array]
 

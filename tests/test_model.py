@@ -10,7 +10,8 @@ import transformers
 
 from flax_bert.config import ConfigError, ModelConfig
 from flax_bert.convert import load_hf
-from flax_bert.model import create_model, position_ids_from_segments
+from flax_bert.models import create_model
+from flax_bert.models.layers import position_ids_from_segments
 
 TINY = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=128, max_position_embeddings=64)

@@ -21,7 +21,7 @@ from flax_bert.data import DataArgs, build_datasets, make_global_batch, tokenize
 from flax_bert.data_sources import document_streams
 from flax_bert.data_tokenize import tokenize_shards_to_cache
 from flax_bert.masking import mask_tokens
-from flax_bert.model import create_model
+from flax_bert.models import create_model
 from flax_bert.optim import make_optimizer
 from flax_bert.sharding import BATCH_AXES, make_mesh
 from flax_bert.tokenizer_training import train_tokenizer

@@ -7,52 +7,16 @@ the mesh. Dropout takes an explicit key, so a train step is a pure function of i
 """
 from __future__ import annotations
 
-import functools
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from flax_bert.config import ModelConfig
+from flax_bert.models.layers import (REMAT_POLICIES, Entry, MaskedLMOutput, activation, document_mask, dropout, dtype,
+                                     gather_positions, position_ids_from_segments, split_key, tied_logits, vocab_bias)
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class MaskedLMOutput:
-    logits: Array                      # [batch, length or slots, vocab], float32
-    last_hidden_state: Array           # [batch, length, hidden]
-    seq_relationship_logits: Array | None = None  # [batch, 2], BertForPreTraining only
-
-
-def _dtype(name: str):
-    return jnp.dtype(name)
-
-
-def _activation(name: str):
-    return {
-        "gelu": functools.partial(jax.nn.gelu, approximate=False),
-        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-        "relu": jax.nn.relu,
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "tanh": jnp.tanh,
-    }[name]
-
-
-def dropout(x: Array, rate: float, key: Array | None) -> Array:
-    """Inverted dropout; the identity when `key` is None (evaluation) or rate is 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def _split_key(key: Array | None, n: int):
-    return [None] * n if key is None else list(jax.random.split(key, n))
+_dtype, _activation, _split_key = dtype, activation, split_key
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
@@ -79,16 +43,6 @@ def _embedding(cfg: ModelConfig, rows: int, axes: tuple[str | None, str], rngs: 
 
     return nnx.Embed(rows, cfg.hidden_size, param_dtype=_dtype(cfg.param_dtype), embedding_init=init,
                      embedding_metadata={"logical_axes": axes}, rngs=rngs)
-
-
-def position_ids_from_segments(segment_ids: Array, first_position: int) -> Array:
-    """Positions restart at `first_position` in each packed document; padding (segment 0) gets
-    first_position - 1, which for RoBERTa is padding_idx, as transformers assigns it."""
-    length = segment_ids.shape[-1]
-    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
-    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    start = jax.lax.cummax(jnp.where(segment_ids != previous, index, 0), axis=1)
-    return jnp.where(segment_ids > 0, first_position + index - start, max(first_position - 1, 0))
 
 
 def roberta_position_ids(input_ids: Array, pad_token_id: int) -> Array:
@@ -180,11 +134,7 @@ class Layer(nnx.Module):
         return self.output(self.intermediate(x), x, key_output)
 
 
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+_REMAT_POLICIES = REMAT_POLICIES
 
 
 class Encoder(nnx.Module):
@@ -239,14 +189,9 @@ class EncoderModel(nnx.Module):
         cfg = self.cfg
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        if segment_ids is not None:  # packed rows: attention stays inside each document
-            mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
-            if position_ids is None:
-                position_ids = position_ids_from_segments(segment_ids, cfg.first_position_id)
-        else:
-            if attention_mask is None:
-                attention_mask = jnp.ones_like(input_ids)
-            mask = jnp.broadcast_to(attention_mask[:, None, :].astype(bool), (*input_ids.shape, input_ids.shape[1]))
+        mask = document_mask(input_ids, attention_mask, segment_ids)  # packed rows: attention stays in each document
+        if segment_ids is not None and position_ids is None:
+            position_ids = position_ids_from_segments(segment_ids, cfg.first_position_id)
         if position_ids is None:
             if cfg.model_type == "roberta":
                 position_ids = roberta_position_ids(input_ids, cfg.pad_token_id)
@@ -258,18 +203,7 @@ class EncoderModel(nnx.Module):
 
 
 def _vocab_bias(cfg: ModelConfig) -> nnx.Param:
-    return nnx.Param(jnp.zeros((cfg.vocab_size,), _dtype(cfg.param_dtype)), logical_axes=("vocab",))
-
-
-def tied_logits(hidden: Array, word_embeddings: nnx.Embed, bias: nnx.Param) -> Array:
-    """Project onto the tied word embeddings; logits and everything after them are fp32."""
-    table = word_embeddings.embedding[...].astype(hidden.dtype)
-    logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
-    return logits + bias[...].astype(jnp.float32)
-
-
-def gather_positions(hidden_BxLxD: Array, positions_BxP: Array) -> Array:
-    return jnp.take_along_axis(hidden_BxLxD, positions_BxP[:, :, None], axis=1)
+    return vocab_bias(cfg.vocab_size, cfg.param_dtype)
 
 
 class RobertaLMHead(nnx.Module):
@@ -374,24 +308,57 @@ class BertForPreTraining(BertForMaskedLM):
         return out.replace(seq_relationship_logits=self.cls.seq_relationship(pooled).astype(jnp.float32))
 
 
-MODEL_CLASSES: dict[str, type[_MaskedLMBase]] = {
-    "RobertaForMaskedLM": RobertaForMaskedLM,
-    "BertForMaskedLM": BertForMaskedLM,
-    "BertForPreTraining": BertForPreTraining,
-}
+# ----------------------------------------------------------------------------- Hugging Face names
+_LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
+                  "attention.output.dense", "intermediate.dense", "output.dense")
+_LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
 
 
-def model_class_for(cfg: ModelConfig, objective: str = "mlm") -> type[_MaskedLMBase]:
-    if objective == "mlm+nsp":
-        if cfg.model_type != "bert":
-            raise ValueError("objective 'mlm+nsp' needs a BERT model (--model_type bert); RoBERTa has no NSP head")
-        return BertForPreTraining
-    return RobertaForMaskedLM if cfg.model_type == "roberta" else BertForMaskedLM
+def name_table(cfg: ModelConfig, architecture: str) -> list[Entry]:
+    """Every tensor of `architecture` (RobertaForMaskedLM, BertForMaskedLM or BertForPreTraining) as Hugging Face names it."""
+    p = cfg.model_type  # backbone prefix: "bert" or "roberta"
+    entries: list[Entry] = []
+
+    def linear(hf: str, ours: str, layer=None, head=False):
+        entries.append(Entry(f"{hf}.weight", (*ours.split("."), "kernel"), "linear", layer, head))
+        entries.append(Entry(f"{hf}.bias", (*ours.split("."), "bias"), "copy", layer, head))
+
+    def norm(hf: str, ours: str, layer=None, head=False):
+        entries.append(Entry(f"{hf}.weight", (*ours.split("."), "scale"), "copy", layer, head))
+        entries.append(Entry(f"{hf}.bias", (*ours.split("."), "bias"), "copy", layer, head))
+
+    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        entries.append(Entry(f"{p}.embeddings.{table}.weight", (p, "embeddings", table, "embedding"), "copy"))
+    norm(f"{p}.embeddings.LayerNorm", f"{p}.embeddings.LayerNorm")
+    for i in range(cfg.num_hidden_layers):
+        for name in _LAYER_LINEARS:
+            linear(f"{p}.encoder.layer.{i}.{name}", f"{p}.encoder.layer.{name}", layer=i)
+        for name in _LAYER_NORMS:
+            norm(f"{p}.encoder.layer.{i}.{name}", f"{p}.encoder.layer.{name}", layer=i)
+    if architecture == "RobertaForMaskedLM":
+        linear("lm_head.dense", "lm_head.dense", head=True)
+        norm("lm_head.layer_norm", "lm_head.layer_norm", head=True)
+        entries.append(Entry("lm_head.bias", ("lm_head", "bias"), "copy", head=True))
+    else:
+        linear("cls.predictions.transform.dense", "cls.predictions.transform.dense", head=True)
+        norm("cls.predictions.transform.LayerNorm", "cls.predictions.transform.LayerNorm", head=True)
+        entries.append(Entry("cls.predictions.bias", ("cls", "predictions", "bias"), "copy", head=True))
+    if architecture == "BertForPreTraining":
+        linear(f"{p}.pooler.dense", f"{p}.pooler.dense", head=True)
+        linear("cls.seq_relationship", "cls.seq_relationship", head=True)
+    return entries
 
 
-def create_model(cfg: ModelConfig, seed: int = 0, objective: str = "mlm") -> _MaskedLMBase:
-    return model_class_for(cfg, objective)(cfg, rngs=nnx.Rngs(seed))
-
-
-def count_parameters(model: Any) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def normalize_names(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Old and headless checkpoints: TF-era gamma/beta, a bare BertModel without its prefix."""
+    prefix = cfg.model_type + "."
+    backbone_roots = ("embeddings.", "encoder.", "pooler.")
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith((".position_ids", ".token_type_ids")):  # buffers, not weights
+            continue
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if name.startswith(backbone_roots):
+            name = prefix + name
+        out[name] = value
+    return out

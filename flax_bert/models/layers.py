@@ -1,0 +1,102 @@
+"""Pieces every model family shares: outputs, dropout with explicit keys, initialized layers with
+logical axis names, packed-row positions, the tied vocabulary projection, remat policies, and the
+conversion-table entry."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class MaskedLMOutput:
+    logits: Array                      # [batch, length or slots, vocab], float32
+    last_hidden_state: Array           # [batch, length, hidden]
+    seq_relationship_logits: Array | None = None  # [batch, 2], BertForPreTraining only
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One row of a family's name table: a Hugging Face tensor and where it lives in our state."""
+
+    hf_name: str             # e.g. roberta.encoder.layer.3.attention.self.query.weight
+    path: tuple[str, ...]    # our state path, e.g. (roberta, encoder, layer, attention, self, query, kernel)
+    transform: str           # "linear" (transpose) | "copy"
+    layer: int | None = None  # index into our stacked layer axis
+    head: bool = False       # part of a task head (may be freshly initialized when absent)
+
+
+def dtype(name: str):
+    return jnp.dtype(name)
+
+
+def activation(name: str):
+    return {
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+    }[name]
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout; the identity when `key` is None (evaluation) or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def split_key(key: Array | None, n: int):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def position_ids_from_segments(segment_ids: Array, first_position: int) -> Array:
+    """Positions restart at `first_position` in each packed document; padding (segment 0) gets
+    first_position - 1, which for RoBERTa is padding_idx, as transformers assigns it."""
+    length = segment_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    start = jax.lax.cummax(jnp.where(segment_ids != previous, index, 0), axis=1)
+    return jnp.where(segment_ids > 0, first_position + index - start, max(first_position - 1, 0))
+
+
+def document_mask(input_ids: Array, attention_mask: Array | None, segment_ids: Array | None) -> Array:
+    """[batch, query, key] booleans: with `segment_ids` (packed rows) a token sees its own document
+    only; otherwise every non-padding key."""
+    if segment_ids is not None:
+        return (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    return jnp.broadcast_to(attention_mask[:, None, :].astype(bool), (*input_ids.shape, input_ids.shape[1]))
+
+
+def vocab_bias(vocab_size: int, param_dtype: str) -> nnx.Param:
+    return nnx.Param(jnp.zeros((vocab_size,), dtype(param_dtype)), logical_axes=("vocab",))
+
+
+def tied_logits(hidden: Array, word_embeddings: nnx.Embed, bias: nnx.Param | None) -> Array:
+    """Project onto the tied word embeddings; logits and everything after them are fp32."""
+    table = word_embeddings.embedding[...].astype(hidden.dtype)
+    logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+    return logits if bias is None else logits + bias[...].astype(jnp.float32)
+
+
+def gather_positions(hidden_BxLxD: Array, positions_BxP: Array) -> Array:
+    return jnp.take_along_axis(hidden_BxLxD, positions_BxP[:, :, None], axis=1)
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
