@@ -1,0 +1,178 @@
+"""ModernBERT: logits parity with transformers' PyTorch ModernBertForMaskedLM, conversion both ways,
+packed rows, scan = loop, the sparse head."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from flax_bert.config import ModelConfig, flops_per_token
+from flax_bert.convert import assign_hf_tensors, load_hf, save_hf, to_hf_tensors
+from flax_bert.models import create_model, normalize_names
+
+VOCAB = 96
+
+
+def hf_model(layers=4, period=3, window=8, attn="eager", seed=0, **extra):
+    torch.manual_seed(seed)
+    config = transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+        local_attention=window, global_attn_every_n_layers=period, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2, attn_implementation=attn, **extra)
+    model = transformers.ModernBertForMaskedLM(config).eval()
+    with torch.no_grad():  # random, not initial, norms and biases, so a mix-up of them shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ours_from(model, **overrides):
+    cfg = ModelConfig.from_hf_dict(model.config.to_dict(), **overrides)
+    ours = create_model(cfg)
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assign_hf_tensors(ours, normalize_names(tensors, cfg))
+    return ours
+
+
+def torch_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+CASES = [  # layers, global period, window, batch, length, padded tail of row 1, attention
+    (4, 3, 8, 2, 20, 5, "eager"),     # the default period, sequence longer than the window, padding
+    (5, 2, 4, 1, 17, 0, "sdpa"),      # period 2, window 4
+    (2, 1, 8, 2, 24, 0, "eager"),     # every layer global
+]
+
+
+@pytest.mark.parametrize("layers,period,window,batch,length,pad,attn", CASES)
+def test_logits_match_transformers(layers, period, window, batch, length, pad, attn):
+    reference = hf_model(layers, period, window, attn)
+    ours = ours_from(reference)
+    kinds = set(ours.config.layer_types)
+    assert kinds == ({"full_attention"} if period == 1 else {"full_attention", "sliding_attention"})
+    rng = np.random.default_rng(layers)
+    ids = rng.integers(3, VOCAB, (batch, length))
+    mask = np.ones_like(ids)
+    if pad and batch > 1:
+        ids[1, length - pad:], mask[1, length - pad:] = 0, 0
+    expected = torch_logits(reference, ids, mask)
+    got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return hf_model(layers=4, period=3, window=8)
+
+
+def test_scan_and_loop_and_remat_agree(reference):
+    """The same numbers, and gradients, through the layer-0 identity norm and the per-layer window choice."""
+    from flax import nnx
+
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, VOCAB, (2, 20)))
+    scanned, looped = ours_from(reference), ours_from(reference, scan_layers=False, remat_policy="full")
+    np.testing.assert_allclose(np.asarray(looped(ids).logits), np.asarray(scanned(ids).logits), atol=1e-5, rtol=0)
+
+    def loss(model):
+        return jnp.mean(model(ids).logits ** 2)
+
+    grads = [nnx.state(nnx.grad(loss)(model), nnx.Param) for model in (scanned, looped)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    layer0_norm_grad = grads[0]["model"]["layers"]["attn_norm"]["scale"][...][0]
+    assert float(jnp.abs(layer0_norm_grad).max()) == 0.0  # layer 0 has no attention norm
+
+
+def test_packed_documents_equal_documents_alone(reference):
+    """Per-document attention combined with the window; positions restart in each document."""
+    ours = ours_from(reference)
+    rng = np.random.default_rng(2)
+    lengths = [11, 3, 9]  # 11 > the window's reach (4 each side)
+    docs = [rng.integers(3, VOCAB, n) for n in lengths]
+    row = np.concatenate(docs + [np.zeros(2, int)])[None]
+    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(2, int)])[None]
+    packed = np.asarray(ours(jnp.asarray(row), segment_ids=jnp.asarray(segments)).logits[0])
+    start = 0
+    for doc in docs:
+        alone = np.asarray(ours(jnp.asarray(doc[None])).logits[0])
+        np.testing.assert_allclose(packed[start:start + len(doc)], alone, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(alone, torch_logits(reference, doc[None], np.ones((1, len(doc)), int))[0], atol=1e-4)
+        start += len(doc)
+
+
+def test_sparse_head_equals_dense_head_at_the_slots(reference):
+    ours = ours_from(reference)
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, VOCAB, (2, 16)))
+    positions = jnp.array([[0, 5, 15], [2, 3, 9]])
+    dense = ours(ids).logits
+    sparse = ours(ids, masked_positions=positions).logits
+    assert sparse.shape == (2, 3, VOCAB)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(jnp.take_along_axis(dense, positions[:, :, None], 1)),
+                               atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_params(reference):
+    ours = ours_from(reference, dtype="bfloat16")
+    out = ours(jnp.asarray(np.random.default_rng(4).integers(3, VOCAB, (1, 12)))).logits
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    assert ours.model.layers.attn.Wqkv.kernel[...].dtype == jnp.float32
+    fp32 = ours_from(reference)(jnp.asarray(np.random.default_rng(4).integers(3, VOCAB, (1, 12)))).logits
+    assert float(jnp.abs(out - fp32).max()) < 0.1
+
+
+def test_import_from_transformers_folder_and_export_round_trip(reference, tmp_path):
+    saved = tmp_path / "hf"
+    reference.save_pretrained(saved)
+    ours = load_hf(saved)
+    assert type(ours).__name__ == "ModernBertForMaskedLM"
+    ids = np.random.default_rng(5).integers(3, VOCAB, (2, 14))
+    mask = np.ones_like(ids)
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids)).logits), torch_logits(reference, ids, mask), atol=1e-4)
+
+    exported = save_hf(ours, tmp_path / "ours")
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "modernbert" and config["layer_types"] == list(reference.config.layer_types)
+    loaded, info = transformers.AutoModelForMaskedLM.from_pretrained(exported, output_loading_info=True)
+    assert type(loaded).__name__ == "ModernBertForMaskedLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    original = reference.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name  # bit-identical
+    assert loaded.config.local_attention == reference.config.local_attention
+    assert loaded.config.rope_parameters == reference.config.rope_parameters
+    again = to_hf_tensors(load_hf(exported))
+    for name, value in to_hf_tensors(ours).items():
+        assert np.array_equal(again[name], value), name
+
+
+def test_config_both_ways():
+    cfg = ModelConfig.for_family("modernbert", num_hidden_layers=5, local_attention=16, vocab_size=VOCAB)
+    assert cfg.layer_types == ("full_attention", "sliding_attention", "sliding_attention", "full_attention",
+                               "sliding_attention")
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    hf = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+    assert hf.layer_types == list(cfg.layer_types) and hf.sliding_window == 8
+    assert hf.rope_parameters["full_attention"]["rope_theta"] == 160000.0
+    assert hf.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+    old_style = {"model_type": "modernbert", "num_hidden_layers": 4, "global_attn_every_n_layers": 2,
+                 "global_rope_theta": 80000.0}
+    read = ModelConfig.from_hf_dict(old_style)
+    assert read.layer_types == ("full_attention", "sliding_attention") * 2 and read.global_rope_theta == 80000.0
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        ModelConfig.from_hf_dict({**cfg.to_hf_dict(), "tie_word_embeddings": False})
+
+
+def test_flops_count_the_glu_and_the_window():
+    cfg = ModelConfig.for_family("modernbert", num_hidden_layers=3, hidden_size=64, intermediate_size=96,
+                                 num_attention_heads=4, vocab_size=100, local_attention=8)
+    d, f, s = 64, 96, 128  # layer 0 global (128 keys), layers 1-2 sliding (9 keys)
+    expected = 6 * 3 * (4 * d * d + 3 * d * f) + 12 * (128 + 2 * 9) * d + 0.25 * (6 * d * 100 + 6 * d * d)
+    assert flops_per_token(cfg, s, 0.25) == pytest.approx(expected)
