@@ -1,4 +1,4 @@
-"""Optimizer: global-norm clipping -> AdamW or LAMB, a warmup+decay schedule, and a no-decay mask.
+"""Optimizer: global-norm clipping -> AdamW, LAMB or StableAdamW, a warmup+decay schedule, and a no-decay mask.
 
 AdamW here matches ``torch.optim.AdamW`` (decoupled weight decay, eps added after the
 bias-corrected square root), so hyperparameters carry over from PyTorch/Hugging Face recipes.
@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "lamb")
+SCHEDULES = ("linear", "cosine", "constant", "wsd")
+OPTIMIZERS = ("adamw", "lamb", "stableadamw")
 DECAYED_NAMES = frozenset({"kernel", "embedding"})  # NNX Linear/Embed weights
 # Path entries that belong to the NNX Variable wrapper (State leaves end in .value), not the name.
 _VARIABLE_ATTRS = frozenset({"value", "raw_value"})
@@ -43,9 +44,12 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: _param_name(path) in DECAYED_NAMES, params)
 
 
-def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int, schedule: str = "linear"):
+def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int, schedule: str = "linear",
+                  decay_fraction: float = 0.1):
     """Linear warmup from 0 to ``learning_rate``, then linear/cosine decay to 0 at total_steps
-    (or constant). Same values as transformers' get_{linear,cosine,constant}_schedule_with_warmup."""
+    (or constant). Same values as transformers' get_{linear,cosine,constant}_schedule_with_warmup.
+    ``wsd`` (warmup-stable-decay, ModernBERT's trapezoid): the peak until the last
+    ``decay_fraction`` of total_steps, then 1 - sqrt decay to 0 at total_steps."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if learning_rate <= 0:
@@ -62,12 +66,67 @@ def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int, 
         after_warmup = optax.linear_schedule(learning_rate, 0.0, decay_steps)
     elif schedule == "cosine":
         after_warmup = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=0.0)
+    elif schedule == "wsd":
+        after_warmup = _stable_then_sqrt_decay(learning_rate, decay_steps, decay_fraction * total_steps)
     else:
         after_warmup = optax.constant_schedule(learning_rate)
     if warmup_steps == 0:
         return after_warmup
     warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
     return optax.join_schedules([warmup, after_warmup], [warmup_steps])
+
+
+def _stable_then_sqrt_decay(learning_rate: float, steps: int, decay_steps: float):
+    """`steps` after the warmup: the peak, then over the last `decay_steps` (at most all of them) 1 - sqrt(progress)."""
+    if not 0 < decay_steps:
+        raise ValueError(f"the wsd decay phase must be positive, got {decay_steps} steps")
+    decay_steps = min(float(decay_steps), float(steps))
+    decay_start = steps - decay_steps
+
+    def schedule(count):
+        progress = jnp.clip((count - decay_start) / decay_steps, 0.0, 1.0)
+        return learning_rate * (1.0 - jnp.sqrt(progress))
+
+    return schedule
+
+
+def _stable_adamw(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.GradientTransformation:
+    """StableAdamW (Wortsman et al. 2023, as ModernBERT trains): AdamW whose step for each tensor is
+    divided by max(1, RMS(g² / v̂)), Adafactor's update clipping, so a gradient spike far beyond the
+    second-moment estimate cannot take a full step. For stacked layers the RMS is taken per layer slice
+    (the leading axis of parameters under a `layer`/`layers` module), as for unstacked ones."""
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return {"count": jnp.zeros((), jnp.int32), "mu": zeros, "nu": jax.tree.map(jnp.zeros_like, params)}
+
+    def update(grads, state, params):
+        count = state["count"] + 1
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["mu"], grads)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["nu"], grads)
+        c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+        lr = learning_rate(state["count"]) if callable(learning_rate) else learning_rate
+        decays = mask(params) if callable(mask) else jax.tree.map(lambda _: True, params)
+
+        def one(path, g, m, v, p, decay):
+            v_hat = v / c2
+            ratio = g * g / jnp.maximum(v_hat, eps * eps)
+            axes = tuple(range(1, g.ndim)) if _stacked(path) and g.ndim > 1 else None
+            rms = jnp.sqrt(jnp.mean(ratio, axis=axes, keepdims=axes is not None))
+            step_lr = lr / jnp.maximum(1.0, rms)
+            step = (m / c1) / (jnp.sqrt(v_hat) + eps) + (weight_decay * p if decay else 0.0)
+            return -step_lr * step
+
+        updates = jax.tree_util.tree_map_with_path(one, grads, mu, nu, params, decays)
+        return updates, {"count": count, "mu": mu, "nu": nu}
+
+    return optax.GradientTransformation(init, update)
+
+
+def _stacked(path) -> bool:
+    """A parameter of the stacked encoder layers (leading axis = layer)."""
+    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+    return bool(names & {"layer", "layers"})
 
 
 def _lamb(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.GradientTransformation:
@@ -94,6 +153,7 @@ def make_optimizer(
     eps: float = 1e-6,
     weight_decay: float = 0.01,
     max_grad_norm: float | None = 1.0,
+    decay_fraction: float = 0.1,
 ) -> tuple[optax.GradientTransformation, Callable]:
     """Return (transformation, schedule_fn). Defaults are RoBERTa's (b2=0.98, eps=1e-6); pass
     b2=0.999 for BERT's. max_grad_norm None or 0 disables clipping."""
@@ -104,10 +164,13 @@ def make_optimizer(
     if max_grad_norm is not None and max_grad_norm < 0:
         raise ValueError(f"max_grad_norm must be > 0 (or None/0 to disable clipping), got {max_grad_norm}")
     schedule_fn = make_schedule(
-        learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule
+        learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
+        decay_fraction=decay_fraction,
     )
     if optimizer == "adamw":
         update = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    elif optimizer == "stableadamw":
+        update = _stable_adamw(schedule_fn, b1, b2, eps, weight_decay, decay_mask)
     else:
         update = _lamb(schedule_fn, b1, b2, eps, weight_decay, decay_mask)
     # Clip first, on the raw (accumulated) gradient, as torch's clip_grad_norm_ before step().

@@ -69,7 +69,27 @@ def resolve_model_config(run: RunConfig, tokenizer) -> ModelConfig:
 
         folder = resolve_model_folder(run.model_name_or_path or run.config_name)
         return ModelConfig.from_pretrained(folder, **runtime_overrides(run))
-    return fresh_model_config(run, len(tokenizer))
+    ids = tokenizer_special_ids(tokenizer)
+    cfg = fresh_model_config(run, len(tokenizer), ids)
+    log.info("fresh %s model: special token ids from the tokenizer (%s)", cfg.model_type,
+             ", ".join(f"{k}={v}" for k, v in ids.items() if hasattr(cfg, k)))
+    return cfg
+
+
+def tokenizer_special_ids(tokenizer) -> dict[str, int | None]:
+    """pad/bos/eos/cls/sep ids of the tokenizer, for a fresh model's config (not the family's defaults)."""
+    return {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "bos", "eos", "cls", "sep")}
+
+
+def eval_masking(train_masking: MaskingConfig, run: RunConfig) -> MaskingConfig | None:
+    """The evaluation's masking when its rate differs from training's; logs the rate either way."""
+    rate = run.eval_mlm_probability if run.eval_mlm_probability is not None else run.mlm_probability
+    source = "--eval_mlm_probability" if run.eval_mlm_probability is not None else "the training rate, --mlm_probability"
+    log.info("masking %.0f%% of tokens in training, %.0f%% in evaluation (%s)", 100 * run.mlm_probability, 100 * rate, source)
+    if abs(rate - 0.15) > 1e-9 and run.do_eval:
+        log.info("evaluation losses at %.0f%% masking are not comparable with published 15%% numbers "
+                 "(pass --eval_mlm_probability 0.15 for those)", 100 * rate)
+    return None if rate == train_masking.mlm_probability else dataclasses.replace(train_masking, mlm_probability=rate)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -109,12 +129,13 @@ class Run:
             learning_rate=run.learning_rate, warmup_steps=min(run.warmup_steps, self.total_steps - 1),
             total_steps=self.total_steps, schedule=run.lr_scheduler_type, optimizer=run.optimizer,
             b1=run.adam_beta1, b2=run.adam_beta2, eps=run.adam_epsilon, weight_decay=run.weight_decay,
-            max_grad_norm=run.max_grad_norm or None)
+            max_grad_norm=run.max_grad_norm or None, decay_fraction=run.wsd_decay_fraction)
         masking = MaskingConfig.from_tokenizer(self.tokenizer, mlm_probability=run.mlm_probability,
                                                max_seq_length=run.max_seq_length,
                                                whole_word_masking=run.whole_word_masking)
         step_config = StepConfig(masking=masking, seed=run.seed, objective=run.objective,
-                                 gradient_accumulation_steps=run.gradient_accumulation_steps)
+                                 gradient_accumulation_steps=run.gradient_accumulation_steps,
+                                 eval_masking=eval_masking(masking, run))
         self.trainer = Trainer(self.model_config, step_config, tx, self.mesh, self.schedule)
         self.checkpoints = ckpt_lib.Checkpointer(self.output_dir, save_steps=run.save_steps,
                                                  save_minutes=run.save_minutes,

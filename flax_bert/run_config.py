@@ -24,7 +24,7 @@ def _field(default, help: str, choices=None):
 @dataclasses.dataclass
 class RunConfig:
     # ---- model
-    model_type: str = _field("roberta", "architecture family of a fresh model", ["roberta", "bert"])
+    model_type: str = _field("roberta", "architecture family of a fresh model", ["roberta", "bert", "modernbert"])
     config_name: str | None = _field(None, "Hugging Face config (folder or hub id) for a fresh model")
     tokenizer_name: str | None = _field(None, "tokenizer folder or hub id; none: train one on the training data")
     model_name_or_path: str | None = _field(None, "start from these Hugging Face weights (folder or hub id)")
@@ -32,10 +32,17 @@ class RunConfig:
     hidden_size: int = _field(768, "fresh model: hidden size")
     num_hidden_layers: int = _field(12, "fresh model: encoder layers")
     num_attention_heads: int = _field(12, "fresh model: attention heads")
-    intermediate_size: int = _field(3072, "fresh model: feed-forward width")
-    max_position_embeddings: int | None = _field(None, "fresh model: position table size (default 514 RoBERTa, 512 BERT)")
-    hidden_dropout_prob: float = _field(0.1, "dropout on hidden states")
-    attention_probs_dropout_prob: float = _field(0.1, "dropout on attention probabilities")
+    intermediate_size: int = _field(3072, "fresh model: feed-forward width (ModernBERT: the GLU's width, its input "
+                                    "projection is twice it; ModernBERT-base uses 1152)")
+    max_position_embeddings: int | None = _field(None, "fresh model: position table size (default 514 RoBERTa, 512 BERT, "
+                                                 "8192 ModernBERT)")
+    hidden_dropout_prob: float | None = _field(None, "dropout on hidden states (default 0.1 BERT/RoBERTa; 0 ModernBERT, "
+                                               "its MLP dropout)")
+    attention_probs_dropout_prob: float | None = _field(None, "dropout on attention probabilities (default 0.1 BERT/RoBERTa; "
+                                                        "0 ModernBERT)")
+    local_attention: int | None = _field(None, "fresh ModernBERT: sliding-window width in tokens, half on each side (default 128)")
+    global_attn_every_n_layers: int | None = _field(None, "fresh ModernBERT: layers 0, n, 2n... attend globally, the others "
+                                                    "in the window (default 3)")
     dtype: str = _field("float32", "compute dtype (parameters stay float32)", ["float32", "bfloat16", "float16"])
     scan_layers: bool = _field(True, "lax.scan over the encoder layers (fast compiles)")
     remat_policy: str = _field("none", "rematerialize layers in the backward pass to save memory",
@@ -50,7 +57,9 @@ class RunConfig:
     max_seq_length: int = _field(128, "tokens per row")
     line_by_line: bool = _field(False, "one document per row (padded) instead of packing documents into full rows")
     pad_to_max_length: bool = _field(True, "pad rows to max_seq_length (always true: static shapes on accelerators)")
-    mlm_probability: float = _field(0.15, "fraction of tokens selected for prediction")
+    mlm_probability: float = _field(0.15, "fraction of tokens selected for prediction in training")
+    eval_mlm_probability: float | None = _field(None, "fraction selected in evaluation (default: --mlm_probability, as "
+                                                "the old script; published ModernBERT/MosaicBERT numbers use 0.15)")
     whole_word_masking: bool = _field(False, "mask every sub-word of a selected word together")
     objective: str = _field("mlm", "training objective; mlm+nsp adds BERT's next-sentence prediction", ["mlm", "mlm+nsp"])
     preprocessing_num_workers: int | None = _field(None, "tokenizer threads (default: all cores)")
@@ -77,8 +86,11 @@ class RunConfig:
     adam_beta2: float = _field(0.98, "Adam beta2 (RoBERTa 0.98, BERT 0.999)")
     adam_epsilon: float = _field(1e-6, "Adam epsilon")
     max_grad_norm: float = _field(1.0, "global-norm gradient clipping (0 disables)")
-    optimizer: str = _field("adamw", "optimizer", ["adamw", "lamb"])
-    lr_scheduler_type: str = _field("linear", "decay after warmup", ["linear", "cosine", "constant"])
+    optimizer: str = _field("adamw", "optimizer; stableadamw is AdamW with each tensor's step clipped by its update RMS "
+                            "(ModernBERT's)", ["adamw", "lamb", "stableadamw"])
+    lr_scheduler_type: str = _field("linear", "decay after warmup; wsd: warmup, stable at the peak, then 1-sqrt decay to 0 "
+                                    "over the last --wsd_decay_fraction of the steps", ["linear", "cosine", "constant", "wsd"])
+    wsd_decay_fraction: float = _field(0.1, "wsd schedule: fraction of the total steps spent decaying")
     warmup_steps: int = _field(0, "linear warmup steps")
     num_train_epochs: float = _field(3.0, "epochs (ignored when --max_steps > 0)")
     max_steps: int = _field(-1, "total optimizer steps; overrides num_train_epochs when > 0")
@@ -110,6 +122,15 @@ class RunConfig:
         checks = [
             (self.max_seq_length >= 8, "--max_seq_length must be at least 8"),
             (0 < self.mlm_probability < 1, "--mlm_probability must be between 0 and 1, e.g. 0.15"),
+            (self.eval_mlm_probability is None or 0 < self.eval_mlm_probability < 1,
+             "--eval_mlm_probability must be between 0 and 1, e.g. 0.15"),
+            (0 < self.wsd_decay_fraction <= 1, "--wsd_decay_fraction must be in (0, 1], e.g. 0.1"),
+            (self.model_type == "modernbert" or (self.local_attention is None and self.global_attn_every_n_layers is None),
+             "--local_attention and --global_attn_every_n_layers apply to --model_type modernbert only"),
+            (self.local_attention is None or (self.local_attention >= 2 and self.local_attention % 2 == 0),
+             "--local_attention must be an even number of tokens, at least 2 (e.g. 128)"),
+            (self.global_attn_every_n_layers is None or self.global_attn_every_n_layers >= 1,
+             "--global_attn_every_n_layers must be at least 1"),
             (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1"),
             (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be at least 1"),
             (self.data_shards is None or self.data_shards >= 1, "--data_shards must be at least 1"),
@@ -213,16 +234,26 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "run_mlm_flax.py
         parser.error(str(err))
 
 
-def fresh_model_config(run: RunConfig, vocab_size: int):
-    """The ModelConfig of a model initialized from scratch with the run's sizes."""
-    from flax_bert.config import ModelConfig
+def fresh_model_config(run: RunConfig, vocab_size: int, special_token_ids: dict[str, int | None] | None = None):
+    """The ModelConfig of a model initialized from scratch with the run's sizes. `special_token_ids`
+    (pad/bos/eos/cls/sep from the tokenizer) replace the family's, so the padding index, the
+    position numbering and the exported config.json agree with the tokenizer the model is trained with."""
+    from flax_bert.config import ModelConfig, global_every
 
     sizes = dict(vocab_size=run.vocab_size or vocab_size, hidden_size=run.hidden_size,
-                 num_hidden_layers=run.num_hidden_layers, num_attention_heads=run.num_attention_heads,
-                 intermediate_size=run.intermediate_size, hidden_dropout_prob=run.hidden_dropout_prob,
-                 attention_probs_dropout_prob=run.attention_probs_dropout_prob)
-    if run.max_position_embeddings:
-        sizes["max_position_embeddings"] = run.max_position_embeddings
+                 num_hidden_layers=run.num_hidden_layers, num_attention_heads=run.num_attention_heads)
+    sizes["intermediate_size"] = run.intermediate_size
+    for name in ("max_position_embeddings", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                 "local_attention"):
+        if getattr(run, name) is not None:  # None: the family's default
+            sizes[name] = getattr(run, name)
+    if run.model_type == "modernbert":
+        sizes["layer_types"] = global_every(run.num_hidden_layers, run.global_attn_every_n_layers or 3)
+    from flax_bert.models import family
+
+    config_fields = family(run.model_type).hf_fields  # only the ids this family's config.json has
+    sizes.update({k: v for k, v in (special_token_ids or {}).items()
+                  if k in config_fields and (k != "pad_token_id" or v is not None)})
     return ModelConfig.for_family(run.model_type, **sizes, **runtime_overrides(run))
 
 

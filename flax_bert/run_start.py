@@ -35,7 +35,7 @@ OWNED_ENTRIES = frozenset({
 RUN_IDENTITY_KEYS = (
     "model_type", "config_name", "model_name_or_path", "tokenizer_name", "tokenizer_vocab_size", "vocab_size",
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-    "dataset_name", "dataset_config_name", "train_file", "text_column", "validation_split_percentage",
+    "local_attention", "global_attn_every_n_layers", "dataset_name", "dataset_config_name", "train_file", "text_column", "validation_split_percentage",
     "max_train_samples", "streaming", "max_seq_length", "line_by_line", "mlm_probability", "whole_word_masking",
     "objective", "optimizer", "seed")
 

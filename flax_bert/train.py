@@ -65,6 +65,7 @@ class StepConfig:
     objective: str = "mlm"                 # "mlm" | "mlm+nsp"
     gradient_accumulation_steps: int = 1
     eval_seed: int = 1234                   # fixed: eval masks are the same at every evaluation
+    eval_masking: MaskingConfig | None = None  # evaluation's own mask rate (default: the training masking)
 
 
 class Trainer:
@@ -111,8 +112,8 @@ class Trainer:
         """Training masks: example i at step s uses fold_in(fold_in(this key, s), i)."""
         return jax.random.fold_in(jax.random.key(self.step_config.seed), 0)
 
-    def _mask(self, seed_key, step, batch: Batch) -> MaskedBatch:
-        m = self.step_config.masking
+    def _mask(self, seed_key, step, batch: Batch, masking: MaskingConfig | None = None) -> MaskedBatch:
+        m = masking or self.step_config.masking
         return mask_tokens(seed_key, step, batch["input_ids"], special_ids=m.special_ids,
                            mask_token_id=m.mask_token_id, random_vocab_size=m.random_vocab_size,
                            mlm_probability=m.mlm_probability, num_slots=m.num_slots,
@@ -187,7 +188,7 @@ class Trainer:
 
     def _eval_step(self, params, batch: Batch, eval_index):
         """Sums for one eval batch; masks depend only on the eval seed and the batch's index."""
-        masked = self._mask(jax.random.key(self.step_config.eval_seed), eval_index, batch)
+        masked = self._mask(jax.random.key(self.step_config.eval_seed), eval_index, batch, self.step_config.eval_masking)
         inputs = {k: v for k, v in batch.items() if k != "input_ids"}
         _, sums = self._loss_sums(params, inputs, masked, None, 1.0, 1.0)
         sums["mlm_count"] = jnp.sum(masked.weights)
