@@ -53,7 +53,9 @@ def export_main(argv) -> int:
     parser.add_argument("run_dir", help="the run's --output_dir")
     parser.add_argument("--to", required=True, help="the folder to write (must not hold a model already)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--architecture", choices=["RobertaForMaskedLM", "BertForMaskedLM", "BertForPreTraining"],
+    from flax_bert.models import FAMILIES
+
+    parser.add_argument("--architecture", choices=[a for family in FAMILIES.values() for a in family.architectures],
                         help="export a BertForPreTraining run as BertForMaskedLM (drops the NSP head)")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --to")
     parser.add_argument("--push_to_hub", action="store_true", help="upload the folder to the Hub")
