@@ -176,3 +176,30 @@ def test_flops_count_the_glu_and_the_window():
     d, f, s = 64, 96, 128  # layer 0 global (128 keys), layers 1-2 sliding (9 keys)
     expected = 6 * 3 * (4 * d * d + 3 * d * f) + 12 * (128 + 2 * 9) * d + 0.25 * (6 * d * 100 + 6 * d * d)
     assert flops_per_token(cfg, s, 0.25) == pytest.approx(expected)
+
+
+def test_train_step_on_a_data_fsdp_tensor_mesh_equals_one_device():
+    """Logical axes and the StableAdamW state shard on the mesh; two steps give the same numbers as one device."""
+    from tests.test_train import MASKING, SEQ, make_batch
+
+    from flax_bert.optim import make_optimizer
+    from flax_bert.sharding import batch_sharding, make_mesh
+    from flax_bert.train import StepConfig, Trainer
+
+    cfg = ModelConfig.for_family("modernbert", vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=96, local_attention=8, pad_token_id=1)
+    tx = make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, optimizer="stableadamw",
+                        schedule="wsd", decay_fraction=0.5)
+    results = []
+    for spec, devices in (("data=1", jax.devices()[:1]), ("data=2,fsdp=2,tensor=2", None)):
+        trainer = Trainer(cfg, StepConfig(masking=MASKING), tx[0], make_mesh(spec, devices), tx[1])
+        state = trainer.init_state(seed=0)
+        losses = []
+        for seed in range(2):
+            state, metrics = trainer.train_step(state, jax.device_put(make_batch(seed=seed), batch_sharding(trainer.mesh)))
+            losses.append(float(metrics["loss"]))
+        results.append((losses, jax.device_get(state.params)))
+    assert SEQ > cfg.local_attention
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1])):
+        np.testing.assert_allclose(a, b, atol=2e-6)
