@@ -138,8 +138,16 @@ class Run:
         if self.start.kind == "checkpoint":
             own = self.start.source == "output_dir"  # the writer may move a damaged checkpoint aside
             source = self.checkpoints if own else ckpt_lib.Checkpointer.for_path(os.path.abspath(self.start.path))
-            state, data_state, _, step = source.restore(abstract, step=self.start.step)
+            restored = source.restore(abstract, step=self.start.step, reset_optimizer=self.trainer.fresh_opt_state
+                                      if self.run.reset_optimizer else None)
+            state, data_state, _, step = restored
             log.info("restored step %d", step)
+            if restored.optimizer_reset:
+                log.warning("--reset_optimizer: the optimizer state of %s does not fit this run's optimizer; kept its "
+                            "parameters, step %d and data position, started a fresh optimizer state (moments at zero, "
+                            "learning-rate schedule at step %d)", restored.path, step, step)
+            elif self.run.reset_optimizer:
+                log.info("--reset_optimizer: the checkpoint's optimizer state fits this run's optimizer: kept")
             return state, data_state
         if self.start.kind == "hf":
             architecture = type(self.trainer.model(self.trainer.abstract_state.params)).__name__

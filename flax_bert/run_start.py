@@ -44,6 +44,10 @@ class OutputDirError(FileExistsError):
     """The output directory holds files of something else."""
 
 
+class DamagedCheckpointError(FileNotFoundError):
+    """No intact checkpoint is left to restore."""
+
+
 # ----------------------------------------------------------------------------- the run directory's checkpoints
 def complete_steps(directory) -> list[int]:
     """Steps of the finished bundles in a checkpoints/ folder (tmp folders of unfinished saves excluded)."""
@@ -107,6 +111,14 @@ def resolve_start(output_dir, resume_from_checkpoint: str | None = None, model_n
     steps = [] if overwrite_output_dir else complete_steps(own)
     if steps:
         return StartPoint("checkpoint", str(own / str(steps[-1])), steps[-1], "output_dir")
+    set_aside = epath.Path(output_dir) / DAMAGED
+    if not overwrite_output_dir and set_aside.is_dir() and any(set_aside.iterdir()):
+        # a run that trained and lost every checkpoint: starting again at step 0 would throw its work away
+        names = ", ".join(sorted(p.name for p in set_aside.iterdir()))
+        raise DamagedCheckpointError(f"every checkpoint of the run in {output_dir} was set aside as damaged "
+                                     f"({set_aside}: {names}); it will not restart at step 0 by itself: move a "
+                                     "checkpoint you trust back into checkpoints/, or pass --overwrite_output_dir "
+                                     "to start over")
     if resume_from_checkpoint:
         directory, step = locate_checkpoints(resume_from_checkpoint)
         step = complete_steps(directory)[-1] if step is None else step

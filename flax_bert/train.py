@@ -103,6 +103,17 @@ class Trainer:
 
         return jax.jit(init, out_shardings=self.state_shardings)(params)
 
+    def fresh_opt_state(self, params, step: int):
+        """A new optimizer state for `params` (moments at zero) whose learning-rate schedule goes on from
+        `step` rather than warming up again: what --reset_optimizer puts in place of a saved one that does not fit."""
+        is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+
+        def init(params):
+            return jax.tree.map(lambda node: node._replace(count=jnp.asarray(step, node.count.dtype))
+                                if is_schedule(node) else node, self.tx.init(params), is_leaf=is_schedule)
+
+        return jax.jit(init, out_shardings=self.state_shardings.opt_state)(params)
+
     def model(self, params):
         return nnx.merge(self.graphdef, params)
 
