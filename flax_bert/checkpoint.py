@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from flax_bert.bad_input import InputFileNotFoundError
 from flax_bert.preemption import AnyProcess, PreemptionGuard, all_processes, barrier
 # the run directory's rules live in run_start; re-exported so `flax_bert.checkpoint` stays the one import
 from flax_bert.run_start import (CHECKPOINTS, DAMAGED, OWNED_ENTRIES, RUN_CONFIG_FILE, RUN_IDENTITY_KEYS, SUPERSEDED,
@@ -216,9 +217,9 @@ class Checkpointer:
         steps = self.all_steps()
         step = self.default_step if step is None else step
         if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+            raise InputFileNotFoundError(f"no complete checkpoint in {self.directory}")
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"no complete checkpoint {self.directory / str(step)}; the complete ones are "
+            raise InputFileNotFoundError(f"no complete checkpoint {self.directory / str(step)}; the complete ones are "
                                     f"steps {', '.join(map(str, steps))}")
         return [s for s in reversed(steps) if step is None or s <= step]
 

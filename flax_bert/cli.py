@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from flax_bert.run_config import OneLineErrorParser
 
@@ -161,7 +162,8 @@ COMMANDS = {"train": lambda argv: train_main(argv, prog="flax-bert train"), "eva
 
 
 def run_command(function, argv) -> int:
-    """One-line errors with a nonzero exit for every bad input; tracebacks only for our own bugs."""
+    """One-line errors with a nonzero exit for the project's own input errors (errors.USER_ERRORS); anything
+    else prints its traceback and a last line saying that the run can be resumed."""
     from flax_bert.errors import USER_ERRORS
 
     _setup_logging()
@@ -176,6 +178,15 @@ def run_command(function, argv) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - not a mistake in the input: the traceback is what a fix needs
+        if os.environ.get("FLAX_BERT_DEBUG"):
+            raise
+        traceback.print_exc()
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"error: {type(err).__name__}: {first_line} -- an internal failure, not a problem with the options "
+              "(traceback above); completed checkpoints are kept: the same command resumes the run from the latest",
+              file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,8 @@ import json
 import pathlib
 from typing import Any
 
+from flax_bert.bad_input import InputFileNotFoundError
+
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -108,7 +110,7 @@ class ModelConfig:
         if file.is_dir():
             file = file / "config.json"
         if not file.is_file():
-            raise FileNotFoundError(f"no config.json at {file}: point to a Hugging Face model folder")
+            raise InputFileNotFoundError(f"no config.json at {file}: point to a Hugging Face model folder")
         return cls.from_hf_dict(json.loads(file.read_text()), **overrides)
 
     @classmethod

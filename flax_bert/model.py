@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_bert.bad_input import InputError
 from flax_bert.config import ModelConfig
 
 Array = jax.Array
@@ -384,7 +385,7 @@ MODEL_CLASSES: dict[str, type[_MaskedLMBase]] = {
 def model_class_for(cfg: ModelConfig, objective: str = "mlm") -> type[_MaskedLMBase]:
     if objective == "mlm+nsp":
         if cfg.model_type != "bert":
-            raise ValueError("objective 'mlm+nsp' needs a BERT model (--model_type bert); RoBERTa has no NSP head")
+            raise InputError("objective 'mlm+nsp' needs a BERT model (--model_type bert); RoBERTa has no NSP head")
         return BertForPreTraining
     return RobertaForMaskedLM if cfg.model_type == "roberta" else BertForMaskedLM
 

@@ -11,6 +11,8 @@ from typing import Callable
 import jax
 import optax
 
+from flax_bert.bad_input import InputError
+
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "lamb")
 DECAYED_NAMES = frozenset({"kernel", "embedding"})  # NNX Linear/Embed weights
@@ -47,13 +49,13 @@ def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int, 
     """Linear warmup from 0 to ``learning_rate``, then linear/cosine decay to 0 at total_steps
     (or constant). Same values as transformers' get_{linear,cosine,constant}_schedule_with_warmup."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise InputError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        raise InputError(f"learning_rate must be > 0, got {learning_rate}")
     if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        raise InputError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if schedule != "constant" and total_steps <= warmup_steps:
-        raise ValueError(
+        raise InputError(
             f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) for a {schedule} "
             "schedule; lower warmup_steps or use schedule='constant'"
         )
@@ -98,11 +100,11 @@ def make_optimizer(
     """Return (transformation, schedule_fn). Defaults are RoBERTa's (b2=0.98, eps=1e-6); pass
     b2=0.999 for BERT's. max_grad_norm None or 0 disables clipping."""
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
     if max_grad_norm is not None and max_grad_norm < 0:
-        raise ValueError(f"max_grad_norm must be > 0 (or None/0 to disable clipping), got {max_grad_norm}")
+        raise InputError(f"max_grad_norm must be > 0 (or None/0 to disable clipping), got {max_grad_norm}")
     schedule_fn = make_schedule(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule
     )

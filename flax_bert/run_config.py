@@ -130,7 +130,7 @@ class RunConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise RunConfigError(message)
         return self
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flax_bert.bad_input import InputFileNotFoundError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS, DAMAGED, SUPERSEDED = "checkpoints", "checkpoints_damaged", "checkpoints_superseded"
@@ -63,11 +65,11 @@ def locate_checkpoints(path) -> tuple[epath.Path, int | None]:
     if path.name.isdigit() and int(path.name) in complete_steps(path.parent):
         return path.parent, int(path.name)
     if ".orbax-checkpoint-tmp" in path.name:
-        raise FileNotFoundError(f"{path} is a checkpoint that never finished writing; pass its run directory instead")
+        raise InputFileNotFoundError(f"{path} is a checkpoint that never finished writing; pass its run directory instead")
     for directory in (path / CHECKPOINTS, path):
         if complete_steps(directory):
             return directory, None
-    raise FileNotFoundError(f"{path} holds no complete checkpoint: pass a run's --output_dir, its checkpoints/ "
+    raise InputFileNotFoundError(f"{path} holds no complete checkpoint: pass a run's --output_dir, its checkpoints/ "
                             "folder or one checkpoints/STEP folder")
 
 

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flax_bert.bad_input import InputError
 from flax_bert import sharding
 from flax_bert.config import ModelConfig
 from flax_bert.masking import MaskedBatch, mask_tokens, num_prediction_slots
@@ -53,7 +54,7 @@ class MaskingConfig:
     @classmethod
     def from_tokenizer(cls, tokenizer, **kwargs) -> "MaskingConfig":
         if tokenizer.mask_token_id is None:
-            raise ValueError("the tokenizer has no mask token; masked-LM pretraining needs one")
+            raise InputError("the tokenizer has no mask token; masked-LM pretraining needs one")
         return cls(special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_token_id=tokenizer.mask_token_id,
                    random_vocab_size=len(tokenizer), **kwargs)
 

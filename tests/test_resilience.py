@@ -168,9 +168,11 @@ def test_only_our_errors_are_one_line_others_keep_their_traceback(capsys):
     def internal(argv):
         raise ValueError("User-provided restore item and on-disk value metadata tree structures do not match")
 
-    with pytest.raises(ValueError):
-        run_command(internal, [])
-    assert "resume" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert run_command(internal, []) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in internal" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ValueError: User-provided restore item") and "resumes the run" in last, last
 
 
 def test_project_input_errors_are_project_classes():
