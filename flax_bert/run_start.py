@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS, DAMAGED, SUPERSEDED = "checkpoints", "checkpoints_damaged", "checkpoints_superseded"
 RUN_CONFIG_FILE = "run_config.json"
+WRITTEN_RECORD = ".flax-bert-written.json"  # the top-level names this tool created in an output_dir
 
-# What a run writes at the top of its output_dir. --overwrite_output_dir deletes these and nothing else.
+# What a run writes at the top of its output_dir. --overwrite_output_dir deletes those of them that the
+# output_dir's WRITTEN_RECORD says this tool created, and nothing else.
 OWNED_ENTRIES = frozenset({
-    CHECKPOINTS, DAMAGED, SUPERSEDED, RUN_CONFIG_FILE, f".{RUN_CONFIG_FILE}.tmp", "metrics.jsonl", "tensorboard",
+    CHECKPOINTS, DAMAGED, SUPERSEDED, RUN_CONFIG_FILE, f".{RUN_CONFIG_FILE}.tmp", WRITTEN_RECORD,
+    f"{WRITTEN_RECORD}.tmp", "metrics.jsonl", "tensorboard",
     "eval_results.json", "tokenizer", "curves.png",
     # the exported Hugging Face model (written at the end of training)
     "config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
@@ -149,20 +152,69 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
     if problem and not overwrite:
         raise OutputDirError(f"--output_dir {out} {problem}: pass --overwrite_output_dir to replace it "
                              "or choose another --output_dir")
-    deleted = [name for name in entries if name in OWNED_ENTRIES] if overwrite else []
+    ours = _written_here(out, entries)
+    deleted = []
+    if overwrite and entries:
+        _check_overwrite_spares_inputs(out, run_config)
+        theirs = [name for name in entries if name in OWNED_ENTRIES and name not in ours]
+        if theirs:  # this run would write over them: refuse before anything is deleted
+            raise OutputDirError(f"--output_dir {out} holds {', '.join(theirs[:5])} that flax-bert did not write (not "
+                                 f"in its {WRITTEN_RECORD}): move them away or choose another --output_dir")
+        deleted = [name for name in entries if name in ours and name != WRITTEN_RECORD]
     for name in deleted:
         (out / name).rmtree() if (out / name).is_dir() else (out / name).unlink()
     if deleted:
-        kept = [name for name in entries if name not in OWNED_ENTRIES]
+        kept = [name for name in entries if name not in ours]
         log.warning("--overwrite_output_dir: deleted %s from %s%s", ", ".join(deleted), out,
                     f" (kept {', '.join(kept)}: flax-bert did not write them)" if kept else "")
     out.mkdir(parents=True, exist_ok=True)
+    present = {p.name for p in out.iterdir()}
+    _record_written(out, sorted((ours & present) | (OWNED_ENTRIES - present) | {WRITTEN_RECORD}))
     if not record:
         return deleted
     temporary = out / f".{RUN_CONFIG_FILE}.tmp"
     temporary.write_text(json.dumps(jsonable(run_config), indent=2, sort_keys=True) + "\n")
     temporary.replace(out / RUN_CONFIG_FILE)
     return deleted
+
+
+def _written_here(out: epath.Path, entries: list[str]) -> set[str]:
+    """The top-level names of `out` that this tool created: its WRITTEN_RECORD lists them (each run claims, at
+    its start, the names it may write and that do not exist yet); a run directory older than the record is
+    known by its run_config.json; anything else holds nothing of ours."""
+    record = out / WRITTEN_RECORD
+    if record.exists():
+        try:
+            names = json.loads(record.read_text())["written"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OutputDirError(f"{record} is unreadable: delete it only if flax-bert wrote everything in {out}, "
+                                 "or choose another --output_dir") from None
+        return (set(names) & set(entries)) | {WRITTEN_RECORD}
+    if RUN_CONFIG_FILE in entries:
+        return {name for name in entries if name in OWNED_ENTRIES}
+    return set()
+
+
+def _record_written(out: epath.Path, names: list[str]) -> None:
+    temporary = out / f"{WRITTEN_RECORD}.tmp"
+    temporary.write_text(json.dumps({"written": names}, indent=1) + "\n")
+    temporary.replace(out / WRITTEN_RECORD)
+
+
+INPUT_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file", "validation_file",
+                 "resume_from_checkpoint")
+
+
+def _check_overwrite_spares_inputs(out: epath.Path, run_config: dict) -> None:
+    """--overwrite_output_dir must never delete what the run is about to read."""
+    root = os.path.realpath(os.fspath(out))
+    for option in INPUT_OPTIONS:
+        value = run_config.get(option)
+        if isinstance(value, str) and value and os.path.exists(value):
+            path = os.path.realpath(value)
+            if path == root or path.startswith(root + os.sep):
+                raise OutputDirError(f"--output_dir {out} holds this run's input (--{option} {value}), which "
+                                     "--overwrite_output_dir would delete: choose another --output_dir")
 
 
 def _foreign(out: epath.Path, entries: list[str], run_config: dict, resuming: bool) -> str | None:
