@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from flax_bert.bad_input import InputError
@@ -72,14 +73,53 @@ def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int, 
     return optax.join_schedules([warmup, after_warmup], [warmup_steps])
 
 
+def _path_names(path) -> list[str]:
+    names = []
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name not in _VARIABLE_ATTRS:
+            names.append(key.name)
+        elif isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
+            names.append(key.key)
+    return names
+
+
+def is_stacked_layer(path) -> bool:
+    """Whether a parameter belongs to the encoder's stacked layers (`encoder.layer.*`, created with nnx.vmap),
+    whose leading axis is the layer index (the "layers" logical axis), whatever its rank."""
+    names = _path_names(path)
+    return any(a == "encoder" and b == "layer" for a, b in zip(names, names[1:]))
+
+
+def scale_by_layerwise_trust_ratio() -> optax.GradientTransformation:
+    """optax.scale_by_trust_ratio, with one ratio per layer for stacked encoder weights: LAMB's "layer" is a
+    weight matrix of one transformer layer, so a [layers, ...] leaf gets the norms of each slice along its
+    leading axis, and the update equals the one computed on the layers kept apart."""
+
+    def scale(path, update, param):
+        if update is None or isinstance(update, optax.MaskedNode):
+            return update
+        axes = tuple(range(1, param.ndim)) if is_stacked_layer(path) and param.ndim > 1 else None
+        param_norm = optax.safe_norm(param, 0.0, axis=axes, keepdims=axes is not None)
+        update_norm = optax.safe_norm(update, 0.0, axis=axes, keepdims=axes is not None)
+        ratio = param_norm / update_norm
+        return update * jnp.where((param_norm == 0.0) | (update_norm == 0.0), jnp.ones_like(ratio), ratio)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("the trust ratio needs the parameters: call update(updates, state, params)")
+        return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def _lamb(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.GradientTransformation:
     """LAMB as in Google's BERT/NVIDIA's implementation: parameters exempt from weight decay are
     also exempt from the layer-wise trust ratio (optax.lamb would apply it to biases too, whose
-    tiny norms make their updates vanish)."""
+    tiny norms make their updates vanish); the ratio is taken per layer of stacked weights."""
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
         optax.add_decayed_weights(weight_decay, mask),
-        optax.masked(optax.scale_by_trust_ratio(), mask),
+        optax.masked(scale_by_layerwise_trust_ratio(), mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
