@@ -36,9 +36,16 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog=prog, defaults=defaults)
+    from flax_bert.preemption import Preempted, stop_outside_the_loop
     from flax_bert.pretrain import run_pretraining
 
-    results = run_pretraining(run)
+    try:
+        with stop_outside_the_loop():
+            results = run_pretraining(run)
+    except Preempted as signal_name:
+        print(f"stopped by {signal_name} outside the train loop; the checkpoints written are complete — rerun the "
+              "same command to go on", file=sys.stderr)
+        return 0
     if results.get("preempted"):
         print(f"stopped at step {results['step']} by a signal; checkpoint saved — rerun the same command to resume")
     return 0
@@ -164,9 +171,9 @@ COMMANDS = {"train": lambda argv: train_main(argv, prog="flax-bert train"), "eva
 def run_command(function, argv) -> int:
     """One-line errors with a nonzero exit for the project's own input errors (errors.USER_ERRORS); anything
     else prints its traceback and a last line saying that the run can be resumed."""
+    _setup_logging()  # first: importing the error classes imports absl, whose handler would take the root logger
     from flax_bert.errors import USER_ERRORS
 
-    _setup_logging()
     try:
         return function(argv)
     except USER_ERRORS as err:
