@@ -43,7 +43,8 @@ def resolve_config_path(config: str) -> pathlib.Path:
     named = PROJECT_ROOT / "configs" / f"{config.removesuffix('.yaml')}.yaml"
     if named.is_file():
         return named
-    raise InputFileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml or a name in configs/")
+    raise InputFileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml "
+                                 "or a name in configs/")
 
 
 def load_setup(args):

@@ -219,8 +219,8 @@ class Checkpointer:
         if not steps:
             raise InputFileNotFoundError(f"no complete checkpoint in {self.directory}")
         if step is not None and step not in steps:
-            raise InputFileNotFoundError(f"no complete checkpoint {self.directory / str(step)}; the complete ones are "
-                                    f"steps {', '.join(map(str, steps))}")
+            raise InputFileNotFoundError(f"no complete checkpoint {self.directory / str(step)}; the complete ones "
+                                         f"are steps {', '.join(map(str, steps))}")
         return [s for s in reversed(steps) if step is None or s <= step]
 
     def _first_intact(self, step: int | None, restore_one: Callable[[int], Restored]) -> Restored:
@@ -237,8 +237,8 @@ class Checkpointer:
                 return restored
             # damage shows again when the bundle is read on the host alone; a failure that does not (out of
             # device memory, a passing I/O error) is not the checkpoint's fault: it stays where it is
-            not_damage = error is not None and _readable(path)
-            if not all_processes(not not_damage):
+            read_here_or_damaged = error is None or not _readable(path)
+            if not all_processes(read_here_or_damaged):
                 if error is not None:
                     raise error
                 raise RuntimeError(f"another process failed to restore {path}: see its log; {path} is kept")

@@ -89,7 +89,8 @@ def resolve_model_folder(path: str | os.PathLike) -> pathlib.Path:
     if folder.is_dir():
         return folder
     if folder.exists():
-        raise InputFileNotFoundError(f"{folder} is a file: pass the Hugging Face model folder that holds config.json")
+        raise InputFileNotFoundError(f"{folder} is a file: pass the Hugging Face model folder that holds "
+                                     "config.json")
     if str(path).count("/") > 1 or str(path).startswith((".", "/", "~")):
         raise InputFileNotFoundError(f"no model folder at {folder}")
     try:  # a hub model id such as "roberta-base"
@@ -113,7 +114,8 @@ def _read_weight_files(folder: pathlib.Path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise MissingDependencyError(f"{folder} holds PyTorch .bin weights; install torch (pip install 'flax-bert[torch]') to read them") from None
+            raise MissingDependencyError(f"{folder} holds PyTorch .bin weights; install torch "
+                                         "(pip install 'flax-bert[torch]') to read them") from None
         tensors = {}
         for f in _shards(folder, "pytorch_model.bin"):
             state = torch.load(f, map_location="cpu", weights_only=True)  # never plain pickle
@@ -257,7 +259,8 @@ def save_hf(model, path: str | os.PathLike, tokenizer=None, architecture: str | 
     if isinstance(model, BertForPreTraining) is False and architecture == "BertForPreTraining":
         raise ConfigError("only a model trained with the NSP head can be exported as BertForPreTraining")
     if not overwrite and any((folder / name).exists() for name in ("config.json", "model.safetensors")):
-        raise InputFileExistsError(f"{folder} already holds a model; pass overwrite=True (--overwrite_output_dir) to replace it")
+        raise InputFileExistsError(f"{folder} already holds a model; pass overwrite=True (--overwrite_output_dir) "
+                                   "to replace it")
     folder.mkdir(parents=True, exist_ok=True)
     files = {
         "model.safetensors": lambda f: save_file(to_hf_tensors(model, architecture), f, metadata={"format": "pt"}),

@@ -68,12 +68,13 @@ def locate_checkpoints(path) -> tuple[epath.Path, int | None]:
     if path.name.isdigit() and int(path.name) in complete_steps(path.parent):
         return path.parent, int(path.name)
     if ".orbax-checkpoint-tmp" in path.name:
-        raise InputFileNotFoundError(f"{path} is a checkpoint that never finished writing; pass its run directory instead")
+        raise InputFileNotFoundError(f"{path} is a checkpoint that never finished writing; pass its run "
+                                     "directory instead")
     for directory in (path / CHECKPOINTS, path):
         if complete_steps(directory):
             return directory, None
     raise InputFileNotFoundError(f"{path} holds no complete checkpoint: pass a run's --output_dir, its checkpoints/ "
-                            "folder or one checkpoints/STEP folder")
+                                 "folder or one checkpoints/STEP folder")
 
 
 def jsonable(value):
