@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from flax_bert.bad_input import InputFileNotFoundError, MissingDependencyError
+
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -41,7 +43,8 @@ def resolve_config_path(config: str) -> pathlib.Path:
     named = PROJECT_ROOT / "configs" / f"{config.removesuffix('.yaml')}.yaml"
     if named.is_file():
         return named
-    raise FileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml or a name in configs/")
+    raise InputFileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml "
+                                 "or a name in configs/")
 
 
 def load_setup(args):
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         import importlib.util
 
         if not all(importlib.util.find_spec(name) for name in ("torch", "transformers")):
-            raise ImportError("--compare torch needs PyTorch and transformers: pip install -e '.[torch]'")
+            raise MissingDependencyError("--compare torch needs PyTorch and transformers: pip install -e '.[torch]'")
         if model_config.dtype != "float32":
             raise BenchError("--compare torch times fp32 (PyTorch's CPU default); pass --dtype float32")
     env = worker_env(args.hugepages)

@@ -20,7 +20,6 @@ import logging
 import math
 import re
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +29,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from flax_bert.bad_input import InputFileNotFoundError
 from flax_bert.preemption import AnyProcess, PreemptionGuard, all_processes, barrier
 # the run directory's rules live in run_start; re-exported so `flax_bert.checkpoint` stays the one import
 from flax_bert.run_start import (CHECKPOINTS, DAMAGED, OWNED_ENTRIES, RUN_CONFIG_FILE, RUN_IDENTITY_KEYS, SUPERSEDED,
-                                 OutputDirError, StartPoint, check_output_dir, complete_steps, jsonable,
-                                 locate_checkpoints, resolve_start)
+                                 DamagedCheckpointError, OutputDirError, StartPoint, check_output_dir, complete_steps,
+                                 jsonable, locate_checkpoints, resolve_start)
 
 __all__ = ["CHECKPOINTS", "DAMAGED", "ITEMS", "OWNED_ENTRIES", "RUN_CONFIG_FILE", "RUN_IDENTITY_KEYS", "SUPERSEDED",
            "CheckpointMismatchError", "Checkpointer", "DamagedCheckpointError", "OutputDirError", "PreemptionGuard",
@@ -45,12 +45,13 @@ log = logging.getLogger(__name__)
 ITEMS = ("state", "data", "config", "meta")
 
 
-class DamagedCheckpointError(FileNotFoundError):
-    """No intact checkpoint is left to restore."""
-
-
 class CheckpointMismatchError(ValueError):
-    """The checkpoint is intact but holds a different model or optimizer than the one to restore into."""
+    """The checkpoint is intact but holds a different model or optimizer than the one to restore into.
+    `optimizer_only`: the parameters and step fit, only the optimizer state differs (--reset_optimizer helps)."""
+
+    def __init__(self, message: str, optimizer_only: bool = False):
+        super().__init__(message)
+        self.optimizer_only = optimizer_only
 
 
 @dataclasses.dataclass
@@ -62,6 +63,7 @@ class Restored:
     rng_key: jax.Array | None = None
     metrics: dict | None = None
     path: str = ""
+    optimizer_reset: bool = False  # the saved optimizer state did not fit: parameters kept, optimizer state fresh
 
     def __iter__(self):  # `state, data_state, run_config, step = checkpointer.restore(...)`
         return iter((self.state, self.data_state, self.run_config, self.step))
@@ -196,12 +198,15 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def restore(self, target, step: int | None = None) -> Restored:
+    def restore(self, target, step: int | None = None, *, reset_optimizer: Callable | None = None) -> Restored:
         """The newest intact checkpoint at or before `step` (default: the latest), placed straight onto the
         shardings of `target` (a TrainState of jax.ShapeDtypeStruct with .sharding, or of arrays), so it
-        restores onto any mesh. A damaged one is reported, moved to checkpoints_damaged/ and skipped."""
+        restores onto any mesh. A damaged one is reported, moved to checkpoints_damaged/ and skipped; one that
+        holds another model or optimizer raises CheckpointMismatchError and stays; any other failure (out of
+        memory, I/O) is re-raised and the checkpoint stays. `reset_optimizer(params, step) -> opt_state`: when
+        only the optimizer state does not fit, keep the parameters, step and data position with its result."""
         abstract = jax.tree.map(_abstract_leaf, target)
-        return self._first_intact(step, lambda s: self._restore_step(s, abstract))
+        return self._first_intact(step, lambda s: self._restore_step(s, abstract, reset_optimizer))
 
     def restore_params(self, step: int | None = None) -> tuple[Any, dict, int]:
         """(parameters as host numpy arrays, run config, step) without building a model or mesh (export)."""
@@ -212,10 +217,10 @@ class Checkpointer:
         steps = self.all_steps()
         step = self.default_step if step is None else step
         if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+            raise InputFileNotFoundError(f"no complete checkpoint in {self.directory}")
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"no complete checkpoint {self.directory / str(step)}; the complete ones are "
-                                    f"steps {', '.join(map(str, steps))}")
+            raise InputFileNotFoundError(f"no complete checkpoint {self.directory / str(step)}; the complete ones "
+                                         f"are steps {', '.join(map(str, steps))}")
         return [s for s in reversed(steps) if step is None or s <= step]
 
     def _first_intact(self, step: int | None, restore_one: Callable[[int], Restored]) -> Restored:
@@ -225,25 +230,37 @@ class Checkpointer:
             try:
                 restored, error = restore_one(s), None
             except CheckpointMismatchError:
-                raise
-            except Exception as err:  # noqa: BLE001 - any read failure means the bundle cannot be trusted
+                raise  # the same on every process: the metadata is shared
+            except Exception as err:  # noqa: BLE001 - classified below: damage, or a failure to re-raise
                 restored, error = None, err
-            if not all_processes(error is None):
-                error = error or RuntimeError("another process could not read it")
-            if error is None:
+            if all_processes(error is None):
                 return restored
-            reason = _one_line(error)
+            # damage shows again when the bundle is read on the host alone; a failure that does not (out of
+            # device memory, a passing I/O error) is not the checkpoint's fault: it stays where it is
+            read_here_or_damaged = error is None or not _readable(path)
+            if not all_processes(read_here_or_damaged):
+                if error is not None:
+                    raise error
+                raise RuntimeError(f"another process failed to restore {path}: see its log; {path} is kept")
+            reason = _one_line(error) if error is not None else "another process could not read it"
             self.damaged.append((str(path), reason))
             log.warning("checkpoint %s is damaged (%s); trying the previous one", path, reason)
             if not self.read_only:
                 self._move_aside(s, DAMAGED, "it is damaged")
                 self._manager.reload()
         names = ", ".join(path for path, _ in self.damaged)
-        raise DamagedCheckpointError(f"no intact checkpoint in {self.directory}: damaged {names}; "
-                                     "start over with --overwrite_output_dir or resume from another run")
+        where = f"moved to {self.directory.parent / DAMAGED}" if not self.read_only else "left in place"
+        raise DamagedCheckpointError(f"no intact checkpoint in {self.directory}: damaged {names} ({where}); "
+                                     "nothing restarts by itself: pass --overwrite_output_dir to start over, or "
+                                     "--resume_from_checkpoint with a checkpoint you trust")
 
-    def _restore_step(self, step: int, abstract) -> Restored:
-        _check_fits(self.directory / str(step), abstract)
+    def _restore_step(self, step: int, abstract, reset_optimizer: Callable | None = None) -> Restored:
+        path = self.directory / str(step)
+        mismatch = _incompatibility(path, abstract, offer_reset=reset_optimizer is None)
+        if mismatch is not None and not (reset_optimizer and mismatch.optimizer_only):
+            raise mismatch
+        if mismatch is not None:
+            return self._restore_with_fresh_optimizer(path, abstract, reset_optimizer)
         items = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
@@ -252,6 +269,21 @@ class Checkpointer:
         return Restored(state=state, data_state=dict(items.data or {}), run_config=dict(items.config or {}), step=step,
                         rng_key=_rng_key(meta.get("rng")), metrics=meta.get("metrics"),
                         path=str(self.directory / str(step)))
+
+    def _restore_with_fresh_optimizer(self, path: epath.Path, abstract, reset_optimizer: Callable) -> Restored:
+        """Step and parameters from the checkpoint (onto the target's shardings), the optimizer state new."""
+        wanted = {"step": abstract.step, "params": abstract.params}
+        kept = ocp.PyTreeCheckpointer().restore(path / "state", args=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True))
+        step = _local_scalar(kept["step"])
+        state = abstract.replace(step=kept["step"], params=kept["params"],
+                                 opt_state=reset_optimizer(kept["params"], step))
+        json_items = {name: ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / name)
+                      for name in ("data", "config", "meta")}
+        meta = dict(json_items["meta"] or {})
+        return Restored(state=jax.block_until_ready(state), data_state=dict(json_items["data"] or {}),
+                        run_config=dict(json_items["config"] or {}), step=step, rng_key=_rng_key(meta.get("rng")),
+                        metrics=meta.get("metrics"), path=str(path), optimizer_reset=True)
 
     def _restore_params_step(self, step: int) -> Restored:
         path = self.directory / str(step)
@@ -266,22 +298,47 @@ class Checkpointer:
         return Restored(state=state["params"], data_state={}, run_config=dict(config), step=step, path=str(path))
 
 
-def _check_fits(path: epath.Path, abstract) -> None:
-    """A different model or optimizer is a mistake to report, not damage to skip past."""
+def _incompatibility(path: epath.Path, abstract, offer_reset: bool = True) -> CheckpointMismatchError | None:
+    """A different model or optimizer is a mistake to report, not damage to skip past. Compares every array's
+    name, shape and dtype in the saved tree metadata with the tree this run builds, named the way Orbax names
+    them (ocp.tree.serialize_tree), before anything is read."""
     saved = {_path_key(k): (tuple(m.shape), np.dtype(m.dtype)) for k, m in
              jax.tree_util.tree_flatten_with_path(_tree_metadata(path / "state"))[0]}
     wanted = {_path_key(k): (tuple(a.shape), np.dtype(a.dtype)) for k, a in
-              jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    if saved == wanted or (set(saved) != set(wanted) and Counter(saved.values()) == Counter(wanted.values())):
-        return  # equal, or the same arrays under other container names (e.g. optax NamedTuple vs dict)
+              jax.tree_util.tree_flatten_with_path(ocp.tree.serialize_tree(abstract, keep_empty_nodes=True))[0]}
+    if saved == wanted:
+        return None
+
     def shown(spec):
         return "absent" if spec is None else f"{spec[1]}{list(spec[0])}"
-    differences = [f"{'.'.join(k)}: {shown(saved.get(k))} saved, {shown(wanted.get(k))} wanted"
-                   for k in sorted(set(saved) | set(wanted), key=lambda k: (k[:1] != ("params",), k))  # params first
-                   if saved.get(k) != wanted.get(k)]
-    raise CheckpointMismatchError(f"checkpoint {path} holds a different model or optimizer "
-                                  f"({'; '.join(differences[:3])}{'; ...' if len(differences) > 3 else ''}): resume "
-                                  "with the settings it was saved with, or start over with --overwrite_output_dir")
+    differing = [k for k in sorted(set(saved) | set(wanted), key=lambda k: (k[:1] != ("params",), k))  # params first
+                 if saved.get(k) != wanted.get(k)]
+    details = "; ".join(f"{'.'.join(k)}: {shown(saved.get(k))} saved, {shown(wanted.get(k))} wanted"
+                        for k in differing[:3]) + ("; ..." if len(differing) > 3 else "")
+    if all(k[:1] == ("opt_state",) for k in differing):
+        fix = ("resume with the optimizer options it was saved with (--optimizer, --max_grad_norm, ...)"
+               + (", or pass --reset_optimizer to keep its parameters, step and data position with a fresh "
+                  "optimizer state" if offer_reset else ""))
+        return CheckpointMismatchError(f"checkpoint {path} holds another optimizer state than this run builds "
+                                       f"({len(differing)} arrays differ: {details}): {fix}", optimizer_only=True)
+    return CheckpointMismatchError(f"checkpoint {path} holds a different model ({details}): resume with the model "
+                                   "options it was saved with, or start over in another --output_dir")
+
+
+def _readable(path: epath.Path) -> bool:
+    """Whether every item of the bundle reads back on this host (into NumPy, as saved): after a failed restore,
+    False means the bundle is damaged, True that the failure lay elsewhere."""
+    try:
+        tree = _tree_metadata(path / "state")
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        ocp.PyTreeCheckpointer().restore(path / "state", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=as_numpy, partial_restore=True))
+        for name in ("data", "config", "meta"):
+            ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / name)
+    except Exception:  # noqa: BLE001 - whatever stops the read, the bundle cannot be used
+        return False
+    return True
 
 
 def _tree_metadata(item_dir: epath.Path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from flax_bert.run_config import OneLineErrorParser
 
@@ -35,9 +36,16 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog=prog, defaults=defaults)
+    from flax_bert.preemption import Preempted, stop_outside_the_loop
     from flax_bert.pretrain import run_pretraining
 
-    results = run_pretraining(run)
+    try:
+        with stop_outside_the_loop():
+            results = run_pretraining(run)
+    except Preempted as signal_name:
+        print(f"stopped by {signal_name} outside the train loop; the checkpoints written are complete — rerun the "
+              "same command to go on", file=sys.stderr)
+        return 0
     if results.get("preempted"):
         print(f"stopped at step {results['step']} by a signal; checkpoint saved — rerun the same command to resume")
     return 0
@@ -163,10 +171,11 @@ COMMANDS = {"train": lambda argv: train_main(argv, prog="flax-bert train"), "eva
 
 
 def run_command(function, argv) -> int:
-    """One-line errors with a nonzero exit for every bad input; tracebacks only for our own bugs."""
+    """One-line errors with a nonzero exit for the project's own input errors (errors.USER_ERRORS); anything
+    else prints its traceback and a last line saying that the run can be resumed."""
+    _setup_logging()  # first: importing the error classes imports absl, whose handler would take the root logger
     from flax_bert.errors import USER_ERRORS
 
-    _setup_logging()
     try:
         return function(argv)
     except USER_ERRORS as err:
@@ -178,6 +187,15 @@ def run_command(function, argv) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - not a mistake in the input: the traceback is what a fix needs
+        if os.environ.get("FLAX_BERT_DEBUG"):
+            raise
+        traceback.print_exc()
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"error: {type(err).__name__}: {first_line} -- an internal failure, not a problem with the options "
+              "(traceback above); completed checkpoints are kept: the same command resumes the run from the latest",
+              file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ import json
 import pathlib
 from typing import Any
 
+from flax_bert.bad_input import InputFileNotFoundError
 from flax_bert.models import FAMILIES, family
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -142,7 +143,7 @@ class ModelConfig:
         if file.is_dir():
             file = file / "config.json"
         if not file.is_file():
-            raise FileNotFoundError(f"no config.json at {file}: point to a Hugging Face model folder")
+            raise InputFileNotFoundError(f"no config.json at {file}: point to a Hugging Face model folder")
         return cls.from_hf_dict(json.loads(file.read_text()), **overrides)
 
     @classmethod

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_bert.bad_input import InputFileExistsError, InputFileNotFoundError, MissingDependencyError
 from flax_bert.config import ConfigError, ModelConfig
 from flax_bert.models import all_architectures, architecture_of, family, model_class_for, name_table, normalize_names
 from flax_bert.models.layers import Entry  # noqa: F401  (the table rows, re-exported)
@@ -39,16 +40,17 @@ def resolve_model_folder(path: str | os.PathLike) -> pathlib.Path:
     if folder.is_dir():
         return folder
     if folder.exists():
-        raise FileNotFoundError(f"{folder} is a file: pass the Hugging Face model folder that holds config.json")
+        raise InputFileNotFoundError(f"{folder} is a file: pass the Hugging Face model folder that holds "
+                                     "config.json")
     if str(path).count("/") > 1 or str(path).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no model folder at {folder}")
+        raise InputFileNotFoundError(f"no model folder at {folder}")
     try:  # a hub model id such as "roberta-base"
         import huggingface_hub
 
         return pathlib.Path(huggingface_hub.snapshot_download(
             str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin", "flax_model.msgpack"]))
     except Exception as err:  # offline, unknown id, no permission
-        raise FileNotFoundError(
+        raise InputFileNotFoundError(
             f"no local folder {folder} and the hub model {path!r} could not be fetched ({type(err).__name__}); "
             "check the name and network, or pass a local folder") from None
 
@@ -63,7 +65,8 @@ def _read_weight_files(folder: pathlib.Path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise ImportError(f"{folder} holds PyTorch .bin weights; install torch (pip install 'flax-bert[torch]') to read them") from None
+            raise MissingDependencyError(f"{folder} holds PyTorch .bin weights; install torch "
+                                         "(pip install 'flax-bert[torch]') to read them") from None
         tensors = {}
         for f in _shards(folder, "pytorch_model.bin"):
             state = torch.load(f, map_location="cpu", weights_only=True)  # never plain pickle
@@ -71,7 +74,7 @@ def _read_weight_files(folder: pathlib.Path) -> dict[str, np.ndarray]:
         return tensors
     if (folder / "flax_model.msgpack").is_file():
         return _msgpack_to_hf_names(folder / "flax_model.msgpack")
-    raise FileNotFoundError(
+    raise InputFileNotFoundError(
         f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
@@ -81,7 +84,7 @@ def _shards(folder: pathlib.Path, single: str) -> Iterator[pathlib.Path]:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         for name in files:
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"{index} names the shard {name}, which is missing from {folder}")
+                raise InputFileNotFoundError(f"{index} names the shard {name}, which is missing from {folder}")
             yield folder / name
     else:
         yield folder / single
@@ -196,7 +199,8 @@ def save_hf(model, path: str | os.PathLike, tokenizer=None, architecture: str | 
         raise ConfigError(f"a {architecture_of(model)} cannot be exported as {architecture}"
                           " (only a model trained with the NSP head can be exported as BertForPreTraining)")
     if not overwrite and any((folder / name).exists() for name in ("config.json", "model.safetensors")):
-        raise FileExistsError(f"{folder} already holds a model; pass overwrite=True (--overwrite_output_dir) to replace it")
+        raise InputFileExistsError(f"{folder} already holds a model; pass overwrite=True (--overwrite_output_dir) "
+                                   "to replace it")
     folder.mkdir(parents=True, exist_ok=True)
     files = {
         "model.safetensors": lambda f: save_file(to_hf_tensors(model, architecture), f, metadata={"format": "pt"}),

@@ -31,6 +31,7 @@ import tempfile
 
 import numpy as np
 
+from flax_bert.bad_input import InputError
 from flax_bert.data_iterators import (Prefetcher, ShardedBatchIterator, StreamingBatchIterator, check_data_shards,
                                       empty_rows, make_global_batch, owned_shards)
 from flax_bert.data_nsp import build_nsp_rows
@@ -322,5 +323,5 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 
         return jax.process_index(), jax.process_count()
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
+        raise InputError(f"process_index {process_index} is outside 0..{process_count - 1}")
     return process_index, process_count

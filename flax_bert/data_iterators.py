@@ -61,8 +61,8 @@ def empty_rows(count: int, max_seq_length: int, pad_id: int, nsp: bool) -> dict[
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} does not split over {process_count} processes: "
-                         f"use a per-device batch size that gives a multiple of {process_count}")
+        raise DataError(f"global batch size {global_batch_size} does not split over {process_count} processes: "
+                        f"use a per-device batch size that gives a multiple of {process_count}")
     return global_batch_size // process_count
 
 
@@ -102,11 +102,11 @@ class ShardedBatchIterator:
     def load_state_dict(self, state: dict) -> None:
         saved = int(state.get("data_shards", 0))
         if not saved or len(state.get("shard_positions", ())) != saved:
-            raise ValueError(f"the checkpoint's data position {state} is not one of logical shards: resume it with "
-                             f"the flax-bert version that wrote it, or start a fresh --output_dir")
+            raise DataError(f"the checkpoint's data position {state} is not one of logical shards: resume it with "
+                            f"the flax-bert version that wrote it, or start a fresh --output_dir")
         if saved != self.rows.num_shards:
-            raise ValueError(f"the checkpoint's data was read in {saved} shards, this run has "
-                             f"{self.rows.num_shards}: resume with --data_shards {saved}")
+            raise DataError(f"the checkpoint's data was read in {saved} shards, this run has "
+                            f"{self.rows.num_shards}: resume with --data_shards {saved}")
         self.batches, self.positions = int(state["batches"]), np.asarray(state["shard_positions"], np.int64)
 
     def epoch_order(self, shard: int, epoch: int) -> np.ndarray:
@@ -166,8 +166,8 @@ class StreamingBatchIterator:
     def load_state_dict(self, state: dict) -> None:
         saved = int(state.get("process_count", 0))
         if saved != self.rows.process_count:
-            raise ValueError(f"the checkpoint's stream was read by {saved} processes, this run has "
-                             f"{self.rows.process_count}: a --streaming run resumes with the same number of processes")
+            raise DataError(f"the checkpoint's stream was read by {saved} processes, this run has "
+                            f"{self.rows.process_count}: a --streaming run resumes with the same number of processes")
         self.batches, self._local = int(state["batches"]), None
 
     def _own_documents(self):

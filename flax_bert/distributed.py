@@ -7,6 +7,8 @@ import os
 import jax
 import numpy as np
 
+from flax_bert.bad_input import InputError
+
 log = logging.getLogger(__name__)
 
 # When a process dies, JAX's coordination service notices the missing heartbeats and terminates every
@@ -26,7 +28,7 @@ def heartbeat_timeout_seconds() -> int | None:
     except ValueError:
         seconds = 0
     if seconds < 1:
-        raise ValueError(f"{HEARTBEAT_TIMEOUT_VARIABLE}={value!r} is not a whole number of seconds >= 1: "
+        raise InputError(f"{HEARTBEAT_TIMEOUT_VARIABLE}={value!r} is not a whole number of seconds >= 1: "
                          "set e.g. 60, or unset it for JAX's default of 100")
     return seconds
 
@@ -58,7 +60,7 @@ def initialize(run) -> None:
     options = {} if heartbeat is None else {"heartbeat_timeout_seconds": heartbeat}
     if explicit:
         if run.coordinator_address is None or run.num_processes is None or run.process_id is None:
-            raise ValueError("multi-process runs need --coordinator_address, --num_processes and --process_id together")
+            raise InputError("multi-process runs need --coordinator_address, --num_processes and --process_id together")
         jax.distributed.initialize(run.coordinator_address, run.num_processes, run.process_id, **options)
     else:
         jax.distributed.initialize(**options)  # cluster auto-detection (TPU metadata, SLURM)

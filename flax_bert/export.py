@@ -72,17 +72,34 @@ def write_model_folder(model, folder, tokenizer, run: dict, steps: int, global_b
 
 
 def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | None:
-    """At the end of training: the final model into OUTPUT_DIR itself (checkpoints live in a subfolder)."""
+    """At the end of training: the final model into OUTPUT_DIR itself (checkpoints live in a subfolder).
+    Every process must call it: parameters split over several processes' devices are gathered first."""
+    params = gathered_on_every_process(params)
+    step = int(gathered_on_every_process(job.final_state.step))
     if not job.is_main:
         return None
     model = job.trainer.model(params)
-    step = int(job.final_state.step)
     folder = write_model_folder(model, job.output_dir, job.tokenizer, job.run.to_dict(), step, job.global_batch,
                                 eval_results, overwrite=True)
     log.info("exported the final model (step %d) to %s", step, folder)
     if job.run.push_to_hub:
         push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo)
     return folder
+
+
+def gathered_on_every_process(tree):
+    """`tree` as host NumPy arrays, whatever the mesh: a leaf whose shards sit on other processes' devices
+    (fsdp or tensor spanning hosts) cannot be fetched by one process alone, so all processes gather it
+    together (a collective: call it on every process)."""
+    import jax
+    import numpy as np
+
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class HubUploadError(RuntimeError):

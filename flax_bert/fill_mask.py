@@ -6,6 +6,8 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from flax_bert.bad_input import InputError
+
 
 def load_for_inference(path: str, step: int | None = None):
     """(model, tokenizer) from an exported Hugging Face folder, or a run directory's checkpoint."""
@@ -26,7 +28,7 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[tuple[str, fl
     """Predictions for the first mask token in `text`, best first: (token text, probability)."""
     mask = tokenizer.mask_token
     if mask is None or mask not in text:
-        raise ValueError(f"the text has no mask token: write {mask!r} where the missing word goes")
+        raise InputError(f"the text has no mask token: write {mask!r} where the missing word goes")
     encoded = tokenizer(text, return_tensors="np")
     ids = jnp.asarray(encoded["input_ids"])
     position = int(jnp.argmax(ids[0] == tokenizer.mask_token_id))

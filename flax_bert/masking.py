@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from flax_bert.bad_input import InputError
+
 MASK_FRACTION = 0.8  # of the selected units, replaced by the mask token
 RANDOM_FRACTION = 0.1  # replaced by a random non-special token; the remaining 10% are kept
 
@@ -48,9 +50,9 @@ def num_prediction_slots(max_seq_length: int, mlm_probability: float, whole_word
     that still do not fit are dropped whole (see ``mask_tokens``), which is rare at this size.
     """
     if max_seq_length < 1:
-        raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
+        raise InputError(f"max_seq_length must be >= 1, got {max_seq_length}")
     if not 0.0 < mlm_probability <= 1.0:
-        raise ValueError(f"mlm_probability must be in (0, 1], got {mlm_probability}")
+        raise InputError(f"mlm_probability must be in (0, 1], got {mlm_probability}")
     expected = mlm_probability * max_seq_length
     budget = math.ceil(1.2 * expected) + 8 if whole_word_masking else math.ceil(expected - 1e-9)
     # Never more slots than tokens: a row cannot select more than L positions.
@@ -59,7 +61,7 @@ def num_prediction_slots(max_seq_length: int, mlm_probability: float, whole_word
 
 def _check_args(special_ids, mask_token_id, random_vocab_size, mlm_probability, num_slots):
     if not 0.0 <= mlm_probability <= 1.0:
-        raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
+        raise InputError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
     if num_slots < 1:
         raise ValueError(f"num_slots must be >= 1, got {num_slots}; use num_prediction_slots()")
     if mask_token_id < 0:

@@ -9,6 +9,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from flax_bert.bad_input import InputFileNotFoundError
+
 
 # Dense bf16 peak FLOP/s per chip (vendor figures) for devices we cannot time here.
 PEAK_FLOPS_BY_DEVICE = {
@@ -91,5 +93,5 @@ def _plain(value):
 def read_metrics(output_dir: str | pathlib.Path) -> list[dict]:
     path = pathlib.Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {output_dir}: is it a flax-bert run directory?")
+        raise InputFileNotFoundError(f"no metrics.jsonl in {output_dir}: is it a flax-bert run directory?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flax_bert.bad_input import InputError
+
 SCHEDULES = ("linear", "cosine", "constant", "wsd")
 OPTIMIZERS = ("adamw", "lamb", "stableadamw")
 DECAYED_NAMES = frozenset({"kernel", "embedding"})  # NNX Linear/Embed weights
@@ -51,13 +53,13 @@ def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int, 
     ``wsd`` (warmup-stable-decay, ModernBERT's trapezoid): the peak until the last
     ``decay_fraction`` of total_steps, then 1 - sqrt decay to 0 at total_steps."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise InputError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        raise InputError(f"learning_rate must be > 0, got {learning_rate}")
     if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        raise InputError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if schedule != "constant" and total_steps <= warmup_steps:
-        raise ValueError(
+        raise InputError(
             f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) for a {schedule} "
             "schedule; lower warmup_steps or use schedule='constant'"
         )
@@ -111,7 +113,7 @@ def _stable_adamw(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.Gradi
         def one(path, g, m, v, p, decay):
             v_hat = v / c2
             ratio = g * g / jnp.maximum(v_hat, eps * eps)
-            axes = tuple(range(1, g.ndim)) if _stacked(path) and g.ndim > 1 else None
+            axes = tuple(range(1, g.ndim)) if is_stacked_layer(path) and g.ndim > 1 else None
             rms = jnp.sqrt(jnp.mean(ratio, axis=axes, keepdims=axes is not None))
             step_lr = lr / jnp.maximum(1.0, rms)
             step = (m / c1) / (jnp.sqrt(v_hat) + eps) + (weight_decay * p if decay else 0.0)
@@ -123,20 +125,54 @@ def _stable_adamw(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.Gradi
     return optax.GradientTransformation(init, update)
 
 
-def _stacked(path) -> bool:
-    """A parameter of the stacked encoder layers (leading axis = layer)."""
-    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-    return bool(names & {"layer", "layers"})
+def _path_names(path) -> list[str]:
+    names = []
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name not in _VARIABLE_ATTRS:
+            names.append(key.name)
+        elif isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
+            names.append(key.key)
+    return names
+
+
+def is_stacked_layer(path) -> bool:
+    """Whether a parameter belongs to the encoder's stacked layers (BERT/RoBERTa `encoder.layer.*`, ModernBERT
+    `model.layers.*`, created with nnx.vmap), whose leading axis is the layer index (the "layers" logical
+    axis), whatever its rank."""
+    names = _path_names(path)
+    return "layers" in names or any(a == "encoder" and b == "layer" for a, b in zip(names, names[1:]))
+
+
+def scale_by_layerwise_trust_ratio() -> optax.GradientTransformation:
+    """optax.scale_by_trust_ratio, with one ratio per layer for stacked encoder weights: LAMB's "layer" is a
+    weight matrix of one transformer layer, so a [layers, ...] leaf gets the norms of each slice along its
+    leading axis, and the update equals the one computed on the layers kept apart."""
+
+    def scale(path, update, param):
+        if update is None or isinstance(update, optax.MaskedNode):
+            return update
+        axes = tuple(range(1, param.ndim)) if is_stacked_layer(path) and param.ndim > 1 else None
+        param_norm = optax.safe_norm(param, 0.0, axis=axes, keepdims=axes is not None)
+        update_norm = optax.safe_norm(update, 0.0, axis=axes, keepdims=axes is not None)
+        ratio = param_norm / update_norm
+        return update * jnp.where((param_norm == 0.0) | (update_norm == 0.0), jnp.ones_like(ratio), ratio)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("the trust ratio needs the parameters: call update(updates, state, params)")
+        return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def _lamb(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.GradientTransformation:
     """LAMB as in Google's BERT/NVIDIA's implementation: parameters exempt from weight decay are
     also exempt from the layer-wise trust ratio (optax.lamb would apply it to biases too, whose
-    tiny norms make their updates vanish)."""
+    tiny norms make their updates vanish); the ratio is taken per layer of stacked weights."""
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
         optax.add_decayed_weights(weight_decay, mask),
-        optax.masked(optax.scale_by_trust_ratio(), mask),
+        optax.masked(scale_by_layerwise_trust_ratio(), mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -158,11 +194,11 @@ def make_optimizer(
     """Return (transformation, schedule_fn). Defaults are RoBERTa's (b2=0.98, eps=1e-6); pass
     b2=0.999 for BERT's. max_grad_norm None or 0 disables clipping."""
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
     if max_grad_norm is not None and max_grad_norm < 0:
-        raise ValueError(f"max_grad_norm must be > 0 (or None/0 to disable clipping), got {max_grad_norm}")
+        raise InputError(f"max_grad_norm must be > 0 (or None/0 to disable clipping), got {max_grad_norm}")
     schedule_fn = make_schedule(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
         decay_fraction=decay_fraction,

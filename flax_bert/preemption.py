@@ -1,7 +1,9 @@
-"""Preemption: SIGTERM / SIGINT stop the train loop after the current step (PreemptionGuard), and the
-helpers that make every process of a multi-host run take the same decision at the same step."""
+"""Preemption: SIGTERM / SIGINT stop the train loop after the current step (PreemptionGuard); outside the
+loop SIGTERM stops the run at once (stop_outside_the_loop); and the helpers that make every process of a
+multi-host run take the same decision at the same step."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -72,6 +74,31 @@ class PreemptionGuard:
             self.stopped_at = int(step)
             log.warning("stopping at step %d (%s)", step, self.signal_name or "a signal on another process")
         return stop
+
+
+class Preempted(BaseException):
+    """SIGTERM arrived outside the train loop. A BaseException, as KeyboardInterrupt is, so that no
+    `except Exception` on the way (a data source, a restore) mistakes it for a failure of its own."""
+
+
+@contextlib.contextmanager
+def stop_outside_the_loop(signals=(signal.SIGTERM,)):
+    """Before the train loop (data preparation, building the model, restoring) and after it (final
+    evaluation, export), SIGTERM raises Preempted where the program is: nothing these phases leave is used
+    half-done (the tokenized cache is published atomically, checkpoints are complete or ignored, the export
+    is written again), so the same command goes on. Inside the loop PreemptionGuard takes the signal over
+    and hands it back on leaving. SIGINT stays Python's KeyboardInterrupt."""
+    def on_signal(signum, frame):
+        raise Preempted(signal.Signals(signum).name)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, on_signal) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------- several processes

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flax_bert.bad_input import InputError
 from flax_bert import checkpoint as ckpt_lib
 from flax_bert import distributed
 from flax_bert.config import ModelConfig, flops_per_token
@@ -47,7 +48,7 @@ def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path):
         try:
             return AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}): "
+            raise InputError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}): "
                              "pass --tokenizer_name with a local tokenizer folder") from None
     run_tokenizer = output_dir / "tokenizer"
     if (run_tokenizer / "tokenizer_config.json").is_file():
@@ -146,7 +147,7 @@ class Run:
         if self.run.max_steps > 0:
             return self.run.max_steps
         if isinstance(self.train_rows, StreamingRows):
-            raise ValueError("--streaming has no epoch length: set --max_steps")
+            raise InputError("--streaming has no epoch length: set --max_steps")
         steps_per_epoch = math.ceil(distributed.process_sum(self.train_rows.local_rows) / self.global_batch)
         return max(1, math.ceil(self.run.num_train_epochs * steps_per_epoch))
 
@@ -159,8 +160,16 @@ class Run:
         if self.start.kind == "checkpoint":
             own = self.start.source == "output_dir"  # the writer may move a damaged checkpoint aside
             source = self.checkpoints if own else ckpt_lib.Checkpointer.for_path(os.path.abspath(self.start.path))
-            state, data_state, _, step = source.restore(abstract, step=self.start.step)
+            restored = source.restore(abstract, step=self.start.step, reset_optimizer=self.trainer.fresh_opt_state
+                                      if self.run.reset_optimizer else None)
+            state, data_state, _, step = restored
             log.info("restored step %d", step)
+            if restored.optimizer_reset:
+                log.warning("--reset_optimizer: the optimizer state of %s does not fit this run's optimizer; kept its "
+                            "parameters, step %d and data position, started a fresh optimizer state (moments at zero, "
+                            "learning-rate schedule at step %d)", restored.path, step, step)
+            elif self.run.reset_optimizer:
+                log.info("--reset_optimizer: the checkpoint's optimizer state fits this run's optimizer: kept")
             return state, data_state
         if self.start.kind == "hf":
             architecture = type(self.trainer.model(self.trainer.abstract_state.params)).__name__

@@ -75,6 +75,8 @@ class RunConfig:
     # ---- training
     output_dir: str = _field("runs/flax-bert", "where checkpoints, metrics and the exported model go")
     overwrite_output_dir: bool = _field(False, "allow a run to reuse an output_dir that holds another run's files")
+    reset_optimizer: bool = _field(False, "resume a checkpoint whose optimizer state does not fit this run's optimizer "
+                                   "options: keep its parameters, step and data position, start a fresh optimizer state")
     do_train: bool = _field(True, "train")
     do_eval: bool = _field(True, "evaluate at --eval_steps and at the end")
     per_device_train_batch_size: int = _field(8, "rows per device per step (global batch = this x all devices)")
@@ -149,7 +151,7 @@ class RunConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise RunConfigError(message)
         return self
 
 

@@ -7,6 +7,8 @@ import pathlib
 
 from flax import nnx
 
+from flax_bert.bad_input import InputFileNotFoundError
+
 log = logging.getLogger("flax_bert")
 
 
@@ -16,7 +18,7 @@ def load_run_tokenizer(run_dir: pathlib.Path, run: dict):
     for source in (run_dir / "tokenizer", run.get("tokenizer_name"), run.get("model_name_or_path")):
         if source and (not isinstance(source, pathlib.Path) or (source / "tokenizer_config.json").is_file()):
             return AutoTokenizer.from_pretrained(str(source))
-    raise FileNotFoundError(f"no tokenizer for the run {run_dir}: expected {run_dir}/tokenizer")
+    raise InputFileNotFoundError(f"no tokenizer for the run {run_dir}: expected {run_dir}/tokenizer")
 
 
 def load_run_model(run_dir, step: int | None = None):

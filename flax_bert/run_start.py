@@ -16,14 +16,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flax_bert.bad_input import InputFileNotFoundError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS, DAMAGED, SUPERSEDED = "checkpoints", "checkpoints_damaged", "checkpoints_superseded"
 RUN_CONFIG_FILE = "run_config.json"
+WRITTEN_RECORD = ".flax-bert-written.json"  # the top-level names this tool created in an output_dir
 
-# What a run writes at the top of its output_dir. --overwrite_output_dir deletes these and nothing else.
+# What a run writes at the top of its output_dir. --overwrite_output_dir deletes those of them that the
+# output_dir's WRITTEN_RECORD says this tool created, and nothing else.
 OWNED_ENTRIES = frozenset({
-    CHECKPOINTS, DAMAGED, SUPERSEDED, RUN_CONFIG_FILE, f".{RUN_CONFIG_FILE}.tmp", "metrics.jsonl", "tensorboard",
+    CHECKPOINTS, DAMAGED, SUPERSEDED, RUN_CONFIG_FILE, f".{RUN_CONFIG_FILE}.tmp", WRITTEN_RECORD,
+    f"{WRITTEN_RECORD}.tmp", "metrics.jsonl", "tensorboard",
     "eval_results.json", "tokenizer", "curves.png",
     # the exported Hugging Face model (written at the end of training)
     "config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
@@ -44,6 +49,10 @@ class OutputDirError(FileExistsError):
     """The output directory holds files of something else."""
 
 
+class DamagedCheckpointError(FileNotFoundError):
+    """No intact checkpoint is left to restore."""
+
+
 # ----------------------------------------------------------------------------- the run directory's checkpoints
 def complete_steps(directory) -> list[int]:
     """Steps of the finished bundles in a checkpoints/ folder (tmp folders of unfinished saves excluded)."""
@@ -59,12 +68,13 @@ def locate_checkpoints(path) -> tuple[epath.Path, int | None]:
     if path.name.isdigit() and int(path.name) in complete_steps(path.parent):
         return path.parent, int(path.name)
     if ".orbax-checkpoint-tmp" in path.name:
-        raise FileNotFoundError(f"{path} is a checkpoint that never finished writing; pass its run directory instead")
+        raise InputFileNotFoundError(f"{path} is a checkpoint that never finished writing; pass its run "
+                                     "directory instead")
     for directory in (path / CHECKPOINTS, path):
         if complete_steps(directory):
             return directory, None
-    raise FileNotFoundError(f"{path} holds no complete checkpoint: pass a run's --output_dir, its checkpoints/ "
-                            "folder or one checkpoints/STEP folder")
+    raise InputFileNotFoundError(f"{path} holds no complete checkpoint: pass a run's --output_dir, its checkpoints/ "
+                                 "folder or one checkpoints/STEP folder")
 
 
 def jsonable(value):
@@ -107,6 +117,14 @@ def resolve_start(output_dir, resume_from_checkpoint: str | None = None, model_n
     steps = [] if overwrite_output_dir else complete_steps(own)
     if steps:
         return StartPoint("checkpoint", str(own / str(steps[-1])), steps[-1], "output_dir")
+    set_aside = epath.Path(output_dir) / DAMAGED
+    if not overwrite_output_dir and set_aside.is_dir() and any(set_aside.iterdir()):
+        # a run that trained and lost every checkpoint: starting again at step 0 would throw its work away
+        names = ", ".join(sorted(p.name for p in set_aside.iterdir()))
+        raise DamagedCheckpointError(f"every checkpoint of the run in {output_dir} was set aside as damaged "
+                                     f"({set_aside}: {names}); it will not restart at step 0 by itself: move a "
+                                     "checkpoint you trust back into checkpoints/, or pass --overwrite_output_dir "
+                                     "to start over")
     if resume_from_checkpoint:
         directory, step = locate_checkpoints(resume_from_checkpoint)
         step = complete_steps(directory)[-1] if step is None else step
@@ -135,20 +153,69 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
     if problem and not overwrite:
         raise OutputDirError(f"--output_dir {out} {problem}: pass --overwrite_output_dir to replace it "
                              "or choose another --output_dir")
-    deleted = [name for name in entries if name in OWNED_ENTRIES] if overwrite else []
+    ours = _written_here(out, entries)
+    deleted = []
+    if overwrite and entries:
+        _check_overwrite_spares_inputs(out, run_config)
+        theirs = [name for name in entries if name in OWNED_ENTRIES and name not in ours]
+        if theirs:  # this run would write over them: refuse before anything is deleted
+            raise OutputDirError(f"--output_dir {out} holds {', '.join(theirs[:5])} that flax-bert did not write (not "
+                                 f"in its {WRITTEN_RECORD}): move them away or choose another --output_dir")
+        deleted = [name for name in entries if name in ours and name != WRITTEN_RECORD]
     for name in deleted:
         (out / name).rmtree() if (out / name).is_dir() else (out / name).unlink()
     if deleted:
-        kept = [name for name in entries if name not in OWNED_ENTRIES]
+        kept = [name for name in entries if name not in ours]
         log.warning("--overwrite_output_dir: deleted %s from %s%s", ", ".join(deleted), out,
                     f" (kept {', '.join(kept)}: flax-bert did not write them)" if kept else "")
     out.mkdir(parents=True, exist_ok=True)
+    present = {p.name for p in out.iterdir()}
+    _record_written(out, sorted((ours & present) | (OWNED_ENTRIES - present) | {WRITTEN_RECORD}))
     if not record:
         return deleted
     temporary = out / f".{RUN_CONFIG_FILE}.tmp"
     temporary.write_text(json.dumps(jsonable(run_config), indent=2, sort_keys=True) + "\n")
     temporary.replace(out / RUN_CONFIG_FILE)
     return deleted
+
+
+def _written_here(out: epath.Path, entries: list[str]) -> set[str]:
+    """The top-level names of `out` that this tool created: its WRITTEN_RECORD lists them (each run claims, at
+    its start, the names it may write and that do not exist yet); a run directory older than the record is
+    known by its run_config.json; anything else holds nothing of ours."""
+    record = out / WRITTEN_RECORD
+    if record.exists():
+        try:
+            names = json.loads(record.read_text())["written"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OutputDirError(f"{record} is unreadable: delete it only if flax-bert wrote everything in {out}, "
+                                 "or choose another --output_dir") from None
+        return (set(names) & set(entries)) | {WRITTEN_RECORD}
+    if RUN_CONFIG_FILE in entries:
+        return {name for name in entries if name in OWNED_ENTRIES}
+    return set()
+
+
+def _record_written(out: epath.Path, names: list[str]) -> None:
+    temporary = out / f"{WRITTEN_RECORD}.tmp"
+    temporary.write_text(json.dumps({"written": names}, indent=1) + "\n")
+    temporary.replace(out / WRITTEN_RECORD)
+
+
+INPUT_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file", "validation_file",
+                 "resume_from_checkpoint")
+
+
+def _check_overwrite_spares_inputs(out: epath.Path, run_config: dict) -> None:
+    """--overwrite_output_dir must never delete what the run is about to read."""
+    root = os.path.realpath(os.fspath(out))
+    for option in INPUT_OPTIONS:
+        value = run_config.get(option)
+        if isinstance(value, str) and value and os.path.exists(value):
+            path = os.path.realpath(value)
+            if path == root or path.startswith(root + os.sep):
+                raise OutputDirError(f"--output_dir {out} holds this run's input (--{option} {value}), which "
+                                     "--overwrite_output_dir would delete: choose another --output_dir")
 
 
 def _foreign(out: epath.Path, entries: list[str], run_config: dict, resuming: bool) -> str | None:

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flax_bert.bad_input import InputError
 from flax_bert import sharding
 from flax_bert.config import ModelConfig
 from flax_bert.masking import MaskedBatch, mask_tokens, num_prediction_slots
@@ -53,7 +54,7 @@ class MaskingConfig:
     @classmethod
     def from_tokenizer(cls, tokenizer, **kwargs) -> "MaskingConfig":
         if tokenizer.mask_token_id is None:
-            raise ValueError("the tokenizer has no mask token; masked-LM pretraining needs one")
+            raise InputError("the tokenizer has no mask token; masked-LM pretraining needs one")
         return cls(special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_token_id=tokenizer.mask_token_id,
                    random_vocab_size=len(tokenizer), **kwargs)
 
@@ -103,6 +104,17 @@ class Trainer:
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
         return jax.jit(init, out_shardings=self.state_shardings)(params)
+
+    def fresh_opt_state(self, params, step: int):
+        """A new optimizer state for `params` (moments at zero) whose learning-rate schedule goes on from
+        `step` rather than warming up again: what --reset_optimizer puts in place of a saved one that does not fit."""
+        is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+
+        def init(params):
+            return jax.tree.map(lambda node: node._replace(count=jnp.asarray(step, node.count.dtype))
+                                if is_schedule(node) else node, self.tx.init(params), is_leaf=is_schedule)
+
+        return jax.jit(init, out_shardings=self.state_shardings.opt_state)(params)
 
     def model(self, params):
         return nnx.merge(self.graphdef, params)

@@ -271,7 +271,7 @@ def test_check_output_dir(tmp_path, single):
     (run / "notes.txt").write_text("mine")
     deleted = check_output_dir(run, True, {**RUN_CONFIG, "seed": 1})
     assert deleted == ["checkpoints", "metrics.jsonl", "run_config.json"]
-    assert listing(run) == ["notes.txt", "run_config.json"]
+    assert listing(run) == [".flax-bert-written.json", "notes.txt", "run_config.json"]  # the record of what flax-bert wrote
 
 
 def test_a_run_dir_without_run_config_is_accepted_only_when_resuming_it(tmp_path, single):

@@ -201,6 +201,15 @@ def test_two_processes_train_exactly_like_one(reference_runs):
     assert len([r for r in records if "train_loss" in r]) == STEPS
 
 
+def test_fsdp_across_two_processes_exports_like_one_process(work, reference_runs):
+    """With --mesh fsdp=8 each parameter is split over both processes' devices, so process 0 cannot read it
+    alone: the processes gather it together before process 0 writes the export, which equals the 1-process one."""
+    one, _ = reference_runs
+    fsdp = Launch(work, "two_processes_fsdp", 2, ["--max_steps", str(STEPS), "--mesh", "fsdp=8"]).succeed()
+    assert f"exported the final model (step {STEPS})" in fsdp.log(0), fsdp.log_tail()
+    assert_same_parameters(fsdp.out, one.out, rtol=1e-5, atol=1e-7)
+
+
 def test_two_processes_evaluate_every_row_once_like_one(work, reference_runs):
     """Each process evaluates the rows of its own shards; one that runs out first contributes empty rows
     while the other goes on. The masks follow the batch layout, so the numbers agree closely, not exactly."""

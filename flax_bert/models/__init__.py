@@ -12,6 +12,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
+from flax_bert.bad_input import InputError
+
 _BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
                 "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "bos_token_id",
@@ -112,7 +114,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-class UnknownModelType(ValueError):
+class UnknownModelType(InputError):
     """A model_type no registered family builds."""
 
 
@@ -143,7 +145,7 @@ def model_class_for(cfg, objective: str = "mlm") -> type:
     fam = family(cfg.model_type)
     if objective == "mlm+nsp":
         if fam.nsp_architecture is None:
-            raise ValueError(f"objective 'mlm+nsp' needs a BERT model (--model_type bert); {cfg.model_type} has no NSP head")
+            raise InputError(f"objective 'mlm+nsp' needs a BERT model (--model_type bert); {cfg.model_type} has no NSP head")
         return fam.classes()[fam.nsp_architecture]
     return fam.classes()[fam.architectures[0]]
 

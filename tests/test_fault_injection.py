@@ -1,0 +1,115 @@
+"""A run interrupted again and again ends exactly where the uninterrupted run ends: SIGTERM in each phase
+(data preparation, compile, training, final evaluation, export) exits 0 and the same command goes on; then
+SIGKILL and SIGTERM at moments drawn from a fixed seed; the last rerun's export is bit-identical to the
+uninterrupted run's and no checkpoint was lost or moved aside.
+
+A phase is hit exactly by a small launcher that makes the process send itself SIGTERM when it enters the
+function that starts that phase, then runs the real command line. The runs share a tokenizer, a data cache
+and a JAX compilation cache (as in test_resume.py)."""
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_resume import ROOT, Workspace, assert_same_parameters, complete_checkpoints
+
+STEPS, LOGGING = 48, 4
+FAST = ["--max_steps", str(STEPS), "--save_steps", "4", "--logging_steps", str(LOGGING), "--do_eval",
+        "--max_eval_samples", "40", "--validation_split_percentage", "5"]
+# where each phase starts: (module, attribute, dotted name inside it), patched to send SIGTERM on the first call
+PHASES = {
+    "data preparation": ("flax_bert.pretrain", "build_datasets"),
+    "compile": ("flax_bert.pretrain", "Run._global"),           # the first batch goes to the first (compiling) step
+    "training": ("flax_bert.checkpoint", "Checkpointer.should_save"),
+    "evaluation": ("flax_bert.pretrain", "Run.evaluate"),        # the final one: --eval_steps is unset
+    "export": ("flax_bert.export", "write_model_folder"),
+}
+LAUNCHER = """
+import importlib, os, signal, sys
+module_name, dotted = sys.argv[1], sys.argv[2]
+owner = importlib.import_module(module_name)
+*path, name = dotted.split(".")
+for part in path:
+    owner = getattr(owner, part)
+real = getattr(owner, name)
+calls = []
+def first_call_sends_sigterm(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3 if name == "should_save" else len(calls) == 1:  # training: a few steps in
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+setattr(owner, name, first_call_sends_sigterm)
+from flax_bert.cli import run_mlm_flax_main
+sys.exit(run_mlm_flax_main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    from flax_bert.data_sources import DataArgs, training_documents
+    from flax_bert.tokenizer_training import train_tokenizer
+
+    ws = Workspace(tmp_path_factory.mktemp("faults"))
+    documents = training_documents(DataArgs(cache_dir=str(ws.cache), max_train_samples=400))
+    train_tokenizer((text for batch in documents.batches() for text in batch), kind="bpe", vocab_size=1000,
+                    output_dir=ws.tokenizer, model_max_length=64)
+    return ws
+
+
+def sigterm_in(workspace: Workspace, out, phase: str) -> subprocess.CompletedProcess:
+    module, attribute = PHASES[phase]
+    command = workspace.command(out, *FAST)
+    return subprocess.run([sys.executable, "-c", LAUNCHER, module, attribute, *command[2:]], capture_output=True,
+                          text=True, timeout=300, env=workspace.env, cwd=ROOT)
+
+
+def interrupted_at_random(workspace: Workspace, out, how: signal.Signals, after_step: int, delay: float) -> None:
+    """Start the run, and once its log shows step `after_step` (or later) send `how` `delay` seconds later:
+    within a step, a save or a log write, wherever it falls."""
+    process, log = workspace.start(out, *FAST)
+    deadline = time.monotonic() + 300
+    while not any(int(step) >= after_step for step in re.findall(r"step (\d+): ", log.read_text())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run ended or stalled before step {after_step}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.002)
+    time.sleep(delay)
+    process.send_signal(how)
+    code = process.wait(timeout=300)
+    assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL), log.read_text()[-3000:]
+
+
+def test_interrupted_in_every_phase_and_at_random_moments_ends_like_the_uninterrupted_run(workspace, tmp_path):
+    reference, out = tmp_path / "uninterrupted", tmp_path / "run"
+    result = workspace.run(reference, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    moments = random.Random(13)
+    steps = sorted(moments.sample(range(LOGGING, STEPS // 2 + 1, LOGGING), 3))
+    random_interruptions = [(how, step, moments.uniform(0.0, 0.05))
+                            for how, step in zip((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL), steps)]
+
+    for phase in PHASES:
+        if phase == "training":  # between compile and training: the random moments
+            for how, step, delay in random_interruptions:
+                interrupted_at_random(workspace, out, how, step, delay)
+        result = sigterm_in(workspace, out, phase)
+        assert result.returncode == 0, f"{phase}: exit {result.returncode}\n{result.stderr[-3000:]}"
+        assert "SIGTERM" in result.stderr, f"{phase}:\n{result.stderr[-3000:]}"
+        if phase == "data preparation":
+            assert not complete_checkpoints(out)
+        if phase in ("compile", "training"):  # stopped in the loop: saved the step it stopped at
+            assert "checkpoint saved" in result.stdout and complete_checkpoints(out)[-1] < STEPS, result.stderr[-3000:]
+        if phase in ("evaluation", "export"):  # training had ended: its last step is saved, nothing exported yet
+            assert complete_checkpoints(out)[-1] == STEPS and not (out / "model.safetensors").exists()
+
+    result = workspace.run(out, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_parameters(out, reference)
+    assert complete_checkpoints(out)[-1] == STEPS
+    assert not (out / "checkpoints_damaged").exists() and not (out / "checkpoints_superseded").exists()
+    assert not [name for name in os.listdir(out / "checkpoints") if "tmp" in name]  # unfinished saves cleared
