@@ -12,7 +12,7 @@ import jax
 import optax
 
 SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "lamb")
+OPTIMIZERS = ("adamw", "lamb", "adafactor")
 DECAYED_NAMES = frozenset({"kernel", "embedding"})  # NNX Linear/Embed weights
 # Path entries that belong to the NNX Variable wrapper (State leaves end in .value), not the name.
 _VARIABLE_ATTRS = frozenset({"value", "raw_value"})
@@ -108,6 +108,8 @@ def make_optimizer(
     )
     if optimizer == "adamw":
         update = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    elif optimizer == "adafactor":  # as the old run_mlm_flax.py: optax's defaults, only the schedule given
+        update = optax.adafactor(learning_rate=schedule_fn)
     else:
         update = _lamb(schedule_fn, b1, b2, eps, weight_decay, decay_mask)
     # Clip first, on the raw (accumulated) gradient, as torch's clip_grad_norm_ before step().
