@@ -264,6 +264,11 @@ def implied_options(given: dict[str, Any], defaults: dict[str, Any]) -> tuple[di
         implied["optimizer"] = "adafactor"
     if given.get("optimizer") == "adafactor":
         implied["adafactor"] = True
+    if given.get("push_to_hub") and not given.get("hub_model_id") and given.get("output_dir"):
+        # the old script named the repository after the output directory
+        implied["hub_model_id"] = pathlib.Path(given["output_dir"]).absolute().name
+        decisions.append(f"--push_to_hub without --hub_model_id: the repository {implied['hub_model_id']!r}, "
+                         "named after --output_dir as the old run_mlm_flax.py did")
     if given.get("gradient_checkpointing") and given.get("remat_policy", "none") == "none":
         implied["remat_policy"] = "full"
         decisions.append("--gradient_checkpointing: --remat_policy full")

@@ -114,7 +114,7 @@ def test_hub_dataset_without_network_is_a_clear_error(tmp_path):
     (["--mesh", "data=3"], "mesh"),
 ])
 def test_bad_flags_are_rejected_with_one_line(args, message, tmp_path):
-    result = run_cli([str(ROOT / "run_mlm_flax.py"), "--output_dir", str(tmp_path / "run"), *args])
+    result = run_cli([str(ROOT / "run_mlm_flax.py"), "--output_dir", str(tmp_path / "run"), "--do_train", *args])
     assert result.returncode != 0
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
