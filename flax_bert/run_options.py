@@ -134,7 +134,8 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
             what = IMMUTABLE.get(name, "the optimizer state in the checkpoint")
             raise StoredOptionError(
                 f"--{name} {new!r} differs from the run's {old!r} ({source}); it fixes {what}: continue with "
-                f"--{name} {old!r} (or leave it out), or start a new run in another --output_dir")
+                f"--{name} {old!r} (or leave it out), or start a new run in another --output_dir "
+                "(or over this one with --overwrite_output_dir)")
         changed.append(f"{name} {old!r} -> {new!r}")
     if inherited or changed:
         run = dataclasses.replace(run, **inherited)
