@@ -97,6 +97,15 @@ def test_the_old_readme_commands_give_the_old_run_config():
     assert {name: getattr(run, name) for name in expected} == expected
 
 
+def test_the_docs_list_the_options_that_may_and_may_not_change_on_resume():
+    from flax_bert.run_options import IMMUTABLE, mutable_options, option_tables
+
+    assert option_tables() in (ROOT / "docs" / "run_mlm_flax.md").read_text()
+    assert {"learning_rate", "max_steps", "logging_steps", "eval_steps", "save_steps", "validation_file",
+            "max_eval_samples"} <= set(mutable_options())
+    assert {"hidden_size", "tokenizer_name", "objective", "optimizer", "data_shards", "seed"} <= set(IMMUTABLE)
+
+
 def test_adafactor_is_optax_adafactor_with_the_schedule():
     import jax.numpy as jnp
     import optax
