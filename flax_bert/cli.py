@@ -5,7 +5,11 @@ import logging
 import os
 import sys
 
-from flax_bert.run_config import OneLineErrorParser
+# transformers' advisory notes (e.g. "PyTorch was not found" on an install without torch) say nothing about a
+# flax-bert run; its real warnings still show
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from flax_bert.run_config import OneLineErrorParser  # noqa: E402
 
 USAGE = """usage: flax-bert COMMAND [options]
 

@@ -131,9 +131,15 @@ class Run:
                      if self.start.kind == "checkpoint" and self.start.source != "output_dir" else None)
         self.tokenizer = resolve_tokenizer(run, self.output_dir, start_dir)
         self.model_config = resolve_model_config(run, self.tokenizer, self.start)
+        unset = {}  # defaults that needed the tokenizer or the model: recorded as decided
         if run.max_seq_length is None:
-            self.run = run = dataclasses.replace(run, max_seq_length=default_max_seq_length(self.tokenizer,
-                                                                                            self.model_config))
+            unset["max_seq_length"] = default_max_seq_length(self.tokenizer, self.model_config)
+        if run.model_type is None:
+            unset["model_type"] = self.model_config.model_type
+            log.info("--model_type unset: %s (%s)", self.model_config.model_type,
+                     "the model's" if self.start.kind != "fresh" or run.config_name else "a fresh model's default")
+        if unset:
+            self.run = run = dataclasses.replace(run, **unset)
             if self.is_main and run.do_train:
                 _record_run_config(self.output_dir, run.to_dict())
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, self.model_config.max_position_embeddings,
@@ -383,6 +389,8 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
                  job.start.path, step)
     if run.do_eval:
         eval_results = job.evaluate(params, results.get("step", 0))
+        if eval_results and run.do_train:
+            eval_results.update(_against_unigram_baseline(job, eval_results))
         if eval_results and job.is_main:
             record = {"step": results.get("step", 0), **eval_results}
             temporary = job.output_dir / ".eval_results.json.tmp"
@@ -394,6 +402,20 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
         job.checkpoints.close()
     job.metrics.close()
     return results
+
+
+def _against_unigram_baseline(job: Run, eval_results: dict) -> dict:
+    """Held-out masked accuracy beside always guessing the most frequent training token: whether it learned."""
+    from flax_bert.eval_baseline import unigram_baseline
+
+    baseline = unigram_baseline(job.train_rows, job.eval_rows, job.model_config.vocab_size,
+                                job.trainer.step_config.masking.special_ids)
+    if baseline is None or "eval_accuracy" not in eval_results:
+        return {}
+    token, accuracy = baseline
+    log.info("held-out masked-token accuracy %.3f; always guessing the most frequent token %r would score %.3f",
+             eval_results["eval_accuracy"], job.tokenizer.convert_ids_to_tokens(token), accuracy)
+    return {"unigram_baseline_accuracy": accuracy}
 
 
 def _record_run_config(output_dir: pathlib.Path, options: dict) -> None:

@@ -106,6 +106,14 @@ def test_the_docs_list_the_options_that_may_and_may_not_change_on_resume():
     assert {"hidden_size", "tokenizer_name", "objective", "optimizer", "data_shards", "seed"} <= set(IMMUTABLE)
 
 
+def test_transformers_advice_is_silenced_and_its_warnings_are_not():
+    """"PyTorch was not found" (transformers' advice on an install without torch) is no news to a JAX user."""
+    code = ("import flax_bert.cli; from transformers.utils import logging; log = logging.get_logger('transformers'); "
+            "log.warning_advice('ADVICE-SHOWN'); log.warning('WARNING-SHOWN')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert "ADVICE-SHOWN" not in result.stderr and "WARNING-SHOWN" in result.stderr, result.stderr
+
+
 def test_adafactor_is_optax_adafactor_with_the_schedule():
     import jax.numpy as jnp
     import optax
@@ -208,6 +216,7 @@ def _listing(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
 def test_do_eval_alone_evaluates_the_run_and_changes_nothing_else(trained, workspace):
     root, env = workspace
     trained_results = json.loads((trained / "eval_results.json").read_text())
+    assert 0 < trained_results["unigram_baseline_accuracy"] < 0.5  # printed beside the accuracy: did it learn?
     (trained / "eval_results.json").unlink()
     before = _listing(trained)
     result = run_cli([str(ROOT / "run_mlm_flax.py"), "--output_dir", "run", "--do_eval"], env=env, cwd=root)
