@@ -6,13 +6,19 @@ import os
 import sys
 import traceback
 
-from flax_bert.run_config import OneLineErrorParser
+# transformers' advisory notes (e.g. "PyTorch was not found" on an install without torch) say nothing about a
+# flax-bert run; its real warnings still show
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from flax_bert.run_config import OneLineErrorParser  # noqa: E402
 
 USAGE = """usage: flax-bert COMMAND [options]
 
 commands:
-  train            pretrain (same options as run_mlm_flax.py; a YAML run config may come first)
-  eval             evaluate a run's latest checkpoint or a Hugging Face model (train's options)
+  train            pretrain and evaluate at the end (run_mlm_flax.py's options, with --do_train and --do_eval
+                   on by default; a YAML run config may come first)
+  eval             evaluate a run's latest checkpoint (`flax-bert eval RUN_DIR`) or a Hugging Face model
+                   (--model_name_or_path); writes nothing but eval_results.json
   export           a run's checkpoint -> Hugging Face folder (config.json, model.safetensors, tokenizer, card)
   import           a Hugging Face folder -> a run directory whose checkpoint `train` continues from
   train-tokenizer  train a byte-level BPE (RoBERTa) or WordPiece (BERT) tokenizer
@@ -36,6 +42,9 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog=prog, defaults=defaults)
+    from flax_bert.run_options import reconcile_with_stored
+
+    run = reconcile_with_stored(run)  # before any tokenizer, data or compile
     from flax_bert.preemption import Preempted, stop_outside_the_loop
     from flax_bert.pretrain import run_pretraining
 
@@ -52,7 +61,15 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
 
 
 def eval_main(argv) -> int:
+    argv = list(argv)
+    if argv and not argv[0].startswith("-") and os.path.isdir(argv[0]):  # `flax-bert eval RUN_DIR`
+        argv = ["--output_dir", argv[0], *argv[1:]]
     return train_main(argv, prog="flax-bert eval", defaults={"do_train": False, "do_eval": True})
+
+
+def train_command(argv) -> int:
+    """`flax-bert train`: our own command, so training is what it does (and evaluating at the end)."""
+    return train_main(argv, prog="flax-bert train", defaults={"do_train": True, "do_eval": True})
 
 
 # ----------------------------------------------------------------------------- export / import
@@ -93,14 +110,16 @@ def import_main(argv) -> int:
                                  "then `flax-bert train --output_dir RUN_DIR ...` resumes from it.")
     parser.add_argument("hf_folder", help="Hugging Face model folder (or hub id when online)")
     parser.add_argument("--to", required=True, help="the run directory to create")
-    parser.add_argument("--optimizer", choices=["adamw", "lamb"], default="adamw",
+    parser.add_argument("--optimizer", choices=["adamw", "lamb", "adafactor"], default="adamw",
                         help="the optimizer whose (fresh) state the checkpoint holds")
+    parser.add_argument("--max_grad_norm", type=float, help="gradient clipping the continuing run uses (default none)")
     args = parser.parse_args(argv)
     from flax_bert.run_dir import import_hf_model
 
-    step_dir = import_hf_model(args.hf_folder, args.to, args.optimizer)
+    step_dir = import_hf_model(args.hf_folder, args.to, args.optimizer, args.max_grad_norm)
     print(f"imported {args.hf_folder} into {step_dir}; continue pretraining with: "
-          f"flax-bert train --output_dir {args.to} --model_name_or_path {args.hf_folder} [data and training options]")
+          f"flax-bert train --output_dir {args.to}")
+    print("(it takes the model and tokenizer from there; add --train_file FILE, --max_steps N or other options as needed)")
     return 0
 
 
@@ -165,7 +184,7 @@ def bench_main(argv) -> int:
     return bench.main(argv)
 
 
-COMMANDS = {"train": lambda argv: train_main(argv, prog="flax-bert train"), "eval": eval_main, "export": export_main,
+COMMANDS = {"train": train_command, "eval": eval_main, "export": export_main,
             "import": import_main, "train-tokenizer": train_tokenizer_main, "fill-mask": fill_mask_main,
             "plot": plot_main, "bench": bench_main}
 

@@ -35,7 +35,8 @@ class WeightsError(ValueError):
 
 
 # ----------------------------------------------------------------------------- reading files
-def resolve_model_folder(path: str | os.PathLike) -> pathlib.Path:
+def resolve_model_folder(path: str | os.PathLike, token: str | None = None, cache_dir: str | None = None) -> pathlib.Path:
+    """A local folder as is; a hub id downloaded (with `token` for private models) into `cache_dir`."""
     folder = pathlib.Path(path)
     if folder.is_dir():
         return folder
@@ -48,7 +49,7 @@ def resolve_model_folder(path: str | os.PathLike) -> pathlib.Path:
         import huggingface_hub
 
         return pathlib.Path(huggingface_hub.snapshot_download(
-            str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin", "flax_model.msgpack"]))
+            str(path), token=token, cache_dir=cache_dir, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin", "flax_model.msgpack"]))
     except Exception as err:  # offline, unknown id, no permission
         raise InputFileNotFoundError(
             f"no local folder {folder} and the hub model {path!r} could not be fetched ({type(err).__name__}); "

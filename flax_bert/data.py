@@ -186,7 +186,8 @@ def _load_rows(folder: pathlib.Path, pad_id: int) -> PackedRows | None:
     return PackedRows({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}, pad_id)
 
 
-def _write_rows(folder: pathlib.Path, row_count: int, length: int, chunks, replace: bool = False) -> None:
+def _write_rows(folder: pathlib.Path, row_count: int, length: int, chunks, replace: bool = False,
+                stats: dict | None = None) -> None:
     """Streams row chunks into preallocated .npy files in a temp folder, then renames it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
@@ -202,7 +203,8 @@ def _write_rows(folder: pathlib.Path, row_count: int, length: int, chunks, repla
         assert at == row_count, (at, row_count)
         for array in files.values():
             array.flush()
-        (staging / "meta.json").write_text(json.dumps({"arrays": sorted(files), "rows": row_count, "length": length}))
+        meta = {"arrays": sorted(files), "rows": row_count, "length": length, **(stats or {})}
+        (staging / "meta.json").write_text(json.dumps(meta))
         publish_folder(staging, folder, replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -255,6 +257,7 @@ def _materialize(stream: DocumentStream, tokenizer, info: TokenizerInfo, args: D
                 shutil.rmtree(folder, ignore_errors=True)
             raise
     loaded = {s: _load_rows(folders[s], info.pad_id) for s in shards}
+    _log_document_stats(stream.name, [folders[s] for s in shards], process_count)
     if num_shards == 1 and loaded[0] is None:
         logger.warning("the validation split (%s) is empty: no evaluation", stream.name)
         return None
@@ -268,7 +271,7 @@ def _pack_to_cache(corpus: TokenizedCorpus, folder: pathlib.Path, stream: Docume
     name = stream.name if num_shards == 1 else f"{stream.name}, shard {shard} of {num_shards}"
     if corpus.num_units == 0:
         if split == "validation":
-            _write_rows(folder, 0, length, [], args.overwrite_cache)  # cached as empty: later runs skip it
+            _write_rows(folder, 0, length, [], args.overwrite_cache, _corpus_stats(corpus))  # later runs skip it
             return
         hint = "add text" if num_shards == 1 else "add text or lower --data_shards"
         raise DataError(f"the {split} corpus ({name}) has no text: {hint}")
@@ -280,20 +283,39 @@ def _pack_to_cache(corpus: TokenizedCorpus, folder: pathlib.Path, stream: Docume
         rows = build_nsp_rows(corpus, info, length, seed=seed, short_seq_prob=args.short_seq_prob, shard=shard)
         if not len(rows["input_ids"]):
             raise DataError(f"the {split} corpus ({name}) gave no sentence pairs: add text")
-        _write_rows(folder, len(rows["input_ids"]), length, [rows], args.overwrite_cache)
+        _write_rows(folder, len(rows["input_ids"]), length, [rows], args.overwrite_cache, _corpus_stats(corpus))
     else:
         count = corpus.num_units if args.line_by_line else packed_row_count(corpus.unit_offsets, info, length)
         _write_rows(folder, count, length, _packed_chunks(corpus, info, length, args.line_by_line),
-                    args.overwrite_cache)
+                    args.overwrite_cache, _corpus_stats(corpus))
+
+
+def _corpus_stats(corpus: TokenizedCorpus) -> dict:
+    documents = corpus.num_units if corpus.doc_units is None else len(corpus.doc_units) - 1
+    return {"documents": int(documents), "text_tokens": corpus.num_tokens}
+
+
+def _log_document_stats(name: str, folders: list[pathlib.Path], process_count: int) -> None:
+    """How many documents the rows came from and their mean length: a surprise (a whole file read as one
+    document, or every word as one) shows at once."""
+    metas = [json.loads((folder / "meta.json").read_text()) for folder in folders]
+    if not metas or any("documents" not in meta for meta in metas):
+        return  # a cache written before these counts were kept
+    documents, tokens = sum(m["documents"] for m in metas), sum(m["text_tokens"] for m in metas)
+    rows = sum(m["rows"] for m in metas)
+    where = "" if process_count == 1 else " (this process's shards)"
+    logger.info("%s%s: %d documents, mean length %.1f tokens, in %d rows", name, where, documents,
+                tokens / max(documents, 1), rows)
 
 
 def build_datasets(args: DataArgs, tokenizer, seed: int = 0, process_index: int | None = None,
-                   process_count: int | None = None):
+                   process_count: int | None = None, splits: tuple[str, ...] = ("train", "validation")):
     """(train_rows, eval_rows or None) of this process: ``ShardedRows`` (cached on disk; only this
     process's ``args.data_shards`` shards are tokenized) or, with ``args.streaming``, ``StreamingRows``.
     Both have ``.iterator(global_batch_size, seed=...)``, ``.eval_batches`` and ``.empty_batch``.
     ``seed`` only matters for NSP pairs (drawn once and cached); batch order takes its seed from
-    ``.iterator``. The process layout defaults to JAX's."""
+    ``.iterator``. The process layout defaults to JAX's. ``splits`` without "train": the training rows are
+    neither built nor read (None), e.g. to evaluate only."""
     process_index, process_count = _process_layout(process_index, process_count)
     info = tokenizer_info(tokenizer)
     if args.objective not in ("mlm", "mlm+nsp"):
@@ -312,7 +334,7 @@ def build_datasets(args: DataArgs, tokenizer, seed: int = 0, process_index: int 
     num_shards = args.data_shards or 1
     check_data_shards(num_shards, process_count)
     layout = (num_shards, process_index, process_count)
-    train = _materialize(train_stream, tokenizer, info, args, seed, "train", *layout)
+    train = _materialize(train_stream, tokenizer, info, args, seed, "train", *layout) if "train" in splits else None
     evaluation = _materialize(eval_stream, tokenizer, info, args, seed, "validation", *layout) if eval_stream else None
     return train, evaluation
 

@@ -6,11 +6,11 @@ fingerprint is cheap (file size and mtime, the dataset's own fingerprint, the co
 second run finds its tokenized cache without reading the text again.
 
 Document rules:
-  * ``.txt`` / ``.raw`` / ``.text`` files (WikiText style): a document is a block of consecutive
-    non-blank lines; blank (whitespace-only) lines separate documents. That is the layout of BERT's
-    ``create_pretraining_data`` input (one sentence per line, blank line between documents) and
-    gives one paragraph or heading per document on WikiText. With ``line_by_line`` every non-blank
-    line is a document, as in the Hugging Face ``run_mlm`` examples.
+  * ``.txt`` / ``.raw`` / ``.text`` files: every non-blank line is one document, as in the old
+    ``run_mlm_flax.py`` and transformers' ``run_mlm`` (one sentence, record or sequence per line).
+    With ``blank_line_documents`` a document is a block of consecutive non-blank lines and blank
+    (whitespace-only) lines separate documents: the layout of BERT's ``create_pretraining_data``
+    input (one sentence per line, blank line between documents), which sentence pairs need.
   * json/jsonl, csv, parquet and hub datasets: one row's ``text_column`` is one document.
   * the built-in corpus: one docstring or pydoc topic is one document.
 Validation split when none is given: document i goes to validation when ``i % 100 <
@@ -66,6 +66,9 @@ class DataArgs:
     objective: str = "mlm"  # "mlm" or "mlm+nsp" (BERT sentence pairs)
     short_seq_prob: float = 0.1  # NSP: share of pairs with a shorter random target length (BERT's default)
     data_shards: int | None = None  # logical shards (document i -> shard i % data_shards); None = 1
+    blank_line_documents: bool | None = None  # .txt: blocks of lines ended by a blank line; False: one line, one
+    # document; None: blocks for mlm+nsp (sentence pairs need documents of several sentences), lines otherwise
+    token: str | None = dataclasses.field(default=None, repr=False)  # Hub token for private datasets; never saved
 
 
 @dataclasses.dataclass
@@ -114,7 +117,7 @@ def _decode_line(raw: bytes, path: pathlib.Path, offset: int, skip: bool) -> tup
     return "".join(pieces), skipped
 
 
-def _read_text_file(path: pathlib.Path, line_by_line: bool, skip_invalid_utf8: bool) -> Iterator[list[str]]:
+def _read_text_file(path: pathlib.Path, one_line_documents: bool, skip_invalid_utf8: bool) -> Iterator[list[str]]:
     batch, block, offset, skipped, documents = [], [], 0, 0, 0
 
     def flush_block():
@@ -133,7 +136,7 @@ def _read_text_file(path: pathlib.Path, line_by_line: bool, skip_invalid_utf8: b
             text = text.rstrip("\r\n")
             if text.strip():
                 block.append(text)
-                if line_by_line:
+                if one_line_documents:
                     flush_block()
             else:
                 flush_block()
@@ -203,11 +206,13 @@ def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
     if stat.st_size == 0:
         raise DataError(f"data file {path} is empty: point --train_file/--validation_file at a file with text")
     suffix = path.suffix.lower()
+    blocks = args.objective == "mlm+nsp" if args.blank_line_documents is None else args.blank_line_documents
+    one_line_documents = not blocks
     fingerprint = _hash("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, args.text_column,
-                        args.line_by_line, args.skip_invalid_utf8)
+                        one_line_documents, args.skip_invalid_utf8)
     if suffix in TEXT_SUFFIXES:
         return DocumentStream(str(path), fingerprint,
-                              lambda: _read_text_file(path, args.line_by_line, args.skip_invalid_utf8))
+                              lambda: _read_text_file(path, one_line_documents, args.skip_invalid_utf8))
     if suffix not in TABLE_SUFFIXES:
         supported = ", ".join(sorted({**TEXT_SUFFIXES, **TABLE_SUFFIXES}))
         raise DataError(f"data file {path} has an unsupported extension {suffix!r}: use one of {supported}")
@@ -242,7 +247,9 @@ def hub_documents(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None
 
     label = args.dataset_name + (f"/{args.dataset_config_name}" if args.dataset_config_name else "")
     try:
-        splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
+        # --cache_dir also holds the downloaded dataset, as in the old script (unset: datasets' own cache)
+        splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming,
+                                       cache_dir=args.cache_dir, token=args.token)
     except ConnectionError as err:
         raise DataError(
             f"cannot download dataset {label!r}: there is no network ({type(err).__name__}); "

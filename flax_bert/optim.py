@@ -15,7 +15,7 @@ import optax
 from flax_bert.bad_input import InputError
 
 SCHEDULES = ("linear", "cosine", "constant", "wsd")
-OPTIMIZERS = ("adamw", "lamb", "stableadamw")
+OPTIMIZERS = ("adamw", "lamb", "stableadamw", "adafactor")
 DECAYED_NAMES = frozenset({"kernel", "embedding"})  # NNX Linear/Embed weights
 # Path entries that belong to the NNX Variable wrapper (State leaves end in .value), not the name.
 _VARIABLE_ATTRS = frozenset({"value", "raw_value"})
@@ -81,7 +81,7 @@ def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int, 
 def _stable_then_sqrt_decay(learning_rate: float, steps: int, decay_steps: float):
     """`steps` after the warmup: the peak, then over the last `decay_steps` (at most all of them) 1 - sqrt(progress)."""
     if not 0 < decay_steps:
-        raise ValueError(f"the wsd decay phase must be positive, got {decay_steps} steps")
+        raise InputError(f"the wsd decay phase must be positive, got {decay_steps} steps")
     decay_steps = min(float(decay_steps), float(steps))
     decay_start = steps - decay_steps
 
@@ -207,6 +207,8 @@ def make_optimizer(
         update = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     elif optimizer == "stableadamw":
         update = _stable_adamw(schedule_fn, b1, b2, eps, weight_decay, decay_mask)
+    elif optimizer == "adafactor":  # as the old run_mlm_flax.py: optax's defaults, only the schedule given
+        update = optax.adafactor(learning_rate=schedule_fn)
     else:
         update = _lamb(schedule_fn, b1, b2, eps, weight_decay, decay_mask)
     # Clip first, on the raw (accumulated) gradient, as torch's clip_grad_norm_ before step().

@@ -33,42 +33,63 @@ from flax_bert.train import MaskingConfig, NonFiniteLossError, StepConfig, Train
 log = logging.getLogger("flax_bert")
 
 
+def hub_options(run: RunConfig) -> dict[str, Any]:
+    """What every download from the Hub takes: --token, --cache_dir (as the old script: downloads are cached
+    there), and for tokenizers --trust_remote_code and --use_fast_tokenizer."""
+    return {"token": run.token, "cache_dir": run.cache_dir}
+
+
+def tokenizer_options(run: RunConfig) -> dict[str, Any]:
+    return {**hub_options(run), "trust_remote_code": run.trust_remote_code, "use_fast": run.use_fast_tokenizer}
+
+
 def data_args_from_run(run: RunConfig) -> DataArgs:
     names = {f.name for f in dataclasses.fields(DataArgs)}
     return DataArgs(**{k: v for k, v in dataclasses.asdict(run).items() if k in names})
 
 
 # ----------------------------------------------------------------------------- tokenizer and model
-def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path):
-    """--tokenizer_name, else the model's own, else the run's (trained on its data on first start)."""
+def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path, start_dir: pathlib.Path | None = None):
+    """--tokenizer_name, else the model's own, else the run's (trained on its data on first start; never
+    when only evaluating). `start_dir`: the run directory of a --resume_from_checkpoint checkpoint."""
     from transformers import AutoTokenizer
 
     source = run.tokenizer_name or run.model_name_or_path
     if source:
         try:
-            return AutoTokenizer.from_pretrained(source)
+            return AutoTokenizer.from_pretrained(source, **tokenizer_options(run))
         except (OSError, ValueError) as err:
             raise InputError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}): "
                              "pass --tokenizer_name with a local tokenizer folder") from None
+    for run_tokenizer in [output_dir / "tokenizer"] + ([start_dir / "tokenizer"] if start_dir else []):
+        if (run_tokenizer / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(run_tokenizer))
     run_tokenizer = output_dir / "tokenizer"
-    if (run_tokenizer / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(run_tokenizer))
+    if not run.do_train:
+        raise FileNotFoundError(f"no tokenizer to evaluate with: {run_tokenizer} does not exist; pass --tokenizer_name")
     from flax_bert.tokenizer_training import train_tokenizer_from_args
 
-    kind = family(run.model_type).tokenizer_kind
+    kind = family(run.model_type or "roberta").tokenizer_kind
     log.info("no --tokenizer_name: training a %d-token %s tokenizer on the training data", run.tokenizer_vocab_size, kind)
     if jax.process_index() == 0:
         train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,
-                                  output_dir=run_tokenizer, model_max_length=run.max_seq_length)
+                                  output_dir=run_tokenizer, model_max_length=run.max_seq_length or 512)
     distributed.barrier("tokenizer")
     return AutoTokenizer.from_pretrained(str(run_tokenizer))
 
 
-def resolve_model_config(run: RunConfig, tokenizer) -> ModelConfig:
+def resolve_model_config(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint | None = None) -> ModelConfig:
+    """The checkpoint's own model when continuing one; else --model_name_or_path / --config_name; else fresh."""
+    if start is not None and start.kind == "checkpoint":
+        from flax_bert.run_options import bundle_config
+
+        stored = (bundle_config(start.path) or {}).get("model")
+        if stored:
+            return ModelConfig.from_hf_dict(stored, **runtime_overrides(run))
     if run.model_name_or_path or run.config_name:
         from flax_bert.convert import resolve_model_folder
 
-        folder = resolve_model_folder(run.model_name_or_path or run.config_name)
+        folder = resolve_model_folder(run.model_name_or_path or run.config_name, **hub_options(run))
         return ModelConfig.from_pretrained(folder, **runtime_overrides(run))
     ids = tokenizer_special_ids(tokenizer)
     cfg = fresh_model_config(run, len(tokenizer), ids)
@@ -93,6 +114,15 @@ def eval_masking(train_masking: MaskingConfig, run: RunConfig) -> MaskingConfig 
     return None if rate == train_masking.mlm_probability else dataclasses.replace(train_masking, mlm_probability=rate)
 
 
+def default_max_seq_length(tokenizer, model_config: ModelConfig) -> int:
+    """The old script's default: the tokenizer's model_max_length, here at most what the positions hold."""
+    limit = getattr(tokenizer, "model_max_length", None) or model_config.max_sequence_length
+    chosen = min(int(limit) if limit < 10**6 else model_config.max_sequence_length, model_config.max_sequence_length)
+    log.info("--max_seq_length unset: %d (the tokenizer's model_max_length %s, the model's %d positions)",
+             chosen, limit if limit < 10**6 else "unset", model_config.max_sequence_length)
+    return chosen
+
+
 # ----------------------------------------------------------------------------- the run
 class Run:
     """Everything one pretraining run holds; `train()` and `evaluate()` do the work."""
@@ -107,13 +137,32 @@ class Run:
         self.output_dir = pathlib.Path(run.output_dir).absolute()  # Orbax (TensorStore) needs absolute paths
         self.start = ckpt_lib.resolve_start(run.output_dir, run.resume_from_checkpoint, run.model_name_or_path,
                                              overwrite_output_dir=run.overwrite_output_dir)
-        if self.is_main:
+        if not run.do_train and self.start.kind == "fresh":
+            raise FileNotFoundError(f"nothing to evaluate: {run.output_dir} holds no checkpoint; pass a run's "
+                                    "--output_dir, --resume_from_checkpoint or --model_name_or_path")
+        if self.is_main and run.do_train:  # evaluating alone writes nothing but eval_results.json
             ckpt_lib.check_output_dir(run.output_dir, run.overwrite_output_dir, run.to_dict(),
                                       resuming=self.start.kind == "checkpoint")
         distributed.barrier("output_dir")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer = resolve_tokenizer(run, self.output_dir)
-        self.model_config = resolve_model_config(run, self.tokenizer)
+        for name in ("train_ref_file", "validation_ref_file"):
+            if getattr(run, name):
+                log.warning("--%s is ignored: the old run_mlm_flax.py accepted it without reading it either", name)
+        start_dir = (pathlib.Path(self.start.path).parent.parent
+                     if self.start.kind == "checkpoint" and self.start.source != "output_dir" else None)
+        self.tokenizer = resolve_tokenizer(run, self.output_dir, start_dir)
+        self.model_config = resolve_model_config(run, self.tokenizer, self.start)
+        unset = {}  # defaults that needed the tokenizer or the model: recorded as decided
+        if run.max_seq_length is None:
+            unset["max_seq_length"] = default_max_seq_length(self.tokenizer, self.model_config)
+        if run.model_type is None:
+            unset["model_type"] = self.model_config.model_type
+            log.info("--model_type unset: %s (%s)", self.model_config.model_type,
+                     "the model's" if self.start.kind != "fresh" or run.config_name else "a fresh model's default")
+        if unset:
+            self.run = run = dataclasses.replace(run, **unset)
+            if self.is_main and run.do_train:
+                _record_run_config(self.output_dir, run.to_dict())
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, self.model_config.max_position_embeddings,
                              run.max_seq_length, self.model_config.model_type, self.model_config.pad_token_id)
         self.micro_batch = run.per_device_train_batch_size * jax.device_count()
@@ -124,8 +173,9 @@ class Run:
             log.info("data in %d logical shards, %d per process (pass --data_shards %d to keep the same batches "
                      "with another number of processes)", data_args.data_shards,
                      data_args.data_shards // jax.process_count(), data_args.data_shards)
-        self.train_rows, self.eval_rows = build_datasets(data_args, self.tokenizer, seed=run.seed)
-        self.total_steps = self._total_steps()
+        self.train_rows, self.eval_rows = build_datasets(data_args, self.tokenizer, seed=run.seed,
+                                                         splits=("train", "validation") if run.do_train else ("validation",))
+        self.total_steps = self._total_steps() if run.do_train else 1
         tx, self.schedule = make_optimizer(
             learning_rate=run.learning_rate, warmup_steps=min(run.warmup_steps, self.total_steps - 1),
             total_steps=self.total_steps, schedule=run.lr_scheduler_type, optimizer=run.optimizer,
@@ -139,9 +189,9 @@ class Run:
                                  eval_masking=eval_masking(masking, run))
         self.trainer = Trainer(self.model_config, step_config, tx, self.mesh, self.schedule)
         self.checkpoints = ckpt_lib.Checkpointer(self.output_dir, save_steps=run.save_steps,
-                                                 save_minutes=run.save_minutes,
-                                                 save_total_limit=run.save_total_limit, keep_best=run.keep_best)
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
+                                                 save_minutes=run.save_minutes, save_total_limit=run.save_total_limit,
+                                                 keep_best=run.keep_best) if run.do_train else None
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main and run.do_train)
 
     def _total_steps(self) -> int:
         if self.run.max_steps > 0:
@@ -173,11 +223,23 @@ class Run:
             return state, data_state
         if self.start.kind == "hf":
             architecture = type(self.trainer.model(self.trainer.abstract_state.params)).__name__
-            model = load_hf(self.start.path, architecture=architecture, **runtime_overrides(self.run))
+            from flax_bert.convert import resolve_model_folder
+
+            folder = resolve_model_folder(self.start.path, **hub_options(self.run))
+            model = load_hf(folder, architecture=architecture, **runtime_overrides(self.run))
             from flax import nnx
 
             return self.trainer.init_state(params=nnx.state(model, nnx.Param).to_pure_dict()), None
         return self.trainer.init_state(seed=self.run.seed), None
+
+    def evaluated_params(self):
+        """(parameters, step) to evaluate without training: the start checkpoint's or model's weights only,
+        read without the optimizer state and without writing anything."""
+        if self.start.kind == "checkpoint":
+            params, _, step = ckpt_lib.Checkpointer.for_path(os.path.abspath(self.start.path)).restore_params()
+            shardings = self.trainer.state_shardings.params
+            return jax.tree.map(lambda value, sharding: jax.device_put(value, sharding), params, shardings), step
+        return self.initial_state()[0].params, 0
 
     def _global(self, local_batch: dict) -> dict:
         return make_global_batch(local_batch, self.mesh, (BATCH_AXES,))
@@ -266,7 +328,8 @@ class Run:
         return metrics, tokens, wait
 
     def _eval_due(self, step: int) -> bool:
-        return bool(self.run.do_eval and self.eval_rows is not None and self.run.eval_steps
+        # as the old script: --eval_steps evaluates while training; --do_eval adds the evaluation at the end
+        return bool(self.eval_rows is not None and self.run.eval_steps
                     and step % self.run.eval_steps == 0 and step != self.total_steps)
 
     def _bundle_config(self) -> dict:
@@ -350,14 +413,43 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
             return results
         params = job.final_state.params
     else:
-        params = job.initial_state()[0].params
+        params, step = job.evaluated_params()
+        results["step"] = step
+        log.info("evaluating %s (step %d) only: no training, nothing written but eval_results.json",
+                 job.start.path, step)
     if run.do_eval:
         eval_results = job.evaluate(params, results.get("step", 0))
+        if eval_results and run.do_train:
+            eval_results.update(_against_unigram_baseline(job, eval_results))
         if eval_results and job.is_main:
-            (job.output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2) + "\n")
+            record = {"step": results.get("step", 0), **eval_results}
+            temporary = job.output_dir / ".eval_results.json.tmp"
+            temporary.write_text(json.dumps(record, indent=2) + "\n")
+            temporary.replace(job.output_dir / "eval_results.json")
         results.update(eval_results)
     if run.do_train:
         export_run(job, params, eval_results=results)
-    job.checkpoints.close()
+        job.checkpoints.close()
     job.metrics.close()
     return results
+
+
+def _against_unigram_baseline(job: Run, eval_results: dict) -> dict:
+    """Held-out masked accuracy beside always guessing the most frequent training token: whether it learned."""
+    from flax_bert.eval_baseline import unigram_baseline
+
+    baseline = unigram_baseline(job.train_rows, job.eval_rows, job.model_config.vocab_size,
+                                job.trainer.step_config.masking.special_ids)
+    if baseline is None or "eval_accuracy" not in eval_results:
+        return {}
+    token, accuracy = baseline
+    log.info("held-out masked-token accuracy %.3f; always guessing the most frequent token %r would score %.3f",
+             eval_results["eval_accuracy"], job.tokenizer.convert_ids_to_tokens(token), accuracy)
+    return {"unigram_baseline_accuracy": accuracy}
+
+
+def _record_run_config(output_dir: pathlib.Path, options: dict) -> None:
+    """run_config.json again once a default that needed the tokenizer (max_seq_length) is known."""
+    temporary = output_dir / f".{ckpt_lib.RUN_CONFIG_FILE}.tmp"
+    temporary.write_text(json.dumps(ckpt_lib.jsonable(options), indent=2, sort_keys=True) + "\n")
+    temporary.replace(output_dir / ckpt_lib.RUN_CONFIG_FILE)

@@ -37,7 +37,7 @@ def load_run_model(run_dir, step: int | None = None):
     return model, load_run_tokenizer(run_dir, bundle["run"]), bundle["run"], step
 
 
-def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw") -> pathlib.Path:
+def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw", max_grad_norm: float | None = None) -> pathlib.Path:
     """Write a run directory whose step-0 checkpoint holds `hf_folder`'s weights (and a fresh optimizer
     state), so `flax-bert train --output_dir RUN_DIR --model_name_or_path HF_FOLDER` continues pretraining it."""
     import jax
@@ -54,11 +54,16 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw") -> pathlib.Pat
     cfg, architecture = model.config, architecture_of(model)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
     objective = "mlm+nsp" if architecture == "BertForPreTraining" else "mlm"
+    # the imported model's own sizes, so the run directory describes the model its checkpoint holds
     run = RunConfig(model_type=cfg.model_type, model_name_or_path=str(hf_folder), output_dir=str(run_dir),
-                    objective=objective, optimizer=optimizer)
+                    objective=objective, optimizer=optimizer, max_grad_norm=max_grad_norm, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                    num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                    intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings)
     check_output_dir(run_dir, False, run.to_dict(), record=False)  # the train run records its own settings
     tokenizer.save_pretrained(str(pathlib.Path(run_dir) / "tokenizer"))
+    # the optimizer state's structure (clipping or not) is the one the continuing run will build
     tx, schedule = make_optimizer(learning_rate=run.learning_rate, warmup_steps=0, total_steps=1, schedule="constant",
+                                  max_grad_norm=max_grad_norm or None,
                                   optimizer=optimizer)
     trainer = Trainer(cfg, StepConfig(masking=MaskingConfig.from_tokenizer(tokenizer), objective=objective), tx,
                       make_mesh("data=1", jax.devices()[:1]), schedule)

@@ -31,7 +31,7 @@ TINY_RUN = ["--model_type", "roberta", "--hidden_size", "64", "--num_hidden_laye
             "--per_device_train_batch_size", "2", "--learning_rate", "2e-3", "--warmup_steps", "2",
             "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_steps", str(SAVE_EVERY),
             "--max_train_samples", "300", "--max_eval_samples", "60", "--per_device_eval_batch_size", "2",
-            "--progress_bar", "false", "--seed", "7"]
+            "--progress_bar", "false", "--seed", "7", "--do_train", "--do_eval", "--weight_decay", "0.01", "--adam_beta2", "0.98", "--adam_epsilon", "1e-6", "--max_grad_norm", "1.0",]
 
 
 # ----------------------------------------------------------------------------- launching runs

@@ -335,7 +335,7 @@ TINY_NSP_FLAGS = ["--model_type", "bert", "--objective", "mlm+nsp", "--whole_wor
                   "--tokenizer_vocab_size", "2000", "--per_device_train_batch_size", "64",
                   "--per_device_eval_batch_size", "64", "--learning_rate", "3e-3", "--warmup_steps", "10",
                   "--max_steps", "300", "--logging_steps", "25", "--save_steps", "0", "--max_eval_samples", "200",
-                  "--progress_bar", "false"]
+                  "--progress_bar", "false", "--do_train", "--do_eval", "--weight_decay", "0.01", "--adam_beta2", "0.98", "--adam_epsilon", "1e-6", "--max_grad_norm", "1.0",]
 
 
 @pytest.fixture(scope="module")

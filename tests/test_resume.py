@@ -26,7 +26,7 @@ TINY_RUN = ["--model_type", "roberta", "--hidden_size", "64", "--num_hidden_laye
             "--tokenizer_vocab_size", "1000", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3",
             "--warmup_steps", "4", "--max_train_samples", "400", "--max_steps", str(MAX_STEPS),
             "--save_steps", str(SAVE_STEPS), "--logging_steps", str(LOGGING_STEPS), "--do_train", "--do_eval", "false",
-            "--progress_bar", "false"]
+            "--progress_bar", "false", "--weight_decay", "0.01", "--adam_beta2", "0.98", "--adam_epsilon", "1e-6", "--max_grad_norm", "1.0",]
 RUN_TIMEOUT = 300
 
 
@@ -222,7 +222,7 @@ def test_an_output_dir_of_something_else_is_refused_and_kept(whose, workspace, r
     out = tmp_path / "run"
     if whose == "another seed's run":
         shutil.copytree(reference, out)
-        expected = "holds a different run (seed 42 there, 7 now)"
+        expected = "--seed 7 differs from the run's 42"
     else:
         out.mkdir()
         (out / "notes.txt").write_text("my notes\n")
