@@ -44,11 +44,12 @@ def resolve_config_path(config: str) -> pathlib.Path:
     raise FileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml or a name in configs/")
 
 
-def load_setup(args):
-    """(RunConfig, ModelConfig) from the YAML plus the bench's overrides."""
+def load_setup(args, overrides: dict | None = None):
+    """(RunConfig, ModelConfig) from the YAML plus the bench's overrides (and any other RunConfig
+    values in `overrides`, e.g. tiny sizes for a test)."""
     from flax_bert.run_config import RunConfig, fresh_model_config, load_yaml
 
-    values = load_yaml(resolve_config_path(args.config))
+    values = {**load_yaml(resolve_config_path(args.config)), **(overrides or {})}
     for name in ("per_device_train_batch_size", "max_seq_length", "dtype", "scan_layers", "remat_policy"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -191,16 +192,18 @@ def make_trainer(run, model_config, dense_head: bool = False):
     return trainer_class(model_config, step_config, tx, mesh, schedule), jax.devices()
 
 
-def run_jax(args) -> dict:
+def run_jax(args, setup=None) -> dict:
+    """Time the jitted train step; `setup` = (RunConfig, ModelConfig) instead of the args' config."""
     import jax
 
     from flax_bert.sharding import batch_sharding
 
-    run, model_config = load_setup(args)
+    run, model_config = setup or load_setup(args)
     trainer, devices = make_trainer(run, model_config, dense_head=args.dense_head)
     rows = run.per_device_train_batch_size * len(devices)
-    batch = jax.device_put(random_batch(rows, run.max_seq_length, model_config, nsp=run.objective == "mlm+nsp"),
-                           batch_sharding(trainer.mesh))
+    host_batch = random_batch(rows, run.max_seq_length, model_config, nsp=run.objective == "mlm+nsp")
+    # each entry sharded along its batch axis at its own rank (next_sentence_label is [rows])
+    batch = {name: jax.device_put(value, batch_sharding(trainer.mesh, value.ndim)) for name, value in host_batch.items()}
     state = trainer.init_state(seed=run.seed)
     jax.block_until_ready(state)
 
