@@ -18,13 +18,14 @@ import numpy as np
 
 from flax_bert import checkpoint as ckpt_lib
 from flax_bert import distributed
-from flax_bert.config import ModelConfig, flops_per_token
+from flax_bert.config import ModelConfig
 from flax_bert.convert import load_hf
 from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
                             make_global_batch, resolve_data_shards)
 from flax_bert.model import model_class_for
-from flax_bert.metrics import MetricsWriter, device_peak_flops
+from flax_bert.metrics import MetricsWriter
 from flax_bert.optim import make_optimizer
+from flax_bert.peak_flops import device_peak_flops, peak_at_least, step_flops_per_token, total_peak_flops
 from flax_bert.run_config import RunConfig, fresh_model_config, runtime_overrides
 from flax_bert.sharding import BATCH_AXES, make_mesh
 from flax_bert.train import MaskingConfig, NonFiniteLossError, StepConfig, Trainer, check_finite, eval_summary
@@ -165,7 +166,7 @@ class Run:
             log.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return {"step": step}
         peak, peak_source = device_peak_flops(self.model_config.dtype)
-        flops = flops_per_token(self.model_config, run.max_seq_length, self.trainer.step_config.masking.num_slots / run.max_seq_length)
+        flops = step_flops_per_token(self.model_config, self.trainer.step_config.masking)
         log.info("training %s: %d steps, global batch %d x %d tokens on %d devices (mesh %s); peak %.3g FLOP/s/device (%s)",
                  self.model_config.model_type, self.total_steps, self.global_batch, run.max_seq_length,
                  jax.device_count(), dict(self.mesh.shape), peak, peak_source)
@@ -194,7 +195,8 @@ class Run:
                     window.add(*self._checked(pending))  # everything up to this step is verified finite
                     pending = None
                 if step % run.logging_steps == 0 or step == self.total_steps:
-                    record = window.summary(flops, peak * jax.device_count())
+                    peak = peak_at_least(peak, window.tokens_per_second() * flops, self.model_config.dtype)
+                    record = window.summary(flops, total_peak_flops(peak))
                     self.metrics.write(step, record)
                     progress.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
                     log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
@@ -286,6 +288,9 @@ class _Window:
         self.tokens += tokens
         self.wait += wait
         self.steps += 1
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
     def summary(self, flops_per_token: float, peak_flops: float) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
