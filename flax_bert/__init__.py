@@ -1,8 +1,17 @@
 """flax-bert: pretrain BERT and RoBERTa masked-language models in JAX/Flax NNX."""
-from flax_bert.config import ModelConfig
-from flax_bert.convert import load_hf, save_hf
-from flax_bert.model import BertForMaskedLM, BertForPreTraining, RobertaForMaskedLM, create_model
+import importlib
 
-__all__ = ["ModelConfig", "load_hf", "save_hf", "RobertaForMaskedLM", "BertForMaskedLM", "BertForPreTraining",
-           "create_model"]
+# Imported on first use, so that the command-line entry points start without loading JAX (the train
+# command may re-execute itself first: see host_allocator).
+_EXPORTS = {"ModelConfig": "flax_bert.config", "load_hf": "flax_bert.convert", "save_hf": "flax_bert.convert",
+            "RobertaForMaskedLM": "flax_bert.model", "BertForMaskedLM": "flax_bert.model",
+            "BertForPreTraining": "flax_bert.model", "create_model": "flax_bert.model"}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flax_bert' has no attribute {name!r}")

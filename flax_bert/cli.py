@@ -32,9 +32,11 @@ def _setup_logging() -> None:
 
 # ----------------------------------------------------------------------------- train / eval
 def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) -> int:
+    from flax_bert import host_allocator
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog=prog, defaults=defaults)
+    logging.getLogger("flax_bert").info("%s", host_allocator.describe())
     from flax_bert.pretrain import run_pretraining
 
     results = run_pretraining(run)
@@ -179,6 +181,7 @@ def run_command(function, argv) -> int:
 
 
 def main(argv=None) -> int:
+    from_command_line = argv is None  # not a call from Python (tests, scripts): those never re-execute
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -187,11 +190,25 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"flax-bert: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command in REEXEC_COMMANDS and from_command_line:
+        _ensure_hugepages()
     return run_command(COMMANDS[command], rest)
 
 
 def run_mlm_flax_main(argv=None) -> int:
+    if argv is None:  # the real command line, not a call from Python
+        _ensure_hugepages()
     return run_command(train_main, sys.argv[1:] if argv is None else argv)
+
+
+REEXEC_COMMANDS = ("train", "eval")  # the ones that run train/eval steps on the host allocator
+
+
+def _ensure_hugepages() -> None:
+    """Before anything heavy is imported: the train command gets glibc's huge pages on CPU by itself."""
+    from flax_bert import host_allocator
+
+    host_allocator.ensure_hugepages()
 
 
 if __name__ == "__main__":
