@@ -61,11 +61,13 @@ def train_tokenizer(work: pathlib.Path, env: dict) -> pathlib.Path:
     return folder
 
 
-def run_bench(config: pathlib.Path, work: pathlib.Path, env: dict, steps: int) -> float:
+def run_bench(config: pathlib.Path, work: pathlib.Path, env: dict, steps: int) -> tuple[float, dict]:
     out = work / f"bench-{time.time_ns()}.json"
     subprocess.run([sys.executable, "-m", "flax_bert.bench", str(config), "--steps", str(steps), "--warmup_steps", "2",
                     "--output", str(out)], env=env, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())["tokens_per_second"]
+    result = json.loads(out.read_text())
+    return result["tokens_per_second"], {"cpu_seconds_per_step": result["cpu_seconds_per_step"],
+                                         "host_other_load": result["host_other_load"]}
 
 
 def run_train(config: pathlib.Path, work: pathlib.Path, tokenizer: pathlib.Path, env: dict, steps: int,
@@ -87,7 +89,8 @@ def run_train(config: pathlib.Path, work: pathlib.Path, tokenizer: pathlib.Path,
     allocator = next((line.split("INFO ", 1)[1] for line in log.read_text().splitlines() if "malloc huge pages" in line), "?")
     return statistics.median(r["tokens_per_second"] for r in windows), {
         "input_wait_seconds": statistics.median(r["input_wait_seconds"] for r in windows),
-        "step_seconds": statistics.median(r["step_seconds"] for r in windows), "allocator": allocator}
+        "step_seconds": statistics.median(r["step_seconds"] for r in windows), "allocator": allocator,
+        "cpu_seconds_per_step": statistics.median(r["cpu_seconds_per_step"] for r in windows)}
 
 
 def main() -> int:
@@ -107,13 +110,16 @@ def main() -> int:
         config, tokenizer = write_config(work), train_tokenizer(work, env)
         rounds = []
         for i in range(args.rounds):
-            bench = run_bench(config, work, env, args.bench_steps)
+            bench, bench_details = run_bench(config, work, env, args.bench_steps)
             train, details = run_train(config, work, tokenizer, env, args.train_steps, args.logging_steps,
                                        args.skip_windows)
-            rounds.append({"bench_tokens_per_second": bench, "train_tokens_per_second": train, **details})
+            rounds.append({"bench_tokens_per_second": bench, "train_tokens_per_second": train,
+                           "bench_cpu_seconds_per_step": bench_details["cpu_seconds_per_step"],
+                           "bench_host_other_load": bench_details["host_other_load"], **details})
             print(f"round {i + 1}: bench {bench:,.0f} tokens/s, train loop {train:,.0f} tokens/s, "
-                  f"ratio {train / bench:.3f} (train input wait {details['input_wait_seconds'] * 1e3:.1f} ms/step)",
-                  flush=True)
+                  f"ratio {train / bench:.3f}; CPU s/step bench {bench_details['cpu_seconds_per_step']:.3f} "
+                  f"train {details['cpu_seconds_per_step']:.3f}; other processes' load during the bench "
+                  f"{bench_details['host_other_load']:.0%}", flush=True)
     bench = statistics.median(r["bench_tokens_per_second"] for r in rounds)
     train = statistics.median(r["train_tokens_per_second"] for r in rounds)
     print(f"\nRoBERTa hidden 256, 4 layers, vocab 8k, seq 128, batch 16, fp32; {len(rounds)} rounds, medians")
@@ -121,6 +127,10 @@ def main() -> int:
     print(f"{'flax-bert bench (jitted step)':<40}{bench:>12,.0f}")
     print(f"{'run_mlm_flax.py (train loop)':<40}{train:>12,.0f}")
     print(f"{'ratio train / bench':<40}{train / bench:>12.3f}")
+    cpu_bench = statistics.median(r["bench_cpu_seconds_per_step"] for r in rounds)
+    cpu_train = statistics.median(r["cpu_seconds_per_step"] for r in rounds)
+    print(f"CPU seconds per step (less sensitive to other processes): bench {cpu_bench:.3f}, train loop "
+          f"{cpu_train:.3f} (ratio bench / train {cpu_bench / cpu_train:.3f})")
     print(f"train-loop allocator: {rounds[-1]['allocator']}")
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps({"config": CONFIG, "rounds": rounds, "bench_tokens_per_second": bench,

@@ -1,4 +1,4 @@
-"""The `flax-bert` command: train, eval, export, import, train-tokenizer, fill-mask, plot, bench."""
+"""The `flax-bert` command: train, eval, prepare, export, import, train-tokenizer, fill-mask, plot, bench."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ USAGE = """usage: flax-bert COMMAND [options]
 commands:
   train            pretrain (same options as run_mlm_flax.py; a YAML run config may come first)
   eval             evaluate a run's latest checkpoint or a Hugging Face model (train's options)
+  prepare          tokenize and pack train's data into the cache ahead of the run (train's options)
   export           a run's checkpoint -> Hugging Face folder (config.json, model.safetensors, tokenizer, card)
   import           a Hugging Face folder -> a run directory whose checkpoint `train` continues from
   train-tokenizer  train a byte-level BPE (RoBERTa) or WordPiece (BERT) tokenizer
@@ -42,6 +43,39 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
     results = run_pretraining(run)
     if results.get("preempted"):
         print(f"stopped at step {results['step']} by a signal; checkpoint saved — rerun the same command to resume")
+    return 0
+
+
+def prepare_main(argv) -> int:
+    """Tokenize and pack the data of `train ARGS` into the cache (this process's shards), nothing else."""
+    from flax_bert.run_config import parse_run_config
+
+    run = parse_run_config(argv, prog="flax-bert prepare")
+    import pathlib
+
+    import jax
+
+    from flax_bert import distributed
+    from flax_bert.data import resolve_data_shards
+    from flax_bert.data_prepare import prepare_data
+    from flax_bert.pretrain import data_args_from_run, resolve_tokenizer
+
+    distributed.initialize(run)
+    run_tokenizer = pathlib.Path(run.output_dir) / "tokenizer"
+    if not (run.tokenizer_name or run.model_name_or_path or (run_tokenizer / "tokenizer_config.json").is_file()):
+        raise ValueError("prepare needs the run's tokenizer: pass --tokenizer_name (train one with "
+                         "`flax-bert train-tokenizer`) or --model_name_or_path")
+    tokenizer = resolve_tokenizer(run, pathlib.Path(run.output_dir))
+    data_args = data_args_from_run(run)
+    global_batch = run.per_device_train_batch_size * jax.device_count() * run.gradient_accumulation_steps
+    data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), global_batch)
+    logging.getLogger("flax_bert").info(
+        "preparing process %d of %d: %d logical shards (global batch %d on %d devices; train must use the same)",
+        jax.process_index(), jax.process_count(), data_args.data_shards, global_batch, jax.device_count())
+    results = prepare_data(data_args, tokenizer, run.seed, jax.process_index(), jax.process_count(),
+                           workers=run.preprocessing_num_workers)
+    for result in results:
+        print(f"prepared {result.describe()}")
     return 0
 
 
@@ -157,7 +191,8 @@ def bench_main(argv) -> int:
     return bench.main(argv)
 
 
-COMMANDS = {"train": lambda argv: train_main(argv, prog="flax-bert train"), "eval": eval_main, "export": export_main,
+COMMANDS = {"train": lambda argv: train_main(argv, prog="flax-bert train"), "eval": eval_main,
+            "prepare": prepare_main, "export": export_main,
             "import": import_main, "train-tokenizer": train_tokenizer_main, "fill-mask": fill_mask_main,
             "plot": plot_main, "bench": bench_main}
 

@@ -173,12 +173,12 @@ class Run:
         progress = _progress_bar(self.is_main and run.progress_bar, step, self.total_steps)
         window = _Window()
         pending = None  # (step, metrics on device, local tokens): checked after the next step is dispatched
-        with ckpt_lib.PreemptionGuard() as guard, Prefetcher(iterator) as batches:
+        bundle_config = self._bundle_config()  # the same every step: built once, outside the loop
+        with ckpt_lib.PreemptionGuard() as guard, Prefetcher(iterator, transform=self._device_batch) as batches:
             compile_start = time.perf_counter()
             while step < self.total_steps:
-                local = next(batches)
-                tokens = int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
-                state, metrics = self.trainer.train_step(state, self._global(local))
+                batch, tokens = next(batches)
+                state, metrics = self.trainer.train_step(state, batch)
                 step += 1
                 if compile_start is not None:
                     jax.block_until_ready(metrics["loss"])
@@ -208,7 +208,7 @@ class Run:
                     eval_results = self.evaluate(state.params, step) or None
                     window.start += time.perf_counter() - eval_start  # throughput counts training time only
                 # the last step and a requested stop always save; otherwise --save_steps / --save_minutes decide
-                self.checkpoints.save(step, state, batches.state_dict(), self._bundle_config(),
+                self.checkpoints.save(step, state, batches.state_dict(), bundle_config,
                                       metrics=eval_results, force=stopping or step == self.total_steps)
                 if stopping:
                     break
@@ -220,6 +220,10 @@ class Run:
             return {"step": step, "preempted": True}
         self.final_state = state
         return {"step": step}
+
+    def _device_batch(self, local: dict) -> tuple[dict, int]:
+        """In the prefetch thread, overlapping the running step: the global arrays and the non-pad tokens."""
+        return self._global(local), int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
 
     def _checked(self, pending):
         step, metrics, tokens, wait = pending
@@ -281,6 +285,7 @@ class _Window:
 
     def reset(self):
         self.values, self.tokens, self.wait, self.steps, self.start = {}, 0, 0.0, 0, time.perf_counter()
+        self.cpu_start = time.process_time()  # this process's CPU seconds, all threads: host work + XLA:CPU
 
     def add(self, metrics, tokens, wait):
         for name, value in metrics.items():
@@ -300,7 +305,8 @@ class _Window:
         record = {"train_loss": mean.get("loss", float("nan")), "mlm_accuracy": mean.get("mlm_accuracy", float("nan")),
                   "learning_rate": mean.get("learning_rate", float("nan")), "grad_norm": mean.get("grad_norm", float("nan")),
                   "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_per_token / peak_flops,
-                  "step_seconds": elapsed / steps, "input_wait_seconds": self.wait / steps}
+                  "step_seconds": elapsed / steps, "input_wait_seconds": self.wait / steps,
+                  "cpu_seconds_per_step": (time.process_time() - self.cpu_start) / steps}
         for name in ("nsp_loss", "nsp_accuracy", "mlm_loss"):
             if name in mean:
                 record[name] = mean[name]
