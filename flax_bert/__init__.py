@@ -1,10 +1,18 @@
 """flax-bert: pretrain BERT, RoBERTa and ModernBERT masked-language models in JAX/Flax NNX."""
-from flax_bert.config import ModelConfig
-from flax_bert.convert import load_hf, save_hf
-from flax_bert.models import create_model
-from flax_bert.models.bert import BertForMaskedLM, BertForPreTraining, RobertaForMaskedLM
-from flax_bert.models.modernbert import ModernBertForMaskedLM
+import importlib
 
-__all__ = ["ModelConfig", "load_hf", "save_hf", "RobertaForMaskedLM", "BertForMaskedLM", "BertForPreTraining",
-           "ModernBertForMaskedLM", "create_model"]
+# Imported on first use, so that the command-line entry points start without loading JAX (the train
+# command may re-execute itself first: see host_allocator).
+_EXPORTS = {"ModelConfig": "flax_bert.config", "load_hf": "flax_bert.convert", "save_hf": "flax_bert.convert",
+            "RobertaForMaskedLM": "flax_bert.models.bert", "BertForMaskedLM": "flax_bert.models.bert",
+            "BertForPreTraining": "flax_bert.models.bert", "ModernBertForMaskedLM": "flax_bert.models.modernbert",
+            "create_model": "flax_bert.models"}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flax_bert' has no attribute {name!r}")

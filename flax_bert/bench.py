@@ -7,8 +7,8 @@ runtimes' thread pools from competing for the cores. The parent only parses, lau
 table and writes the JSON.
 
 MFU follows docs/design.md: F = 6*N_enc + 12*L*s*d + rho*(6*d*V + 6*d^2) model FLOPs per non-pad
-token (rematerialization excluded), against the peak of a large jitted matmul in the compute dtype
-measured in the same run.
+token (rematerialization excluded), counted by the same function as in training
+(`peak_flops.step_flops_per_token`), against the same peak (`peak_flops.device_peak_flops`).
 """
 from __future__ import annotations
 
@@ -47,11 +47,12 @@ def resolve_config_path(config: str) -> pathlib.Path:
                                  "or a name in configs/")
 
 
-def load_setup(args):
-    """(RunConfig, ModelConfig) from the YAML plus the bench's overrides."""
+def load_setup(args, overrides: dict | None = None):
+    """(RunConfig, ModelConfig) from the YAML plus the bench's overrides (and any other RunConfig
+    values in `overrides`, e.g. tiny sizes for a test)."""
     from flax_bert.run_config import RunConfig, fresh_model_config, load_yaml
 
-    values = load_yaml(resolve_config_path(args.config))
+    values = {**load_yaml(resolve_config_path(args.config)), **(overrides or {})}
     for name in ("per_device_train_batch_size", "max_seq_length", "dtype", "scan_layers", "remat_policy"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -194,21 +195,24 @@ def make_trainer(run, model_config, dense_head: bool = False):
     return trainer_class(model_config, step_config, tx, mesh, schedule), jax.devices()
 
 
-def run_jax(args) -> dict:
+def run_jax(args, setup=None, compiler_options=None) -> dict:
+    """Time the jitted train step; `setup` = (RunConfig, ModelConfig) instead of the args' config;
+    `compiler_options`: XLA options for the step's compile (tests ask for a cheaper backend)."""
     import jax
 
     from flax_bert.sharding import batch_sharding
 
-    run, model_config = load_setup(args)
+    run, model_config = setup or load_setup(args)
     trainer, devices = make_trainer(run, model_config, dense_head=args.dense_head)
     rows = run.per_device_train_batch_size * len(devices)
-    batch = jax.device_put(random_batch(rows, run.max_seq_length, model_config, nsp=run.objective == "mlm+nsp"),
-                           batch_sharding(trainer.mesh))
+    host_batch = random_batch(rows, run.max_seq_length, model_config, nsp=run.objective == "mlm+nsp")
+    # each entry sharded along its batch axis at its own rank (next_sentence_label is [rows])
+    batch = {name: jax.device_put(value, batch_sharding(trainer.mesh, value.ndim)) for name, value in host_batch.items()}
     state = trainer.init_state(seed=run.seed)
     jax.block_until_ready(state)
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    compiled = trainer.train_step.lower(state, batch).compile()  # trace + lower + XLA compile
+    compiled = trainer.train_step.lower(state, batch).compile(compiler_options)  # trace + lower + XLA compile
     compile_seconds, compile_cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     start = time.perf_counter()
     state, metrics = compiled(state, batch)
@@ -226,17 +230,18 @@ def run_jax(args) -> dict:
     if not math.isfinite(loss):
         raise FloatingPointError(f"benchmark loss is {loss}")
     # After the steps, so the matmul's buffers cannot add to the step's memory high-water mark.
-    from flax_bert.metrics import measure_matmul_peak
+    from flax_bert.peak_flops import device_peak_flops, peak_at_least, step_flops_per_token, total_peak_flops
 
-    peak = measure_matmul_peak(model_config.dtype)
-
-    head_fraction = 1.0 if args.dense_head else run.mlm_probability
-    result = _rates(rows * run.max_seq_length, timer, model_config, run, head_fraction, peak)
+    flops = step_flops_per_token(model_config, trainer.step_config.masking, dense_head=args.dense_head)
+    peak, peak_source = device_peak_flops(model_config.dtype, remeasure=args.measure_peak)
+    tokens_per_second = rows * run.max_seq_length / statistics.median(timer.times)
+    peak = peak_at_least(peak, tokens_per_second * flops, model_config.dtype)
+    result = _rates(rows * run.max_seq_length, timer, flops, total_peak_flops(peak))
     device_memory = device_peak_memory(devices)
     result.update(
         framework="jax", device=f"{len(devices)}x {devices[0].device_kind}", compile_seconds=compile_seconds,
         compile_cpu_seconds=compile_cpu_seconds,
-        first_step_seconds=first_step_seconds, matmul_peak_flops=peak, loss=loss,
+        first_step_seconds=first_step_seconds, matmul_peak_flops=peak, peak_source=peak_source, loss=loss,
         peak_memory_bytes=device_memory or peak_rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
         peak_memory_kind="device" if device_memory else "rss", global_batch_size=rows,
         scan_layers=model_config.scan_layers, remat_policy=model_config.remat_policy,
@@ -244,16 +249,13 @@ def run_jax(args) -> dict:
     return result
 
 
-def _rates(tokens_per_step, timer, model_config, run, head_fraction, peak) -> dict:
+def _rates(tokens_per_step, timer, flops_per_token, total_peak) -> dict:
     step = statistics.median(timer.times)
-    from flax_bert.config import flops_per_token  # jax-free: the PyTorch worker uses it too
-
-    flops = flops_per_token(model_config, run.max_seq_length, head_fraction)
     tokens_per_second = tokens_per_step / step
     return {"step_seconds": step, "step_seconds_min": min(timer.times), "step_seconds_max": max(timer.times),
-            "tokens_per_second": tokens_per_second, "flops_per_token": flops,
-            "mfu": tokens_per_second * flops / peak if peak else None, "timed_steps": len(timer.times),
-            **timer.summary()}
+            "tokens_per_second": tokens_per_second, "flops_per_token": flops_per_token, "total_peak_flops": total_peak,
+            "mfu": tokens_per_second * flops_per_token / total_peak if total_peak else None,
+            "timed_steps": len(timer.times), **timer.summary()}
 
 
 # ----------------------------------------------------------------------------- PyTorch worker
@@ -332,7 +334,9 @@ def run_torch(args) -> dict:
         for _ in range(args.steps):
             with timer.step():
                 loss = step()
-    result = _rates(rows * run.max_seq_length, timer, model_config, run, 1.0, None)
+    from flax_bert.config import flops_per_token  # jax-free; transformers' head runs on every position
+
+    result = _rates(rows * run.max_seq_length, timer, flops_per_token(model_config, run.max_seq_length, 1.0), None)
     attn_implementation = model.config._attn_implementation
     result["matmul_peak_flops"] = measure_torch_matmul_peak()  # for reference; MFU uses the JAX peak
     result.update(framework="torch", first_step_seconds=first_step_seconds, peak_memory_bytes=peak_rss_bytes(),
@@ -357,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dense_head", action="store_true", help="ablation: vocabulary head on every position")
     parser.add_argument("--hugepages", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL",
                         help="run both frameworks with glibc.malloc.hugetlb=1 (fewer page faults; default true)")
+    parser.add_argument("--measure_peak", action="store_true",
+                        help="CPU: measure the matmul peak again (the best so far on this machine is kept and used)")
     parser.add_argument("--profile_dir", help="write a jax.profiler trace of the timed steps here")
     parser.add_argument("--output", help="write the results as JSON to this file")
     parser.add_argument("--_worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
@@ -389,8 +395,14 @@ def _run_worker(framework: str, argv: list[str], env: dict) -> dict:
 def summarize(jax_result: dict, torch_result: dict | None) -> dict:
     summary = dict(jax_result)
     if torch_result:
-        peak = jax_result["matmul_peak_flops"]
-        torch_result["mfu"] = torch_result["tokens_per_second"] * torch_result["flops_per_token"] / peak
+        # one host, one denominator: the best either framework's matmul (or step) reached on it
+        torch_flops = torch_result["tokens_per_second"] * torch_result["flops_per_token"]
+        peak = max(jax_result["total_peak_flops"], torch_result["matmul_peak_flops"], torch_flops)
+        if peak > jax_result["total_peak_flops"]:
+            summary["total_peak_flops"] = summary["matmul_peak_flops"] = peak
+            summary["mfu"] = jax_result["tokens_per_second"] * jax_result["flops_per_token"] / peak
+            summary["peak_source"] = "torch.matmul measured now (above the JAX matmul)"
+        torch_result["mfu"] = torch_flops / peak
         summary.update({f"torch_{k}": v for k, v in torch_result.items() if k != "framework"})
         summary["speedup_vs_torch"] = jax_result["tokens_per_second"] / torch_result["tokens_per_second"]
         summary["memory_ratio_vs_torch"] = jax_result["peak_memory_bytes"] / torch_result["peak_memory_bytes"]
@@ -400,7 +412,8 @@ def summarize(jax_result: dict, torch_result: dict | None) -> dict:
 def format_table(summary: dict) -> str:
     gib = 2 ** 30
     lines = [(f"{summary['config']}: batch {summary['global_batch_size']} x seq {summary['max_seq_length']}, "
-              f"{summary['dtype']}, {summary['device']}; matmul peak {summary['matmul_peak_flops'] / 1e9:.1f} GFLOP/s"),
+              f"{summary['dtype']}, {summary['device']}; matmul peak {summary['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
+              f"({summary.get('peak_source', 'measured')})"),
              f"{'framework':<10}{'step s (median)':>17}{'tokens/s':>11}{'MFU':>8}{'compile s':>11}{'peak mem GiB':>14}"]
     rows = [("jax", "")] + ([("torch", "torch_")] if "torch_tokens_per_second" in summary else [])
     for name, p in rows:

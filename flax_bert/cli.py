@@ -1,4 +1,4 @@
-"""The `flax-bert` command: train, eval, export, import, train-tokenizer, fill-mask, plot, bench."""
+"""The `flax-bert` command: train, eval, prepare, export, import, train-tokenizer, fill-mask, plot, bench."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +19,7 @@ commands:
                    on by default; a YAML run config may come first)
   eval             evaluate a run's latest checkpoint (`flax-bert eval RUN_DIR`) or a Hugging Face model
                    (--model_name_or_path); writes nothing but eval_results.json
+  prepare          tokenize and pack train's data into the cache ahead of the run (train's options)
   export           a run's checkpoint -> Hugging Face folder (config.json, model.safetensors, tokenizer, card)
   import           a Hugging Face folder -> a run directory whose checkpoint `train` continues from
   train-tokenizer  train a byte-level BPE (RoBERTa) or WordPiece (BERT) tokenizer
@@ -39,6 +40,7 @@ def _setup_logging() -> None:
 
 # ----------------------------------------------------------------------------- train / eval
 def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) -> int:
+    from flax_bert import host_allocator
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog=prog, defaults=defaults)
@@ -46,6 +48,7 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
 
     run = reconcile_with_stored(run)  # before any tokenizer, data or compile
     from flax_bert.preemption import Preempted, stop_outside_the_loop
+    logging.getLogger("flax_bert").info("%s", host_allocator.describe())
     from flax_bert.pretrain import run_pretraining
 
     try:
@@ -57,6 +60,40 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
         return 0
     if results.get("preempted"):
         print(f"stopped at step {results['step']} by a signal; checkpoint saved — rerun the same command to resume")
+    return 0
+
+
+def prepare_main(argv) -> int:
+    """Tokenize and pack the data of `train ARGS` into the cache (this process's shards), nothing else."""
+    from flax_bert.run_config import parse_run_config
+
+    run = parse_run_config(argv, prog="flax-bert prepare")
+    import pathlib
+
+    import jax
+
+    from flax_bert import distributed
+    from flax_bert.bad_input import InputError
+    from flax_bert.data import resolve_data_shards
+    from flax_bert.data_prepare import prepare_data
+    from flax_bert.pretrain import data_args_from_run, resolve_tokenizer
+
+    distributed.initialize(run)
+    run_tokenizer = pathlib.Path(run.output_dir) / "tokenizer"
+    if not (run.tokenizer_name or run.model_name_or_path or (run_tokenizer / "tokenizer_config.json").is_file()):
+        raise InputError("prepare needs the run's tokenizer: pass --tokenizer_name (train one with "
+                         "`flax-bert train-tokenizer`) or --model_name_or_path")
+    tokenizer = resolve_tokenizer(run, pathlib.Path(run.output_dir))
+    data_args = data_args_from_run(run)
+    global_batch = run.per_device_train_batch_size * jax.device_count() * run.gradient_accumulation_steps
+    data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), global_batch)
+    logging.getLogger("flax_bert").info(
+        "preparing process %d of %d: %d logical shards (global batch %d on %d devices; train must use the same)",
+        jax.process_index(), jax.process_count(), data_args.data_shards, global_batch, jax.device_count())
+    results = prepare_data(data_args, tokenizer, run.seed, jax.process_index(), jax.process_count(),
+                           workers=run.preprocessing_num_workers)
+    for result in results:
+        print(f"prepared {result.describe()}")
     return 0
 
 
@@ -184,7 +221,7 @@ def bench_main(argv) -> int:
     return bench.main(argv)
 
 
-COMMANDS = {"train": train_command, "eval": eval_main, "export": export_main,
+COMMANDS = {"train": train_command, "eval": eval_main, "prepare": prepare_main, "export": export_main,
             "import": import_main, "train-tokenizer": train_tokenizer_main, "fill-mask": fill_mask_main,
             "plot": plot_main, "bench": bench_main}
 
@@ -218,6 +255,7 @@ def run_command(function, argv) -> int:
 
 
 def main(argv=None) -> int:
+    from_command_line = argv is None  # not a call from Python (tests, scripts): those never re-execute
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -226,11 +264,25 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"flax-bert: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command in REEXEC_COMMANDS and from_command_line:
+        _ensure_hugepages()
     return run_command(COMMANDS[command], rest)
 
 
 def run_mlm_flax_main(argv=None) -> int:
+    if argv is None:  # the real command line, not a call from Python
+        _ensure_hugepages()
     return run_command(train_main, sys.argv[1:] if argv is None else argv)
+
+
+REEXEC_COMMANDS = ("train", "eval")  # the ones that run train/eval steps on the host allocator
+
+
+def _ensure_hugepages() -> None:
+    """Before anything heavy is imported: the train command gets glibc's huge pages on CPU by itself."""
+    from flax_bert import host_allocator
+
+    host_allocator.ensure_hugepages()
 
 
 if __name__ == "__main__":

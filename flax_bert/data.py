@@ -235,14 +235,19 @@ def _packed_chunks(corpus: TokenizedCorpus, info: TokenizerInfo, length: int, li
 
 
 def _materialize(stream: DocumentStream, tokenizer, info: TokenizerInfo, args: DataArgs, seed: int, split: str,
-                 num_shards: int, process_index: int, process_count: int) -> ShardedRows | None:
-    """This process's shards of ``stream`` as packed rows, from the cache or built into it."""
+                 num_shards: int, process_index: int, process_count: int,
+                 only_shards: list[int] | None = None) -> ShardedRows | None:
+    """This process's shards of ``stream`` (or ``only_shards`` of them: a `prepare` worker's) as packed
+    rows, from the cache or built into it."""
     cache_dir = resolve_cache_dir(args)
     nsp = args.objective == "mlm+nsp"
-    shards = owned_shards(num_shards, process_index, process_count)
+    shards = owned_shards(num_shards, process_index, process_count) if only_shards is None else only_shards
     token_keys = {s: tokenized_cache_key(info, stream, nsp, s, num_shards) for s in shards}
     folders = {s: cache_dir / "packed" / _packed_cache_key(token_keys[s], args, seed) for s in shards}
     missing = [s for s in shards if args.overwrite_cache or not (folders[s] / "meta.json").is_file()]
+    if not missing and only_shards is None:
+        logger.info("found the prepared %s data (%s, %d shard%s of %d) in %s: nothing to tokenize", split, stream.name,
+                    len(shards), "" if len(shards) == 1 else "s", num_shards, cache_dir / "packed")
     if missing:
         fresh = [cache_dir / "tokenized" / token_keys[s] for s in missing]
         fresh = [folder for folder in fresh if args.overwrite_cache or not (folder / "meta.json").is_file()]

@@ -272,7 +272,10 @@ class Prefetcher:
     ``state_dict()`` is the wrapped iterator's state after the last batch handed out, so a checkpoint
     never skips the batches still sitting in the queue. Restore the iterator before wrapping it."""
 
-    def __init__(self, iterator, depth: int = 2):
+    def __init__(self, iterator, depth: int = 2, transform=None):
+        # `transform(batch)` runs in the background thread too: the loop's per-batch host work (token
+        # counts, copies to the devices) then overlaps the step instead of preceding it
+        self._transform = transform or (lambda batch: batch)
         self._iterator, self._queue = iterator, queue.Queue(maxsize=max(1, depth))
         self._state = iterator.state_dict()
         self._stop = threading.Event()
@@ -292,7 +295,7 @@ class Prefetcher:
     def _produce(self):
         try:
             for batch in self._iterator:
-                if not self._put((batch, self._iterator.state_dict())):
+                if not self._put((self._transform(batch), self._iterator.state_dict())):
                     return
             self._put(_END)
         except BaseException as error:  # handed to the consumer, raised there

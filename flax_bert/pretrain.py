@@ -19,13 +19,14 @@ import numpy as np
 from flax_bert.bad_input import InputError
 from flax_bert import checkpoint as ckpt_lib
 from flax_bert import distributed
-from flax_bert.config import ModelConfig, flops_per_token
+from flax_bert.config import ModelConfig
 from flax_bert.convert import load_hf
 from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
                             make_global_batch, resolve_data_shards)
 from flax_bert.models import family, model_class_for
-from flax_bert.metrics import MetricsWriter, device_peak_flops
+from flax_bert.metrics import MetricsWriter
 from flax_bert.optim import make_optimizer
+from flax_bert.peak_flops import device_peak_flops, peak_at_least, step_flops_per_token, total_peak_flops
 from flax_bert.run_config import RunConfig, fresh_model_config, runtime_overrides
 from flax_bert.sharding import BATCH_AXES, make_mesh
 from flax_bert.train import MaskingConfig, NonFiniteLossError, StepConfig, Trainer, check_finite, eval_summary
@@ -257,19 +258,19 @@ class Run:
             log.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return {"step": step}
         peak, peak_source = device_peak_flops(self.model_config.dtype)
-        flops = flops_per_token(self.model_config, run.max_seq_length, self.trainer.step_config.masking.num_slots / run.max_seq_length)
+        flops = step_flops_per_token(self.model_config, self.trainer.step_config.masking)
         log.info("training %s: %d steps, global batch %d x %d tokens on %d devices (mesh %s); peak %.3g FLOP/s/device (%s)",
                  self.model_config.model_type, self.total_steps, self.global_batch, run.max_seq_length,
                  jax.device_count(), dict(self.mesh.shape), peak, peak_source)
         progress = _progress_bar(self.is_main and run.progress_bar, step, self.total_steps)
         window = _Window()
         pending = None  # (step, metrics on device, local tokens): checked after the next step is dispatched
-        with ckpt_lib.PreemptionGuard() as guard, Prefetcher(iterator) as batches:
+        bundle_config = self._bundle_config()  # the same every step: built once, outside the loop
+        with ckpt_lib.PreemptionGuard() as guard, Prefetcher(iterator, transform=self._device_batch) as batches:
             compile_start = time.perf_counter()
             while step < self.total_steps:
-                local = next(batches)
-                tokens = int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
-                state, metrics = self.trainer.train_step(state, self._global(local))
+                batch, tokens = next(batches)
+                state, metrics = self.trainer.train_step(state, batch)
                 step += 1
                 if compile_start is not None:
                     jax.block_until_ready(metrics["loss"])
@@ -286,7 +287,8 @@ class Run:
                     window.add(*self._checked(pending))  # everything up to this step is verified finite
                     pending = None
                 if step % run.logging_steps == 0 or step == self.total_steps:
-                    record = window.summary(flops, peak * jax.device_count())
+                    peak = peak_at_least(peak, window.tokens_per_second() * flops, self.model_config.dtype)
+                    record = window.summary(flops, total_peak_flops(peak))
                     self.metrics.write(step, record)
                     progress.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
                     log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
@@ -298,7 +300,7 @@ class Run:
                     eval_results = self.evaluate(state.params, step) or None
                     window.start += time.perf_counter() - eval_start  # throughput counts training time only
                 # the last step and a requested stop always save; otherwise --save_steps / --save_minutes decide
-                self.checkpoints.save(step, state, batches.state_dict(), self._bundle_config(),
+                self.checkpoints.save(step, state, batches.state_dict(), bundle_config,
                                       metrics=eval_results, force=stopping or step == self.total_steps)
                 if stopping:
                     break
@@ -310,6 +312,10 @@ class Run:
             return {"step": step, "preempted": True}
         self.final_state = state
         return {"step": step}
+
+    def _device_batch(self, local: dict) -> tuple[dict, int]:
+        """In the prefetch thread, overlapping the running step: the global arrays and the non-pad tokens."""
+        return self._global(local), int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
 
     def _checked(self, pending):
         step, metrics, tokens, wait = pending
@@ -372,6 +378,7 @@ class _Window:
 
     def reset(self):
         self.values, self.tokens, self.wait, self.steps, self.start = {}, 0, 0.0, 0, time.perf_counter()
+        self.cpu_start = time.process_time()  # this process's CPU seconds, all threads: host work + XLA:CPU
 
     def add(self, metrics, tokens, wait):
         for name, value in metrics.items():
@@ -379,6 +386,9 @@ class _Window:
         self.tokens += tokens
         self.wait += wait
         self.steps += 1
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
     def summary(self, flops_per_token: float, peak_flops: float) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -388,7 +398,8 @@ class _Window:
         record = {"train_loss": mean.get("loss", float("nan")), "mlm_accuracy": mean.get("mlm_accuracy", float("nan")),
                   "learning_rate": mean.get("learning_rate", float("nan")), "grad_norm": mean.get("grad_norm", float("nan")),
                   "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_per_token / peak_flops,
-                  "step_seconds": elapsed / steps, "input_wait_seconds": self.wait / steps}
+                  "step_seconds": elapsed / steps, "input_wait_seconds": self.wait / steps,
+                  "cpu_seconds_per_step": (time.process_time() - self.cpu_start) / steps}
         for name in ("nsp_loss", "nsp_accuracy", "mlm_loss"):
             if name in mean:
                 record[name] = mean[name]

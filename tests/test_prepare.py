@@ -1,0 +1,77 @@
+"""`flax-bert prepare`: worker processes fill the cache with this process's shards; a later `train`
+with the same data flags finds them, says so, and starts without tokenizing."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from flax_bert import data_tokenize
+from flax_bert.data import build_datasets
+from flax_bert.data_prepare import prepare_data
+from flax_bert.data_sources import DataArgs, training_documents
+from flax_bert.tokenizer_training import train_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA_FLAGS = ["--max_seq_length", "64", "--max_train_samples", "300", "--validation_split_percentage", "10",
+              "--per_device_train_batch_size", "4", "--data_shards", "4", "--seed", "3"]
+TINY_MODEL = ["--model_type", "roberta", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+              "--intermediate_size", "64", "--max_position_embeddings", "66", "--learning_rate", "1e-3",
+              "--warmup_steps", "0", "--max_grad_norm", "1.0", "--do_eval", "false", "--progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepare")
+    documents = training_documents(DataArgs(cache_dir=str(root / "cache"), max_train_samples=300))
+    train_tokenizer((text for batch in documents.batches() for text in batch), kind="bpe", vocab_size=800,
+                    output_dir=root / "tokenizer", model_max_length=64)
+    return root
+
+
+def test_workers_are_separate_processes_and_a_second_build_tokenizes_nothing(workspace, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workspace / "tokenizer"))
+    args = DataArgs(cache_dir=str(workspace / "unit-cache"), max_seq_length=64, max_train_samples=300,
+                    validation_split_percentage=10, data_shards=4)
+    train, validation = prepare_data(args, tokenizer, seed=0, process_index=0, process_count=1, workers=2)
+    assert train.workers == 2 and len(set(train.worker_pids)) == 2 and os.getpid() not in train.worker_pids
+    assert train.tokens == train.tokenized_tokens > 0 and validation.tokenized_tokens > 0
+    assert "tokens/s per core" in train.describe()
+
+    again, _ = prepare_data(args, tokenizer, seed=0, process_index=0, process_count=1, workers=2)
+    assert again.tokenized_tokens == 0 and again.tokens == train.tokens  # found, not redone
+
+    def never(*a, **k):
+        raise AssertionError("tokenized although the data was prepared")
+
+    monkeypatch.setattr(data_tokenize, "encode_group", never)
+    monkeypatch.setattr("flax_bert.data.tokenize_shards_to_cache", never)
+    rows, _ = build_datasets(args, tokenizer, process_index=0, process_count=1)
+    assert rows.num_tokens == train.tokens
+
+
+def test_prepare_then_train_starts_without_tokenizing(workspace):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}  # one CPU device
+    env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    common = [*TINY_MODEL, *DATA_FLAGS, "--tokenizer_name", str(workspace / "tokenizer"),
+              "--cache_dir", str(workspace / "cli-cache"), "--output_dir", str(workspace / "run")]
+    prepared = subprocess.run([sys.executable, "-m", "flax_bert.cli", "prepare", *common,
+                               "--preprocessing_num_workers", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    assert "prepared train: 4 shards" in prepared.stdout and "by 2 worker processes" in prepared.stdout
+    assert "tokens/s per core" in prepared.stdout and "prepared validation" in prepared.stdout
+    packed = sorted((workspace / "cli-cache" / "packed").iterdir())
+    stamps = {folder: folder.stat().st_mtime_ns for folder in packed}
+
+    trained = subprocess.run([sys.executable, str(ROOT / "run_mlm_flax.py"), *common, "--max_steps", "1"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    log = trained.stderr
+    assert "found the prepared train data" in log and "found the prepared validation data" in log
+    assert "first step (compile included)" in log
+    assert sorted((workspace / "cli-cache" / "packed").iterdir()) == packed  # nothing new was built
+    assert all(folder.stat().st_mtime_ns == stamps[folder] for folder in packed)
+    assert "malloc huge pages" in log  # the decision is logged (on, or why not)
