@@ -54,9 +54,9 @@ def test_stableadamw_is_adamw_until_a_gradient_spike_then_clips_per_layer():
 
 
 def test_eval_mask_rate_defaults_to_the_training_rate_and_can_differ():
-    old = parse_run_config(["--mlm_probability", "0.2"])
+    old = parse_run_config(["--output_dir", "runs/x", "--mlm_probability", "0.2"])
     assert old.eval_mlm_probability is None  # an old command evaluates at its training rate, as the old script did
-    recipe = parse_run_config(["--mlm_probability", "0.3", "--eval_mlm_probability", "0.15"])
+    recipe = parse_run_config(["--output_dir", "runs/x", "--mlm_probability", "0.3", "--eval_mlm_probability", "0.15"])
     assert (recipe.mlm_probability, recipe.eval_mlm_probability) == (0.3, 0.15)
     from flax_bert.pretrain import eval_masking
     from flax_bert.train import MaskingConfig
@@ -67,9 +67,9 @@ def test_eval_mask_rate_defaults_to_the_training_rate_and_can_differ():
     evaluation = eval_masking(train, recipe)
     assert evaluation.mlm_probability == 0.15 and evaluation.num_slots < train.num_slots
     with pytest.raises(SystemExit):
-        parse_run_config(["--eval_mlm_probability", "1.5"])
+        parse_run_config(["--output_dir", "runs/x", "--eval_mlm_probability", "1.5"])
     with pytest.raises(SystemExit):
-        parse_run_config(["--model_type", "roberta", "--local_attention", "64"])
+        parse_run_config(["--output_dir", "runs/x", "--model_type", "roberta", "--local_attention", "64"])
 
 
 @pytest.fixture(scope="module")
