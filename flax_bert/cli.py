@@ -40,7 +40,6 @@ def _setup_logging() -> None:
 
 # ----------------------------------------------------------------------------- train / eval
 def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) -> int:
-    from flax_bert import host_allocator
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog=prog, defaults=defaults)
@@ -48,7 +47,6 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
 
     run = reconcile_with_stored(run)  # before any tokenizer, data or compile
     from flax_bert.preemption import Preempted, stop_outside_the_loop
-    logging.getLogger("flax_bert").info("%s", host_allocator.describe())
     from flax_bert.pretrain import run_pretraining
 
     try:

@@ -30,7 +30,7 @@ PER_COMMAND = frozenset({
     "hub_model_id", "hub_token", "hub_private_repo", "token", "use_auth_token", "coordinator_address",
     "num_processes", "process_id", "progress_bar", "cache_dir", "preprocessing_num_workers", "overwrite_cache",
     "gradient_checkpointing", "adafactor", "train_ref_file", "validation_ref_file", "pad_to_max_length",
-    "use_fast_tokenizer", "trust_remote_code"})
+    "use_fast_tokenizer", "trust_remote_code", "reset_optimizer"})
 
 # Options that may not change when a run is continued: the model's shapes, the tokenizer, the data and
 # its order, the masks, the objective, and the optimizer (whose state the checkpoint holds).
@@ -38,7 +38,8 @@ IMMUTABLE = {
     "model_type": "the model's family", "config_name": "the model's shapes", "vocab_size": "the model's shapes",
     "hidden_size": "the model's shapes", "num_hidden_layers": "the model's shapes",
     "num_attention_heads": "the model's shapes", "intermediate_size": "the model's shapes",
-    "max_position_embeddings": "the model's shapes", "model_name_or_path": "the starting weights and tokenizer",
+    "max_position_embeddings": "the model's shapes", "local_attention": "the model's attention window",
+    "global_attn_every_n_layers": "which layers attend globally", "model_name_or_path": "the starting weights and tokenizer",
     "tokenizer_name": "the tokenizer", "tokenizer_vocab_size": "the tokenizer",
     "dataset_name": "the training data", "dataset_config_name": "the training data",
     "train_file": "the training data", "text_column": "the training data",
@@ -48,7 +49,7 @@ IMMUTABLE = {
     "mlm_probability": "the masks", "whole_word_masking": "the masks", "seed": "the data order and masks",
     "objective": "the objective and its head", "optimizer": "the optimizer state in the checkpoint",
 }
-# Refused unless --reset_optimizer starts a fresh optimizer state (where that flag exists).
+# Refused unless --reset_optimizer starts a fresh optimizer state.
 OPTIMIZER_STATE = frozenset({"optimizer"})
 
 
@@ -134,8 +135,10 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
             what = IMMUTABLE.get(name, "the optimizer state in the checkpoint")
             raise StoredOptionError(
                 f"--{name} {new!r} differs from the run's {old!r} ({source}); it fixes {what}: continue with "
-                f"--{name} {old!r} (or leave it out), or start a new run in another --output_dir "
-                "(or over this one with --overwrite_output_dir)")
+                f"--{name} {old!r} (or leave it out), "
+                + ("or pass --reset_optimizer to keep the parameters, step and data position with a fresh optimizer "
+                   "state, " if name in OPTIMIZER_STATE or clipping_switched else "")
+                + "or start a new run in another --output_dir (or over this one with --overwrite_output_dir)")
         changed.append(f"{name} {old!r} -> {new!r}")
     if inherited or changed:
         run = dataclasses.replace(run, **inherited)
@@ -156,7 +159,7 @@ def option_tables() -> str:
     return (f"**May not change** (the run stops with one line naming the option, both values and what to do): "
             f"{immutable}; and switching gradient clipping on or off (`--max_grad_norm` unset/0 vs a value). "
             f"`--optimizer` and clipping may change with `--reset_optimizer`, which starts a fresh optimizer "
-            f"state, where that flag exists.\n\n"
+            f"state.\n\n"
             f"**May change** (accepted with a log line `changed on resume: OPTION old -> new`): {mutable}; "
             f"and `--max_grad_norm` from one value to another.\n\n"
             f"**Per command** (never taken from the stored run): "

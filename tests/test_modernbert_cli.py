@@ -22,7 +22,8 @@ def modernbert_run(shared_dir, tmp_path_factory):
     wikitext = shared_dir / "data" / "wikitext-2-raw"
     out = tmp_path_factory.mktemp("modernbert") / "run"
     cache = out.parent / "cache"
-    result = run_cli([str(ROOT / "run_mlm_flax.py"), *MODERNBERT_FLAGS, "--train_file", str(wikitext / "wiki.valid.raw"),
+    result = run_cli([str(ROOT / "run_mlm_flax.py"), *MODERNBERT_FLAGS, "--do_train", "--do_eval",
+                      "--train_file", str(wikitext / "wiki.valid.raw"),
                       "--validation_file", str(wikitext / "wiki.test.raw"), "--output_dir", str(out),
                       "--cache_dir", str(cache)], env=cli_env(FLAX_BERT_CACHE=str(cache)))
     assert result.returncode == 0, result.stderr[-3000:]
