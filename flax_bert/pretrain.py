@@ -96,7 +96,7 @@ def resolve_model_config(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint |
     ids = tokenizer_special_ids(tokenizer)
     cfg = fresh_model_config(run, len(tokenizer), ids)
     log.info("fresh %s model: special token ids from the tokenizer (%s)", cfg.model_type,
-             ", ".join(f"{k}={v}" for k, v in ids.items() if hasattr(cfg, k)))
+             ", ".join(f"{k}={v}" for k, v in ids.items() if k in family(cfg.model_type).hf_fields))
     return cfg
 
 
