@@ -1,14 +1,16 @@
 """A run interrupted again and again ends exactly where the uninterrupted run ends: SIGTERM in each phase
-(data preparation, compile, training, final evaluation, export) exits 0 and the same command goes on; then
-SIGKILL and SIGTERM at moments drawn from a fixed seed; the last rerun's export is bit-identical to the
-uninterrupted run's and no checkpoint was lost or moved aside.
+(data preparation, compile, training, final evaluation, export) exits 0 and the same command goes on, and so
+does SIGKILL; the training steps at which it is interrupted are drawn from a fixed seed; the last rerun's
+export is bit-identical to the uninterrupted run's and no checkpoint was lost or moved aside.
 
 A phase is hit exactly by a small launcher that makes the process send itself SIGTERM when it enters the
 function that starts that phase, then runs the real command line. The runs share a tokenizer, a data cache
 and a JAX compilation cache (as in test_resume.py)."""
+import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +23,11 @@ from tests.test_resume import ROOT, Workspace, assert_same_parameters, complete_
 STEPS, LOGGING = 48, 4
 FAST = ["--max_steps", str(STEPS), "--save_steps", "4", "--logging_steps", str(LOGGING), "--do_eval",
         "--max_eval_samples", "40", "--validation_split_percentage", "5"]
-# where each phase starts: (module, attribute, dotted name inside it), patched to send SIGTERM on the first call
+# where each phase starts: (module, dotted name inside it), patched to send SIGTERM on its first call. Training
+# itself is interrupted by the SIGTERM at a random step below.
 PHASES = {
     "data preparation": ("flax_bert.pretrain", "build_datasets"),
     "compile": ("flax_bert.pretrain", "Run._global"),           # the first batch goes to the first (compiling) step
-    "training": ("flax_bert.checkpoint", "Checkpointer.should_save"),
     "evaluation": ("flax_bert.pretrain", "Run.evaluate"),        # the final one: --eval_steps is unset
     "export": ("flax_bert.export", "write_model_folder"),
 }
@@ -39,8 +41,8 @@ for part in path:
 real = getattr(owner, name)
 calls = []
 def first_call_sends_sigterm(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 3 if name == "should_save" else len(calls) == 1:  # training: a few steps in
+    if not calls:
+        calls.append(1)
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*args, **kwargs)
 setattr(owner, name, first_call_sends_sigterm)
@@ -82,19 +84,28 @@ def interrupted_at_random(workspace: Workspace, out, how: signal.Signals, after_
     process.send_signal(how)
     code = process.wait(timeout=300)
     assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL), log.read_text()[-3000:]
+    if how == signal.SIGTERM:  # in the loop: the step in progress is finished and saved
+        assert re.search(r"stopped at step \d+ by a signal; checkpoint saved", log.read_text()), log.read_text()[-3000:]
 
 
-def test_interrupted_in_every_phase_and_at_random_moments_ends_like_the_uninterrupted_run(workspace, tmp_path):
-    reference, out = tmp_path / "uninterrupted", tmp_path / "run"
-    result = workspace.run(reference, *FAST)
+@pytest.fixture(scope="module")
+def reference(workspace):
+    out = workspace.root / "uninterrupted"
+    result = workspace.run(out, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_interrupted_in_every_phase_and_at_random_moments_ends_like_the_uninterrupted_run(workspace, reference,
+                                                                                          tmp_path):
+    out = tmp_path / "run"
     moments = random.Random(13)
     steps = sorted(moments.sample(range(LOGGING, STEPS // 2 + 1, LOGGING), 3))
     random_interruptions = [(how, step, moments.uniform(0.0, 0.05))
                             for how, step in zip((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL), steps)]
 
     for phase in PHASES:
-        if phase == "training":  # between compile and training: the random moments
+        if phase == "evaluation":  # training, between compile and the final evaluation: the random moments
             for how, step, delay in random_interruptions:
                 interrupted_at_random(workspace, out, how, step, delay)
         result = sigterm_in(workspace, out, phase)
@@ -102,7 +113,7 @@ def test_interrupted_in_every_phase_and_at_random_moments_ends_like_the_uninterr
         assert "SIGTERM" in result.stderr, f"{phase}:\n{result.stderr[-3000:]}"
         if phase == "data preparation":
             assert not complete_checkpoints(out)
-        if phase in ("compile", "training"):  # stopped in the loop: saved the step it stopped at
+        if phase == "compile":  # stopped in the loop: the step being compiled is finished and saved
             assert "checkpoint saved" in result.stdout and complete_checkpoints(out)[-1] < STEPS, result.stderr[-3000:]
         if phase in ("evaluation", "export"):  # training had ended: its last step is saved, nothing exported yet
             assert complete_checkpoints(out)[-1] == STEPS and not (out / "model.safetensors").exists()
@@ -113,3 +124,25 @@ def test_interrupted_in_every_phase_and_at_random_moments_ends_like_the_uninterr
     assert complete_checkpoints(out)[-1] == STEPS
     assert not (out / "checkpoints_damaged").exists() and not (out / "checkpoints_superseded").exists()
     assert not [name for name in os.listdir(out / "checkpoints") if "tmp" in name]  # unfinished saves cleared
+
+
+def test_a_checkpoint_of_another_optimizer_layout_stops_the_run_or_resets_the_optimizer(workspace, reference,
+                                                                                        tmp_path):
+    """Saved with clipping, resumed without: one line and nothing moved; with --reset_optimizer the run goes
+    on from the checkpoint's step with its parameters and a fresh optimizer state."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    longer = [*FAST, "--max_steps", str(STEPS + 4), "--max_grad_norm", "0"]
+    result = workspace.run(out, *longer)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith(f"error: checkpoint {out / 'checkpoints' / str(STEPS)} holds another optimizer state")
+    assert "--reset_optimizer" in last, last
+    assert complete_checkpoints(out)[-1] == STEPS and not (out / "checkpoints_damaged").exists()
+
+    result = workspace.run(out, *longer, "--reset_optimizer")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"restored step {STEPS}" in result.stderr and "started a fresh optimizer state" in result.stderr
+    assert complete_checkpoints(out)[-1] == STEPS + 4
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train_loss" in r][-1] == STEPS + 4
