@@ -45,14 +45,14 @@ class PreparedSplit:
                 f"{rate:,.0f} tokens/s, {rate / self.workers:,.0f} tokens/s per core")
 
 
-def _prepare_shards(args: DataArgs, tokenizer, seed: int, split: str, shards: list[int], num_shards: int,
+def _prepare_shards(args: DataArgs, tokenizer, info, seed: int, split: str, shards: list[int], num_shards: int,
                     process_index: int, process_count: int) -> tuple[int, int, int]:
-    """In a worker: build `shards` of `split` into the cache; (packed tokens, tokens tokenized now, pid)."""
-    from flax_bert.data import _materialize, tokenizer_info
+    """In a worker: build `shards` of `split` into the cache; (packed tokens, tokens tokenized now, pid).
+    `tokenizer` may be None when `info` carries the Rust backend (a worker then never imports transformers)."""
+    from flax_bert.data import _materialize
 
     train_stream, eval_stream = document_streams(args)
     stream = train_stream if split == "train" else eval_stream
-    info = tokenizer_info(tokenizer)
     before = _cached_tokens(stream, info, args, seed, shards, num_shards)
     rows = _materialize(stream, tokenizer, info, args, seed, split, num_shards, process_index, process_count,
                         only_shards=shards)
@@ -86,6 +86,10 @@ def prepare_data(args: DataArgs, tokenizer, seed: int, process_index: int, proce
     single_threaded = dataclasses.replace(args, preprocessing_num_workers=1)  # one core per worker
     train_stream, eval_stream = document_streams(args)  # checks the sources before any worker starts
     splits = ["train"] + (["validation"] if eval_stream is not None else [])
+    from flax_bert.data import tokenizer_info
+
+    info = tokenizer_info(tokenizer)
+    shipped = None if info.backend is not None else tokenizer  # the Rust backend is all a worker needs
     results = []
     groups = [shards[i::workers] for i in range(min(workers, len(shards)))]
     spawn = multiprocessing.get_context("spawn")
@@ -93,7 +97,7 @@ def prepare_data(args: DataArgs, tokenizer, seed: int, process_index: int, proce
           else contextlib.nullcontext()) as pool:
         for split in splits:
             start = time.perf_counter()
-            jobs = [(single_threaded, tokenizer, seed, split, group, num_shards, process_index, process_count)
+            jobs = [(single_threaded, shipped, info, seed, split, group, num_shards, process_index, process_count)
                     for group in groups]
             if pool is None:
                 outcomes = [_prepare_shards(*job) for job in jobs]
