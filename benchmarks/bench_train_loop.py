@@ -100,6 +100,8 @@ def main() -> int:
     parser.add_argument("--train_steps", type=int, default=60)
     parser.add_argument("--logging_steps", type=int, default=5)
     parser.add_argument("--skip_windows", type=int, default=2, help="metrics windows left out as warm-up")
+    parser.add_argument("--control", action="store_true",
+                        help="also run the train loop with FLAX_BERT_HUGEPAGES=0 (4 KiB pages) each round")
     parser.add_argument("--work_dir", help="keep runs, tokenizer and cache here (default: a temporary folder)")
     parser.add_argument("--output", help="write the figures as JSON here")
     args = parser.parse_args()
@@ -113,6 +115,12 @@ def main() -> int:
             bench, bench_details = run_bench(config, work, env, args.bench_steps)
             train, details = run_train(config, work, tokenizer, env, args.train_steps, args.logging_steps,
                                        args.skip_windows)
+            if args.control:
+                control, _ = run_train(config, work, tokenizer, {**env, "FLAX_BERT_HUGEPAGES": "0"}, args.train_steps,
+                                       args.logging_steps, args.skip_windows)
+                details["control_tokens_per_second"] = control
+                print(f"round {i + 1}: train loop without huge pages {control:,.0f} tokens/s "
+                      f"(ratio {control / bench:.3f})", flush=True)
             rounds.append({"bench_tokens_per_second": bench, "train_tokens_per_second": train,
                            "bench_cpu_seconds_per_step": bench_details["cpu_seconds_per_step"],
                            "bench_host_other_load": bench_details["host_other_load"], **details})
@@ -127,6 +135,10 @@ def main() -> int:
     print(f"{'flax-bert bench (jitted step)':<40}{bench:>12,.0f}")
     print(f"{'run_mlm_flax.py (train loop)':<40}{train:>12,.0f}")
     print(f"{'ratio train / bench':<40}{train / bench:>12.3f}")
+    if args.control:
+        control = statistics.median(r["control_tokens_per_second"] for r in rounds)
+        print(f"{'train loop, FLAX_BERT_HUGEPAGES=0':<40}{control:>12,.0f}")
+        print(f"{'ratio without huge pages / bench':<40}{control / bench:>12.3f}")
     cpu_bench = statistics.median(r["bench_cpu_seconds_per_step"] for r in rounds)
     cpu_train = statistics.median(r["cpu_seconds_per_step"] for r in rounds)
     print(f"CPU seconds per step (less sensitive to other processes): bench {cpu_bench:.3f}, train loop "

@@ -35,29 +35,33 @@ class PreparedSplit:
     seconds: float
     workers: int
     worker_pids: tuple[int, ...] = ()
+    cpu_seconds: float = 0.0  # the workers' own CPU time: what a core delivers, whatever else the host runs
 
     def describe(self) -> str:
         if not self.tokenized_tokens:
             return f"{self.split}: {self.shards} shards already prepared ({self.tokens:,} tokens)"
         rate = self.tokenized_tokens / max(self.seconds, 1e-9)
+        per_core = self.tokenized_tokens / max(self.cpu_seconds, 1e-9)
         return (f"{self.split}: {self.shards} shards, {self.tokenized_tokens:,} tokens tokenized and packed in "
                 f"{self.seconds:.1f} s by {self.workers} worker process{'es' if self.workers > 1 else ''}: "
-                f"{rate:,.0f} tokens/s, {rate / self.workers:,.0f} tokens/s per core")
+                f"{rate:,.0f} tokens/s, {per_core:,.0f} tokens/s per core ({self.cpu_seconds:.1f} CPU s)")
 
 
-def _prepare_shards(args: DataArgs, tokenizer, seed: int, split: str, shards: list[int], num_shards: int,
-                    process_index: int, process_count: int) -> tuple[int, int, int]:
-    """In a worker: build `shards` of `split` into the cache; (packed tokens, tokens tokenized now, pid)."""
-    from flax_bert.data import _materialize, tokenizer_info
+def _prepare_shards(args: DataArgs, tokenizer, info, seed: int, split: str, shards: list[int], num_shards: int,
+                    process_index: int, process_count: int) -> tuple[int, int, int, float]:
+    """In a worker: build `shards` of `split` into the cache; (packed tokens, tokens tokenized now, pid,
+    CPU seconds).
+    `tokenizer` may be None when `info` carries the Rust backend (a worker then never imports transformers)."""
+    from flax_bert.data import _materialize
 
+    cpu_start = time.process_time()
     train_stream, eval_stream = document_streams(args)
     stream = train_stream if split == "train" else eval_stream
-    info = tokenizer_info(tokenizer)
     before = _cached_tokens(stream, info, args, seed, shards, num_shards)
     rows = _materialize(stream, tokenizer, info, args, seed, split, num_shards, process_index, process_count,
                         only_shards=shards)
     total = rows.num_tokens if rows is not None else 0
-    return total, total - before, os.getpid()
+    return total, total - before, os.getpid(), time.process_time() - cpu_start
 
 
 def _cached_tokens(stream, info, args: DataArgs, seed: int, shards: list[int], num_shards: int) -> int:
@@ -86,6 +90,10 @@ def prepare_data(args: DataArgs, tokenizer, seed: int, process_index: int, proce
     single_threaded = dataclasses.replace(args, preprocessing_num_workers=1)  # one core per worker
     train_stream, eval_stream = document_streams(args)  # checks the sources before any worker starts
     splits = ["train"] + (["validation"] if eval_stream is not None else [])
+    from flax_bert.data import tokenizer_info
+
+    info = tokenizer_info(tokenizer)
+    shipped = None if info.backend is not None else tokenizer  # the Rust backend is all a worker needs
     results = []
     groups = [shards[i::workers] for i in range(min(workers, len(shards)))]
     spawn = multiprocessing.get_context("spawn")
@@ -93,14 +101,15 @@ def prepare_data(args: DataArgs, tokenizer, seed: int, process_index: int, proce
           else contextlib.nullcontext()) as pool:
         for split in splits:
             start = time.perf_counter()
-            jobs = [(single_threaded, tokenizer, seed, split, group, num_shards, process_index, process_count)
+            jobs = [(single_threaded, shipped, info, seed, split, group, num_shards, process_index, process_count)
                     for group in groups]
             if pool is None:
                 outcomes = [_prepare_shards(*job) for job in jobs]
             else:
                 outcomes = [future.result() for future in [pool.submit(_prepare_shards, *job) for job in jobs]]
             result = PreparedSplit(split, len(shards), sum(o[0] for o in outcomes), sum(o[1] for o in outcomes),
-                                   time.perf_counter() - start, len(groups), tuple(o[2] for o in outcomes))
+                                   time.perf_counter() - start, len(groups), tuple(o[2] for o in outcomes),
+                                   sum(o[3] for o in outcomes))
             log.info("prepared %s", result.describe())
             results.append(result)
     return results

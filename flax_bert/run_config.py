@@ -81,7 +81,7 @@ class RunConfig:
                                                 "the old script; published ModernBERT/MosaicBERT numbers use 0.15)")
     whole_word_masking: bool = _field(False, "mask every sub-word of a selected word together")
     objective: str = _field("mlm", "training objective; mlm+nsp adds BERT's next-sentence prediction", ["mlm", "mlm+nsp"])
-    preprocessing_num_workers: int | None = _field(None, "tokenizer threads (default: all cores)")
+    preprocessing_num_workers: int | None = _field(None, "tokenizer threads (default: all cores); in `flax-bert prepare`, worker processes")
     streaming: bool = _field(False, "stream the dataset instead of loading it (corpora larger than disk or memory)")
     shuffle_buffer_size: int = _field(10000, "streaming: documents in the shuffle buffer (per process)")
     data_shards: int | None = _field(None, "logical data shards, each tokenized by one process; fixed, they keep the "

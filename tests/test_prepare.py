@@ -75,3 +75,19 @@ def test_prepare_then_train_starts_without_tokenizing(workspace):
     assert sorted((workspace / "cli-cache" / "packed").iterdir()) == packed  # nothing new was built
     assert all(folder.stat().st_mtime_ns == stamps[folder] for folder in packed)
     assert "malloc huge pages" in log  # the decision is logged (on, or why not)
+
+
+def test_each_host_prepares_only_its_own_shards(workspace, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workspace / "tokenizer"))
+    args = DataArgs(cache_dir=str(workspace / "host-cache"), max_seq_length=64, max_train_samples=300,
+                    validation_split_percentage=0, data_shards=4)
+    train, = prepare_data(args, tokenizer, seed=0, process_index=1, process_count=2, workers=1)
+    assert train.shards == 2 and train.tokenized_tokens > 0  # shards 2 and 3 of 4
+    monkeypatch.setattr("flax_bert.data.tokenize_shards_to_cache",
+                        lambda *a, **k: pytest.fail("process 1 tokenized although its shards were prepared"))
+    rows, _ = build_datasets(args, tokenizer, process_index=1, process_count=2)
+    assert sorted(rows.shards) == [2, 3] and rows.num_tokens == train.tokens
+    with pytest.raises(pytest.fail.Exception):  # process 0's shards were not prepared by process 1
+        build_datasets(args, tokenizer, process_index=0, process_count=2)
