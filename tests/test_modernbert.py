@@ -172,7 +172,7 @@ def test_flops_count_the_glu_and_the_window():
     assert flops_per_token(cfg, s, 0.25) == pytest.approx(expected)
 
 
-def test_train_step_shards_on_a_data_fsdp_tensor_mesh():
+def test_train_step_shards_on_a_data_fsdp_tensor_mesh_and_checkpoints(tmp_path):
     """Logical axes put ModernBERT's weights and the StableAdamW state on the mesh, and the whole step
     (masking, window, scan, sparse head, update) lowers with those shardings. That a sharded step computes
     the one-device numbers is the same machinery test_train.py checks for RoBERTa."""
@@ -201,3 +201,16 @@ def test_train_step_shards_on_a_data_fsdp_tensor_mesh():
                          trainer.abstract_state, trainer.state_shardings)
     lowered = trainer.train_step.lower(state, batch)
     assert "sharding" in lowered.as_text()
+
+    # an Orbax bundle of this state (StableAdamW moments included) restores bit for bit onto the mesh
+    from tests.test_checkpoint import assert_identical, state_at, to_host
+
+    from flax_bert.checkpoint import Checkpointer
+
+    saved = state_at(trainer, 3)
+    with Checkpointer(tmp_path.absolute(), save_steps=1) as checkpoints:
+        checkpoints.save(3, saved, {"position": 3}, {"run": {"model_type": "modernbert"}}, force=True)
+        checkpoints.wait()
+    restored = Checkpointer(tmp_path.absolute(), save_steps=1).restore(state).state
+    assert_identical(to_host(restored), to_host(saved))
+    assert restored.params["model"]["layers"]["attn"]["Wqkv"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
