@@ -7,7 +7,6 @@ leading axis, so the table's per-layer rows carry the layer index.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

@@ -95,7 +95,9 @@ def resolve_model_config(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint |
         return ModelConfig.from_pretrained(folder, **runtime_overrides(run))
     ids = tokenizer_special_ids(tokenizer)
     cfg = fresh_model_config(run, len(tokenizer), ids)
-    log.info("fresh %s model: special token ids from the tokenizer (%s)", cfg.model_type,
+    log.info("fresh %s model: %d layers, hidden %d, intermediate %d, dropout %g / attention dropout %g; special "
+             "token ids from the tokenizer (%s)", cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size,
+             cfg.intermediate_size, cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob,
              ", ".join(f"{k}={v}" for k, v in ids.items() if k in family(cfg.model_type).hf_fields))
     return cfg
 

@@ -5,12 +5,10 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from flax_bert import optim
-from flax_bert.config import ModelConfig
-from flax_bert.run_config import RunConfig, fresh_model_config, parse_run_config
+from flax_bert.run_config import RunConfig, parse_run_config
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_as_one_minus_sqrt():

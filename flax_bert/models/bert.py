@@ -12,11 +12,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_bert.config import ModelConfig
-from flax_bert.models.layers import (REMAT_POLICIES, Entry, MaskedLMOutput, activation, document_mask, dropout, dtype,
-                                     gather_positions, position_ids_from_segments, split_key, tied_logits, vocab_bias)
+from flax_bert.models.layers import REMAT_POLICIES as _REMAT_POLICIES
+from flax_bert.models.layers import Entry, MaskedLMOutput, document_mask, dropout, gather_positions
+from flax_bert.models.layers import activation as _activation
+from flax_bert.models.layers import dtype as _dtype
+from flax_bert.models.layers import position_ids_from_segments, split_key as _split_key, tied_logits, vocab_bias
 
 Array = jax.Array
-_dtype, _activation, _split_key = dtype, activation, split_key
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
@@ -134,7 +136,6 @@ class Layer(nnx.Module):
         return self.output(self.intermediate(x), x, key_output)
 
 
-_REMAT_POLICIES = REMAT_POLICIES
 
 
 class Encoder(nnx.Module):
@@ -349,7 +350,7 @@ def name_table(cfg: ModelConfig, architecture: str) -> list[Entry]:
     return entries
 
 
-def normalize_names(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+def normalize_names(tensors: dict, cfg: ModelConfig) -> dict:
     """Old and headless checkpoints: TF-era gamma/beta, a bare BertModel without its prefix."""
     prefix = cfg.model_type + "."
     backbone_roots = ("embeddings.", "encoder.", "pooler.")
