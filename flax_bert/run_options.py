@@ -30,7 +30,7 @@ PER_COMMAND = frozenset({
     "hub_model_id", "hub_token", "hub_private_repo", "token", "use_auth_token", "coordinator_address",
     "num_processes", "process_id", "progress_bar", "cache_dir", "preprocessing_num_workers", "overwrite_cache",
     "gradient_checkpointing", "adafactor", "train_ref_file", "validation_ref_file", "pad_to_max_length",
-    "use_fast_tokenizer", "trust_remote_code"})
+    "use_fast_tokenizer", "trust_remote_code", "reset_optimizer"})
 
 # Options that may not change when a run is continued: the model's shapes, the tokenizer, the data and
 # its order, the masks, the objective, and the optimizer (whose state the checkpoint holds).
@@ -160,4 +160,5 @@ def option_tables() -> str:
             f"**May change** (accepted with a log line `changed on resume: OPTION old -> new`): {mutable}; "
             f"and `--max_grad_norm` from one value to another.\n\n"
             f"**Per command** (never taken from the stored run): "
-            + ", ".join(f"`--{name}`" for name in sorted(PER_COMMAND)) + ".\n")
+            + ", ".join(f"`--{name}`" for name in sorted(PER_COMMAND & {f.name for f in dataclasses.fields(RunConfig)}))
+            + ".\n")
