@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -107,6 +108,14 @@ def _clipping(value) -> bool:
     return bool(value)
 
 
+def _same(old, new) -> bool:
+    """Equal, or two spellings of one existing path (relative here, absolute there)."""
+    if old == new:
+        return True
+    return (isinstance(old, str) and isinstance(new, str) and os.path.exists(old) and os.path.exists(new)
+            and os.path.realpath(old) == os.path.realpath(new))
+
+
 def reconcile_with_stored(run: RunConfig) -> RunConfig:
     """`run` with the options it did not set taken from the run it continues; refuses immutable changes."""
     if run.overwrite_output_dir:
@@ -126,7 +135,7 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
             if new != old:
                 inherited[name] = old
             continue
-        if new == old or (name == "max_grad_norm" and not old and not new):
+        if _same(old, new) or (name == "max_grad_norm" and not old and not new):
             continue
         clipping_switched = name == "max_grad_norm" and _clipping(old) != _clipping(new)
         if (name in IMMUTABLE and not (name in OPTIMIZER_STATE and reset_optimizer)) or \
