@@ -104,10 +104,6 @@ def bundle_config(step_dir) -> dict | None:
         return None
 
 
-def _clipping(value) -> bool:
-    return bool(value)
-
-
 def _same(old, new) -> bool:
     """Equal, or two spellings of one existing path (relative here, absolute there)."""
     if old == new:
@@ -137,7 +133,7 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
             continue
         if _same(old, new) or (name == "max_grad_norm" and not old and not new):
             continue
-        clipping_switched = name == "max_grad_norm" and _clipping(old) != _clipping(new)
+        clipping_switched = name == "max_grad_norm" and bool(old) != bool(new)  # the optimizer state's structure
         if (name in IMMUTABLE and not (name in OPTIMIZER_STATE and reset_optimizer)) or \
                 (clipping_switched and not reset_optimizer):
             what = IMMUTABLE.get(name, "the optimizer state in the checkpoint")
