@@ -211,9 +211,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "run_mlm_flax.py") -> argparse.ArgumentParser:
+    actions = {"flax-bert train": " Training is what this command does (--do_train and --do_eval default to true).",
+               "flax-bert eval": " Evaluates only: `flax-bert eval RUN_DIR` scores the run's latest checkpoint with its "
+                                 "own options and writes nothing but eval_results.json.",
+               }.get(prog, " As in the old script, --do_train and --do_eval default to false; with neither given, "
+                           "it trains (the old script trained whatever --do_train said).")
     parser = OneLineErrorParser(
         prog=prog, description="Pretrain a BERT/RoBERTa masked-language model in JAX/Flax. "
-        "An optional YAML run config comes first; flags override it.",
+        "An optional YAML run config comes first; flags override it." + actions,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("config_file", nargs="?", help="YAML run config (e.g. configs/tiny.yaml)")
     hints = get_type_hints(RunConfig)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -104,8 +105,12 @@ def bundle_config(step_dir) -> dict | None:
         return None
 
 
-def _clipping(value) -> bool:
-    return bool(value)
+def _same(old, new) -> bool:
+    """Equal, or two spellings of one existing path (relative here, absolute there)."""
+    if old == new:
+        return True
+    return (isinstance(old, str) and isinstance(new, str) and os.path.exists(old) and os.path.exists(new)
+            and os.path.realpath(old) == os.path.realpath(new))
 
 
 def reconcile_with_stored(run: RunConfig) -> RunConfig:
@@ -127,9 +132,9 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
             if new != old:
                 inherited[name] = old
             continue
-        if new == old or (name == "max_grad_norm" and not old and not new):
+        if _same(old, new) or (name == "max_grad_norm" and not old and not new):
             continue
-        clipping_switched = name == "max_grad_norm" and _clipping(old) != _clipping(new)
+        clipping_switched = name == "max_grad_norm" and bool(old) != bool(new)  # the optimizer state's structure
         if (name in IMMUTABLE and not (name in OPTIMIZER_STATE and reset_optimizer)) or \
                 (clipping_switched and not reset_optimizer):
             what = IMMUTABLE.get(name, "the optimizer state in the checkpoint")
@@ -163,4 +168,5 @@ def option_tables() -> str:
             f"**May change** (accepted with a log line `changed on resume: OPTION old -> new`): {mutable}; "
             f"and `--max_grad_norm` from one value to another.\n\n"
             f"**Per command** (never taken from the stored run): "
-            + ", ".join(f"`--{name}`" for name in sorted(PER_COMMAND)) + ".\n")
+            + ", ".join(f"`--{name}`" for name in sorted(PER_COMMAND & {f.name for f in dataclasses.fields(RunConfig)}))
+            + ".\n")
