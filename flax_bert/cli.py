@@ -33,11 +33,9 @@ def _setup_logging() -> None:
 
 # ----------------------------------------------------------------------------- train / eval
 def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) -> int:
-    from flax_bert import host_allocator
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog=prog, defaults=defaults)
-    logging.getLogger("flax_bert").info("%s", host_allocator.describe())
     from flax_bert.pretrain import run_pretraining
 
     results = run_pretraining(run)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from flax_bert import checkpoint as ckpt_lib
-from flax_bert import distributed
+from flax_bert import distributed, host_allocator
 from flax_bert.config import ModelConfig
 from flax_bert.convert import load_hf
 from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
@@ -165,6 +165,7 @@ class Run:
         if step >= self.total_steps:
             log.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return {"step": step}
+        log.info("%s", host_allocator.describe())  # set (or not) when the process started
         peak, peak_source = device_peak_flops(self.model_config.dtype)
         flops = step_flops_per_token(self.model_config, self.trainer.step_config.masking)
         log.info("training %s: %d steps, global batch %d x %d tokens on %d devices (mesh %s); peak %.3g FLOP/s/device (%s)",
