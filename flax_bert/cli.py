@@ -65,7 +65,7 @@ def prepare_main(argv) -> int:
     """Tokenize and pack the data of `train ARGS` into the cache (this process's shards), nothing else."""
     from flax_bert.run_config import parse_run_config
 
-    run = parse_run_config(argv, prog="flax-bert prepare")
+    run = parse_run_config(argv, prog="flax-bert prepare", defaults={"do_train": True, "do_eval": True})
     import pathlib
 
     import jax
@@ -74,7 +74,7 @@ def prepare_main(argv) -> int:
     from flax_bert.bad_input import InputError
     from flax_bert.data import resolve_data_shards
     from flax_bert.data_prepare import prepare_data
-    from flax_bert.pretrain import data_args_from_run, resolve_tokenizer
+    from flax_bert.pretrain import data_args_from_run, default_max_seq_length, resolve_model_config, resolve_tokenizer
 
     distributed.initialize(run)
     run_tokenizer = pathlib.Path(run.output_dir) / "tokenizer"
@@ -83,6 +83,8 @@ def prepare_main(argv) -> int:
                          "`flax-bert train-tokenizer`) or --model_name_or_path")
     tokenizer = resolve_tokenizer(run, pathlib.Path(run.output_dir))
     data_args = data_args_from_run(run)
+    if data_args.max_seq_length is None:  # as train decides it, so that train finds these rows
+        data_args.max_seq_length = default_max_seq_length(tokenizer, resolve_model_config(run, tokenizer))
     global_batch = run.per_device_train_batch_size * jax.device_count() * run.gradient_accumulation_steps
     data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), global_batch)
     logging.getLogger("flax_bert").info(

@@ -18,8 +18,7 @@ import numpy as np
 
 from flax_bert.bad_input import InputError
 from flax_bert import checkpoint as ckpt_lib
-from flax_bert import distributed
-from flax_bert import host_allocator
+from flax_bert import distributed, host_allocator
 from flax_bert.config import ModelConfig
 from flax_bert.convert import load_hf
 from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
@@ -260,12 +259,12 @@ class Run:
         if step >= self.total_steps:
             log.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return {"step": step}
+        log.info("%s", host_allocator.describe())  # set (or not) when the process started
         peak, peak_source = device_peak_flops(self.model_config.dtype)
         flops = step_flops_per_token(self.model_config, self.trainer.step_config.masking)
         log.info("training %s: %d steps, global batch %d x %d tokens on %d devices (mesh %s); peak %.3g FLOP/s/device (%s)",
                  self.model_config.model_type, self.total_steps, self.global_batch, run.max_seq_length,
                  jax.device_count(), dict(self.mesh.shape), peak, peak_source)
-        log.info("%s", host_allocator.describe())  # logged here, not at start-up: a bad flag stays one line
         progress = _progress_bar(self.is_main and run.progress_bar, step, self.total_steps)
         window = _Window()
         pending = None  # (step, metrics on device, local tokens): checked after the next step is dispatched
