@@ -98,7 +98,7 @@ class RunConfig:
     overwrite_output_dir: bool = _field(False, "allow a run to reuse an output_dir that holds another run's files")
     reset_optimizer: bool = _field(False, "resume a checkpoint whose optimizer state does not fit this run's optimizer "
                                    "options: keep its parameters, step and data position, start a fresh optimizer state")
-    do_train: bool = _field(False, "train (implied when neither --do_train nor --do_eval is given, and by `flax-bert train`)")
+    do_train: bool = _field(False, "train (implied unless --do_train false or --do_eval alone is given, and by `flax-bert train`)")
     do_eval: bool = _field(False, "evaluate at the end; alone: evaluate the latest checkpoint of --output_dir, "
                            "--resume_from_checkpoint or --model_name_or_path and nothing else")
     per_device_train_batch_size: int = _field(8, "rows per device per step (global batch = this x all devices)")
@@ -281,10 +281,12 @@ def implied_options(given: dict[str, Any], defaults: dict[str, Any]) -> tuple[di
     """(options the given ones imply, the decisions to log) for the old script's flags."""
     implied: dict[str, Any] = {}
     decisions: list[str] = []
-    if not {"do_train", "do_eval"} & (set(given) | set(defaults)):
-        # the old run_mlm_flax.py trained whatever --do_train said (the flag only guarded --output_dir)
+    asked = {**defaults, **given}
+    if "do_train" not in asked and not asked.get("do_eval"):
+        # the old run_mlm_flax.py trained whatever --do_train said (the flag only guarded --output_dir);
+        # only an explicit --do_eval alone means "evaluate and nothing else"
         implied["do_train"] = True
-        decisions.append("neither --do_train nor --do_eval given: training, as the old run_mlm_flax.py did")
+        decisions.append("--do_train not given (and no --do_eval alone): training, as the old run_mlm_flax.py did")
     if given.get("use_auth_token"):
         if not given.get("token"):
             implied.update(token=given["use_auth_token"], use_auth_token=None)

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any
 
 from flax_bert.run_config import EXPLICIT, RunConfig, RunConfigError
 

@@ -2,12 +2,7 @@
 a run directory whose checkpoints were all set aside never restarts at step 0 by itself; --reset_optimizer;
 --overwrite_output_dir removes only what flax-bert wrote and never the run's inputs; internal errors keep
 their traceback; LAMB's trust ratio is taken per layer of the stacked encoder weights."""
-import json
-import os
 import pathlib
-import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
