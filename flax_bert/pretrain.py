@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flax_bert.bad_input import InputError
+from flax_bert.bad_input import InputError, InputFileNotFoundError
 from flax_bert import checkpoint as ckpt_lib
 from flax_bert import distributed, host_allocator
 from flax_bert.config import ModelConfig
@@ -67,7 +67,7 @@ def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path, start_dir: pathl
             return AutoTokenizer.from_pretrained(str(run_tokenizer))
     run_tokenizer = output_dir / "tokenizer"
     if not run.do_train:
-        raise FileNotFoundError(f"no tokenizer to evaluate with: {run_tokenizer} does not exist; pass --tokenizer_name")
+        raise InputFileNotFoundError(f"no tokenizer to evaluate with: {run_tokenizer} does not exist; pass --tokenizer_name")
     from flax_bert.tokenizer_training import train_tokenizer_from_args
 
     kind = family(run.model_type or "roberta").tokenizer_kind
@@ -141,7 +141,7 @@ class Run:
         self.start = ckpt_lib.resolve_start(run.output_dir, run.resume_from_checkpoint, run.model_name_or_path,
                                              overwrite_output_dir=run.overwrite_output_dir)
         if not run.do_train and self.start.kind == "fresh":
-            raise FileNotFoundError(f"nothing to evaluate: {run.output_dir} holds no checkpoint; pass a run's "
+            raise InputFileNotFoundError(f"nothing to evaluate: {run.output_dir} holds no checkpoint; pass a run's "
                                     "--output_dir, --resume_from_checkpoint or --model_name_or_path")
         if self.is_main and run.do_train:  # evaluating alone writes nothing but eval_results.json
             ckpt_lib.check_output_dir(run.output_dir, run.overwrite_output_dir, run.to_dict(),

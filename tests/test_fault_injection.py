@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.test_resume import ROOT, Workspace, assert_same_parameters, complete_checkpoints
+from tests.test_resume import ROOT, Workspace, assert_same_parameters, complete_checkpoints, new_workspace
 
 STEPS, LOGGING = 48, 4
 FAST = ["--max_steps", str(STEPS), "--save_steps", "4", "--logging_steps", str(LOGGING), "--do_eval",
@@ -53,14 +53,7 @@ sys.exit(run_mlm_flax_main(sys.argv[3:]))
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Workspace:
-    from flax_bert.data_sources import DataArgs, training_documents
-    from flax_bert.tokenizer_training import train_tokenizer
-
-    ws = Workspace(tmp_path_factory.mktemp("faults"))
-    documents = training_documents(DataArgs(cache_dir=str(ws.cache), max_train_samples=400))
-    train_tokenizer((text for batch in documents.batches() for text in batch), kind="bpe", vocab_size=1000,
-                    output_dir=ws.tokenizer, model_max_length=64)
-    return ws
+    return new_workspace(tmp_path_factory.mktemp("faults"))
 
 
 def sigterm_in(workspace: Workspace, out, phase: str) -> subprocess.CompletedProcess:

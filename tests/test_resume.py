@@ -56,17 +56,21 @@ class Workspace:
         return process, log
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Workspace:
+def new_workspace(root: pathlib.Path) -> Workspace:
     """A 1000-token BPE tokenizer trained once on the built-in corpus (each run would otherwise train its own)."""
     from flax_bert.data_sources import DataArgs, training_documents
     from flax_bert.tokenizer_training import train_tokenizer
 
-    ws = Workspace(tmp_path_factory.mktemp("resume"))
+    ws = Workspace(root)
     documents = training_documents(DataArgs(cache_dir=str(ws.cache), max_train_samples=400))
     train_tokenizer((text for batch in documents.batches() for text in batch), kind="bpe", vocab_size=1000,
                     output_dir=ws.tokenizer, model_max_length=64)
     return ws
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    return new_workspace(tmp_path_factory.mktemp("resume"))
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def _modernbert_read(hf: dict) -> dict:
     for kind, (params, old_key) in {"full_attention": (rope.get("full_attention"), "global_rope_theta"),
                                     "sliding_attention": (rope.get("sliding_attention"), "local_rope_theta")}.items():
         if params and params.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_type {params['rope_type']!r} ({kind}) is not supported; only 'default' rotary positions are")
+            raise InputError(f"rope_type {params['rope_type']!r} ({kind}) is not supported; only 'default' rotary positions are")
         if thetas[kind] is None and old_key in hf:
             thetas[kind] = hf[old_key]
     extra = {"layer_types": tuple(layer_types)}
@@ -63,7 +63,7 @@ def _modernbert_read(hf: dict) -> dict:
     if thetas["sliding_attention"] is not None:
         extra["local_rope_theta"] = float(thetas["sliding_attention"])
     if hf.get("tie_word_embeddings", True) is False:
-        raise ValueError("tie_word_embeddings=false is not supported: flax-bert's decoder is tied to the word embeddings")
+        raise InputError("tie_word_embeddings=false is not supported: flax-bert's decoder is tied to the word embeddings")
     return extra
 
 
