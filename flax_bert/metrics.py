@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+
 class MetricsWriter:
     """One JSON object per line in OUTPUT_DIR/metrics.jsonl, and TensorBoard event files (process 0 only)."""
 
