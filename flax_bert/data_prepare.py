@@ -88,7 +88,7 @@ def prepare_data(args: DataArgs, tokenizer, seed: int, process_index: int, proce
     num_shards = args.data_shards or 1
     shards = owned_shards(num_shards, process_index, process_count)
     single_threaded = dataclasses.replace(args, preprocessing_num_workers=1)  # one core per worker
-    train_stream, eval_stream = document_streams(args)  # checks the sources before any worker starts
+    _, eval_stream = document_streams(args)  # checks the sources before any worker starts
     splits = ["train"] + (["validation"] if eval_stream is not None else [])
     from flax_bert.data import tokenizer_info
 

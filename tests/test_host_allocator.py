@@ -33,7 +33,7 @@ def run_probe(**env_changes):
     env.update({"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **env_changes})
     process = subprocess.Popen([sys.executable, "-c", PROBE, "7", "two words"], env=env, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = process.communicate("from stdin", timeout=60)
+    out, _ = process.communicate("from stdin", timeout=60)
     lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
     return process, out, lines
 
