@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from flax_bert.bad_input import InputFileNotFoundError
+from flax_bert.run_options import IMMUTABLE, OPTIMIZER_STATE
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,10 @@ OWNED_ENTRIES = frozenset({
     "config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt"})
 
-# Settings a run resuming an output_dir must share with the run that wrote it: they fix the model's
-# shapes, the tokenizer, which rows are read in which order, and the masks. Everything else (max_steps,
-# logging, saving, learning rate, batch size, mesh, dtype, ...) may change on resume.
-RUN_IDENTITY_KEYS = (
-    "model_type", "config_name", "model_name_or_path", "tokenizer_name", "tokenizer_vocab_size", "vocab_size",
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-    "local_attention", "global_attn_every_n_layers", "dataset_name", "dataset_config_name", "train_file", "text_column", "validation_split_percentage",
-    "max_train_samples", "streaming", "max_seq_length", "line_by_line", "mlm_probability", "whole_word_masking",
-    "objective", "optimizer", "seed")
+# Settings a run resuming an output_dir must share with the run that wrote it: the options that may not
+# change on resume (run_options.IMMUTABLE, the one list: model shapes, tokenizer, rows and their order,
+# masks, objective, optimizer), less the optimizer when --reset_optimizer starts a fresh optimizer state.
+RUN_IDENTITY_KEYS = tuple(IMMUTABLE)
 
 
 class OutputDirError(FileExistsError):
@@ -229,7 +225,8 @@ def _foreign(out: epath.Path, entries: list[str], run_config: dict, resuming: bo
             theirs = None
         if not isinstance(theirs, dict):
             return f"holds a {RUN_CONFIG_FILE} that flax-bert did not write"
-        differences = [f"{key} {theirs[key]!r} there, {run_config[key]!r} now" for key in RUN_IDENTITY_KEYS
+        keys = [key for key in RUN_IDENTITY_KEYS if not (run_config.get("reset_optimizer") and key in OPTIMIZER_STATE)]
+        differences = [f"{key} {theirs[key]!r} there, {run_config[key]!r} now" for key in keys
                        if key in theirs and key in run_config and not _same_setting(theirs[key], run_config[key])]
         return f"holds a different run ({'; '.join(differences)})" if differences else None
     unknown = [name for name in entries if name not in OWNED_ENTRIES]

@@ -260,6 +260,12 @@ def test_check_output_dir(tmp_path, single):
     with pytest.raises(OutputDirError, match=r"different run \(seed 0 there, 1 now\).*--overwrite_output_dir"):
         check_output_dir(run, False, {**RUN_CONFIG, "seed": 1})
     assert listing(run) == before
+    check_output_dir(run, False, {**RUN_CONFIG, "optimizer": "adamw"})
+    with pytest.raises(OutputDirError, match=r"different run \(optimizer 'adamw' there, 'lamb' now\)"):
+        check_output_dir(run, False, {**RUN_CONFIG, "optimizer": "lamb"})
+    # --reset_optimizer starts a fresh optimizer state: the same run with another optimizer
+    check_output_dir(run, False, {**RUN_CONFIG, "optimizer": "lamb", "reset_optimizer": True})
+    check_output_dir(run, False, RUN_CONFIG)
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
