@@ -147,7 +147,9 @@ def import_main(argv) -> int:
                                  "then `flax-bert train --output_dir RUN_DIR ...` resumes from it.")
     parser.add_argument("hf_folder", help="Hugging Face model folder (or hub id when online)")
     parser.add_argument("--to", required=True, help="the run directory to create")
-    parser.add_argument("--optimizer", choices=["adamw", "lamb", "adafactor"], default="adamw",
+    from flax_bert.optim import OPTIMIZERS
+
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                         help="the optimizer whose (fresh) state the checkpoint holds")
     parser.add_argument("--max_grad_norm", type=float, help="gradient clipping the continuing run uses (default none)")
     args = parser.parse_args(argv)

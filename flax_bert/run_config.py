@@ -174,7 +174,8 @@ class RunConfig:
             (not self.push_to_hub or self.hub_model_id, "--push_to_hub needs --hub_model_id"),
             (self.do_train or self.do_eval, "nothing to do: pass --do_train and/or --do_eval"),
             (not (self.token and self.use_auth_token), "--token and --use_auth_token both given: pass only --token"),
-            (not (self.adafactor and self.optimizer == "lamb"), "--adafactor and --optimizer lamb both given: choose one"),
+            (not (self.adafactor and self.optimizer != "adafactor"),
+             f"--adafactor and --optimizer {self.optimizer} both given: choose one"),
             (self.use_fast_tokenizer, "--use_fast_tokenizer false is not supported: packing and whole-word masking need "
                                       "the fast (Rust) tokenizer; drop the flag"),
         ]
@@ -214,8 +215,9 @@ def build_parser(prog: str = "run_mlm_flax.py") -> argparse.ArgumentParser:
     actions = {"flax-bert train": " Training is what this command does (--do_train and --do_eval default to true).",
                "flax-bert eval": " Evaluates only: `flax-bert eval RUN_DIR` scores the run's latest checkpoint with its "
                                  "own options and writes nothing but eval_results.json.",
-               }.get(prog, " As in the old script, --do_train and --do_eval default to false; with neither given, "
-                           "it trains (the old script trained whatever --do_train said).")
+               }.get(prog, " As in the old script, --do_train and --do_eval default to false; it trains unless "
+                           "--do_train false or --do_eval alone is given (the old script trained whatever "
+                           "--do_train said).")
     parser = OneLineErrorParser(
         prog=prog, description="Pretrain a BERT/RoBERTa masked-language model in JAX/Flax. "
         "An optional YAML run config comes first; flags override it." + actions,
