@@ -100,7 +100,11 @@ def prepare_main(argv) -> int:
 def eval_main(argv) -> int:
     argv = list(argv)
     if argv and not argv[0].startswith("-") and os.path.isdir(argv[0]):  # `flax-bert eval RUN_DIR`
-        argv = ["--output_dir", argv[0], *argv[1:]]
+        folder = argv[0]
+        exported = (not os.path.isdir(os.path.join(folder, "checkpoints"))
+                    and os.path.isfile(os.path.join(folder, "config.json")))
+        # an exported (Hugging Face) folder has no checkpoint: its weights are the model to evaluate
+        argv = ["--output_dir", folder, *(["--model_name_or_path", folder] if exported else []), *argv[1:]]
     return train_main(argv, prog="flax-bert eval", defaults={"do_train": False, "do_eval": True})
 
 
@@ -174,13 +178,15 @@ def train_tokenizer_main(argv) -> int:
     for name in ("dataset_name", "dataset_config_name", "train_file", "text_column", "cache_dir"):
         parser.add_argument(f"--{name}", default="text" if name == "text_column" else None)
     parser.add_argument("--max_train_samples", type=int)
+    parser.add_argument("--token", help="Hub token for a private --dataset_name (as train's --token); never saved")
     args = parser.parse_args(argv)
     from flax_bert.data import DataArgs
     from flax_bert.tokenizer_training import train_tokenizer_from_args
 
     data_args = DataArgs(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
                          train_file=args.train_file, text_column=args.text_column, cache_dir=args.cache_dir,
-                         max_train_samples=args.max_train_samples, validation_split_percentage=0)
+                         max_train_samples=args.max_train_samples, validation_split_percentage=0,
+                         token=args.token)
     tokenizer = train_tokenizer_from_args(data_args, kind=args.kind, vocab_size=args.vocab_size,
                                           min_frequency=args.min_frequency, output_dir=args.output_dir)
     print(f"trained a {len(tokenizer)}-token {args.kind} tokenizer into {args.output_dir}")

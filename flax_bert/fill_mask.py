@@ -36,4 +36,9 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[tuple[str, fl
                    masked_positions=jnp.array([[position]])).logits[0, 0]
     probs = jax.nn.softmax(logits)
     top = jnp.argsort(-probs)[:top_k]
-    return [(tokenizer.decode([int(i)]).strip(), float(probs[i])) for i in top]
+    # a whitespace-only token (a newline) keeps its text, so it does not print as ''
+    return [(_shown(tokenizer.decode([int(i)])), float(probs[i])) for i in top]
+
+
+def _shown(token_text: str) -> str:
+    return token_text.strip() or token_text

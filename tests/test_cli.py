@@ -157,3 +157,32 @@ def test_yaml_config_then_flags_override(tmp_path):
 def test_configuration_reference_matches_the_options():
     result = run_cli([str(ROOT / "docs" / "make_configuration_reference.py"), "--check"])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_fill_mask_shows_a_whitespace_token_instead_of_an_empty_string():
+    from flax_bert.fill_mask import _shown
+
+    assert _shown(" the") == "the"
+    assert _shown("\n") == "\n"  # printed as '\n', not ''
+
+
+def test_eval_of_an_exported_folder_scores_what_the_run_scored(trained_run, tmp_path):
+    """`flax-bert eval FOLDER` on an exported model (no checkpoints) evaluates its weights."""
+    import shutil
+
+    out, _ = trained_run
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    for file in out.iterdir():
+        if file.is_file() and file.name not in ("eval_results.json", "run_config.json", ".flax-bert-written.json"):
+            shutil.copy(file, exported / file.name)
+    cache = out.parent / "cache"
+    result = run_cli(["-m", "flax_bert.cli", "eval", str(exported), "--max_seq_length", "64",
+                      "--per_device_eval_batch_size", "32", "--max_eval_samples", "200", "--cache_dir", str(cache),
+                      # validation rows are packed per logical shard, 16 by default for the run's batch of 16
+                      "--per_device_train_batch_size", "16", "--progress_bar", "false"], env=cli_env(FLAX_BERT_CACHE=str(cache)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = json.loads((exported / "eval_results.json").read_text())
+    trained = json.loads((out / "eval_results.json").read_text())
+    assert ours["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-4)
+    assert ours["eval_accuracy"] == pytest.approx(trained["eval_accuracy"], rel=1e-4)

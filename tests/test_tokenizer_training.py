@@ -72,3 +72,23 @@ def test_bad_input_writes_nothing(tmp_path):
     with pytest.raises(TokenizerTrainingError, match="too small"):
         train_tokenizer(["text"], kind="bpe", vocab_size=100, output_dir=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_tokenizer_command_passes_token_to_the_dataset_download_and_never_writes_it(texts, tmp_path,
+                                                                                          monkeypatch):
+    import datasets
+
+    from flax_bert.cli import train_tokenizer_main
+
+    seen = {}
+
+    def fake_load_dataset(name, config=None, **kwargs):
+        seen.update(name=name, token=kwargs.get("token"))
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:400]})})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = tmp_path / "tok"
+    assert train_tokenizer_main(["--dataset_name", "someone/private-corpus", "--token", "hf_secret123",
+                                 "--vocab_size", "600", "--output_dir", str(out)]) == 0
+    assert seen == {"name": "someone/private-corpus", "token": "hf_secret123"}
+    assert not any("hf_secret123" in f.read_text(errors="replace") for f in out.iterdir() if f.is_file())
