@@ -1,6 +1,7 @@
 """`flax-bert plot RUN_DIR`: training curves from metrics.jsonl to a PNG."""
 from __future__ import annotations
 
+import logging
 import pathlib
 
 from flax_bert.metrics import read_metrics
@@ -10,6 +11,8 @@ PANELS = (("loss", ("train_loss", "eval_loss")), ("MLM accuracy", ("mlm_accuracy
 
 
 def plot_run(run_dir: str, output: str | None = None) -> pathlib.Path:
+    # its first use builds a font cache and says so at INFO, which our INFO log would show after every run
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
