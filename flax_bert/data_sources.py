@@ -312,7 +312,8 @@ def builtin_documents(args: DataArgs) -> DocumentStream:
         yield from _batched(LineFileCursor(path, "jsonl"))
 
     return DocumentStream("built-in corpus", _hash("builtin", digest), read,
-                          open_cursor=lambda position: LineFileCursor(path, "jsonl", position=position))
+                          open_cursor=lambda position: LineFileCursor(path, "jsonl", position=position,
+                                                                      name="built-in corpus"))
 
 
 def _select(stream: DocumentStream, role: str, percentage: int, limit: int | None) -> DocumentStream:

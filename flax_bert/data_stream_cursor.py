@@ -52,12 +52,13 @@ class LineFileCursor(Cursor):
     Position: ``{"offset", "documents", "skipped"}`` (documents so far and undecodable bytes dropped,
     so the end-of-file checks and counts are those of a read from the start)."""
 
-    def __init__(self, path: pathlib.Path, kind: str, skip_invalid_utf8: bool = False, position: dict | None = None):
-        self.path, self.kind, self.skip_invalid_utf8 = path, kind, skip_invalid_utf8
+    def __init__(self, path: pathlib.Path, kind: str, skip_invalid_utf8: bool = False, position: dict | None = None,
+                 name: str | None = None):
+        self.path, self.kind, self.skip_invalid_utf8, self.name = path, kind, skip_invalid_utf8, name or str(path)
         self._position = dict(position or {"offset": 0, "documents": 0, "skipped": 0})
 
     def describe(self) -> str:
-        return f"{self.path} byte {self._position['offset']}"
+        return f"{self.name} byte {self._position['offset']}"
 
     def _documents(self):
         # data_sources imports this module: its helpers are imported when the first document is read
