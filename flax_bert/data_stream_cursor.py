@@ -186,7 +186,8 @@ class ShareCursor(Cursor):
 
     def __init__(self, open_inner, process: int, count: int, position: dict | None = None):
         position = position or {"inner": None, "index": 0}
-        self.inner, self.process, self.count, self.index = open_inner(position["inner"]), process, count, position["index"]
+        self.inner, self.index = open_inner(position["inner"]), position["index"]
+        self.process, self.count = process, count
 
     def position(self) -> dict:
         return {"inner": self.inner.position(), "index": self.index}

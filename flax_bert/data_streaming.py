@@ -74,7 +74,8 @@ class _Pipeline:
             return
         self.epoch, self.documents, self.produced = snapshot["epoch"], snapshot["documents"], snapshot["produced"]
         self.cursor = owner.open_documents(snapshot["source"])
-        self.exhausted, self.buffer, self.rng = snapshot["exhausted"], list(snapshot["buffer"]), _rng_from(snapshot["rng"])
+        self.exhausted, self.buffer = snapshot["exhausted"], list(snapshot["buffer"])
+        self.rng = _rng_from(snapshot["rng"])
         self.drain = None if snapshot["drain"] is None else snapshot["drain"][::-1]
         self.packer = StreamPacker(self.rows.info, self.args.max_seq_length)
         packer = snapshot["packer"]

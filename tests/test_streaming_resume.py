@@ -123,7 +123,7 @@ def test_a_resumed_stream_continues_bit_identically_from_its_position(case, file
         got = [next(resumed)]
         first = list(reads)
         got += [next(resumed) for _ in range(11)]
-        for index, (ours, want) in enumerate(zip(got, batches[k : k + 12])):
+        for index, (ours, want) in enumerate(zip(got, batches[k : k + 12], strict=True)):
             assert ours.keys() == want.keys()
             for name in want:
                 assert ours[name].tobytes() == want[name].tobytes(), f"{case}: batch {k + index}, {name}"
@@ -136,7 +136,7 @@ def test_a_resumed_stream_continues_bit_identically_from_its_position(case, file
         if not first:
             continue
         this_epoch = [first[0]]  # a new epoch starts reading the source again from its start
-        for previous, current in zip(first, first[1:]):
+        for previous, current in zip(first, first[1:], strict=False):
             if current[1] <= previous[1]:
                 break
             this_epoch.append(current)
@@ -192,7 +192,7 @@ def test_a_finite_evaluation_stream_resumes_through_its_filled_last_batch(files,
         resumed.load_state_dict(json.loads(json.dumps(states[k - 1])))
         rest = list(resumed)
         assert len(rest) == len(batches) - k
-        for got, want in zip(rest, batches[k:]):
+        for got, want in zip(rest, batches[k:], strict=True):
             np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
 
 
