@@ -103,6 +103,8 @@ def main() -> None:
             load_s = time.perf_counter() - start
             snapshot = state["snapshot"]
             row = {"batch": k, "epoch": snapshot["epoch"], "document": snapshot["documents"],
+                   "resumes_at": snapshot["where"].replace(str(work) + "/", ""),
+                   "rows_since_snapshot": state["rows_since_snapshot"],
                    "state_json_megabytes": round(len(saved) / 1e6, 2),
                    "buffer_documents": len(snapshot["buffer"]) + len(snapshot["drain"] or ()),
                    "json_dump_s": round(dump_s, 3), "json_load_s": round(load_s, 3),
