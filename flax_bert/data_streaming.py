@@ -67,7 +67,7 @@ class _Pipeline:
 
     def __init__(self, owner: "StreamingBatchIterator", snapshot: dict | None = None):
         self.owner, self.rows, self.args = owner, owner.rows, owner.rows.args
-        self.shuffle = owner.shuffle and self.args.shuffle_buffer_size > 1
+        self.size = self.args.shuffle_buffer_size if owner.shuffle and self.args.shuffle_buffer_size > 1 else 0
         if snapshot is None:
             self._start_epoch(0)
             self.carry = None
@@ -82,12 +82,27 @@ class _Pipeline:
         self.packer.carry_ids, self.packer.carry_docs = _decode_array(packer["ids"]), _decode_array(packer["docs"])
         self.packer.next_doc = packer["next_doc"]
         self.carry = None if snapshot["carry"] is None else {k: _decode_array(v) for k, v in snapshot["carry"].items()}
+        self.size = snapshot["shuffle_buffer_size"]  # until the snapshot's group is made again (see chunks)
+
+    def _use_configured_buffer(self) -> None:
+        """--shuffle_buffer_size may change on resume: the new size applies from the first group after the
+        restored one. A buffer saved by a shuffling run comes out first, in its order, when this run does
+        not shuffle; a run that starts shuffling starts its generator."""
+        args = self.args
+        size = args.shuffle_buffer_size if self.owner.shuffle and args.shuffle_buffer_size > 1 else 0
+        if size == self.size:
+            return
+        if not size and self.buffer:
+            self.drain, self.buffer = self.buffer[::-1] + (self.drain or []), []
+        if size and self.rng is None:
+            self.rng = np.random.default_rng([self.owner.seed, self.rows.process_index, self.epoch])
+        self.size = size
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.documents, self.produced = epoch, 0, 0
         self.cursor, self.exhausted = self.owner.open_documents(None), False
         self.buffer, self.drain = [], None  # drain: the buffer's last documents, once the source is done (reversed)
-        self.rng = np.random.default_rng([self.owner.seed, self.rows.process_index, epoch]) if self.shuffle else None
+        self.rng = np.random.default_rng([self.owner.seed, self.rows.process_index, epoch]) if self.size else None
         self.packer = StreamPacker(self.rows.info, self.args.max_seq_length)
 
     def snapshot(self) -> dict:
@@ -97,7 +112,7 @@ class _Pipeline:
                 "packer": {"ids": _encode_array(self.packer.carry_ids), "docs": _encode_array(self.packer.carry_docs),
                            "next_doc": int(self.packer.next_doc)},
                 "carry": None if self.carry is None else {k: _encode_array(v) for k, v in self.carry.items()},
-                "produced": self.produced}
+                "produced": self.produced, "shuffle_buffer_size": self.size}
 
     def _read(self) -> str | None:
         if self.exhausted:
@@ -112,9 +127,9 @@ class _Pipeline:
     def _next_document(self) -> str | None:
         """The shuffle buffer: once full, each new document takes the place of a random one, which comes
         out; when the source is done, what is left comes out in a random order."""
-        if not self.shuffle:
-            return self._read()
-        size = self.args.shuffle_buffer_size
+        if not self.size:
+            return self.drain.pop() if self.drain else self._read()
+        size = self.size
         while self.drain is None:
             text = self._read()
             if text is None:
@@ -154,9 +169,12 @@ class _Pipeline:
     def chunks(self):
         """(rows, snapshot or None): the pipeline's rows; a snapshot comes with the first rows made after it,
         and every batch from then on counts its rows from the carried rows it held."""
-        owner = self.owner
+        owner, restored = self.owner, True
         while owner.num_epochs is None or self.epoch < owner.num_epochs:
             while True:
+                if not restored:
+                    self._use_configured_buffer()
+                restored = False
                 yield None, self.snapshot()
                 group = self._group()
                 if not group:

@@ -88,7 +88,8 @@ def _rows(files, tokenizer, overrides, process, count, cache):
         if name in overrides:
             overrides[name] = str(files / overrides[name])
     overrides.setdefault("validation_split_percentage", 5)
-    args = DataArgs(cache_dir=str(cache), max_seq_length=32, streaming=True, shuffle_buffer_size=BUFFER, **overrides)
+    overrides.setdefault("shuffle_buffer_size", BUFFER)
+    args = DataArgs(cache_dir=str(cache), max_seq_length=32, streaming=True, **overrides)
     return build_datasets(args, tokenizer, process_index=process, process_count=count)
 
 
@@ -176,6 +177,23 @@ def test_another_process_state_replays_and_a_new_batch_size_continues_at_the_sam
     wider.load_state_dict(state)
     rows_after = np.concatenate([b["input_ids"] for b in [next(first) for _ in range(4)]])
     np.testing.assert_array_equal(np.concatenate([next(wider)["input_ids"] for _ in range(2)]), rows_after)
+
+
+def test_a_changed_shuffle_buffer_on_resume_loses_and_repeats_no_document(files, tokenizer, tmp_path):
+    def real_tokens(batches):
+        return np.sort(np.concatenate([b["input_ids"][b["segment_ids"] > 0] for b in batches]))
+
+    for size in (1, 5, 40):  # no shuffling (the saved buffer comes out first), a smaller and a larger buffer
+        shuffled = _rows(files, tokenizer, {"train_file": "docs.txt"}, 0, 1, tmp_path)[0]
+        iterator = shuffled.iterator(4, seed=3, num_epochs=1)
+        before = [next(iterator) for _ in range(10)]
+        state = json.loads(json.dumps(iterator.state_dict()))
+        whole_epoch = real_tokens(before + list(iterator))
+        assert state["snapshot"]["buffer"]  # the saved buffer holds documents not yet handed out
+        changed = _rows(files, tokenizer, {"train_file": "docs.txt", "shuffle_buffer_size": size}, 0, 1, tmp_path)[0]
+        resumed = changed.iterator(4, seed=3, num_epochs=1)
+        resumed.load_state_dict(state)
+        np.testing.assert_array_equal(real_tokens(before + list(resumed)), whole_epoch, err_msg=f"buffer {size}")
 
 
 def test_a_finite_evaluation_stream_resumes_through_its_filled_last_batch(files, tokenizer, tmp_path):
