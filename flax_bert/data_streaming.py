@@ -13,14 +13,17 @@ snapshot, tokenizes that one group again and drops those rows: no document befor
 A snapshot holds the buffer's texts, so its size is about the buffer's (docs/data.md has a measurement);
 it is taken once per group and shared, never changed, by the states of that group's batches.
 
-A checkpoint from before snapshots (``{"batches": n}``) still resumes, by replaying n batches of this
-process's share from the start; so does a process whose snapshot is not in the checkpoint (only the
-first process's state is saved). Either way the batches depend on P: resume with the same P.
+Each process has its own snapshot, and only process 0 writes the checkpoint's JSON: a multi-process run
+gathers every process's state into it at each save (``states_of_every_process``), and each process
+picks its own on resume. A checkpoint from before snapshots (``{"batches": n}``) still resumes, by
+replaying n batches of this process's share from the start. The batches depend on P: resume with the
+same P.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 
 import numpy as np
@@ -192,6 +195,24 @@ class _Pipeline:
             self._start_epoch(self.epoch + 1)
 
 
+def states_of_every_process(state: dict) -> dict:
+    """This process's stream state and every other one's, for the checkpoint that process 0 writes:
+    ``{"batches", "process_count", "processes": [state of process 0, ...]}``. A collective: every process
+    calls it at the same save."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return state
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return {"batches": int(state["batches"]), "process_count": len(lengths),
+            "processes": [json.loads(gathered[p, : lengths[p]].tobytes()) for p in range(len(lengths))]}
+
+
 class StreamingBatchIterator:
     """Batches of ``StreamingRows`` (see the module's docstring). ``state_dict()``: ``{"batches": n,
     "process_count": P, "process_index": p, "snapshot": {...}, "rows_since_snapshot": r}``."""
@@ -222,6 +243,8 @@ class StreamingBatchIterator:
         if saved != self.rows.process_count:
             raise DataError(f"the checkpoint's stream was read by {saved} processes, this run has "
                             f"{self.rows.process_count}: a --streaming run resumes with the same number of processes")
+        if "processes" in state:  # every process's state, gathered at the save
+            state = state["processes"][self.rows.process_index]
         self.batches, self._local, self._state = int(state["batches"]), None, dict(state)
         snapshot = state.get("snapshot")
         if snapshot is not None and state.get("process_index") == self.rows.process_index:

@@ -4,7 +4,12 @@ and two processes; across epochs), and the resumed iterator reads no document be
 
 import json
 import logging
+import os
+import pathlib
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -177,6 +182,53 @@ def test_another_process_state_replays_and_a_new_batch_size_continues_at_the_sam
     wider.load_state_dict(state)
     rows_after = np.concatenate([b["input_ids"] for b in [next(first) for _ in range(4)]])
     np.testing.assert_array_equal(np.concatenate([next(wider)["input_ids"] for _ in range(2)]), rows_after)
+
+
+GATHER = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from flax_bert.data_streaming import states_of_every_process
+p = jax.process_index()
+state = {"batches": 7, "process_count": 2, "process_index": p, "rows_since_snapshot": p,
+         "snapshot": {"buffer": ["\u00e9 process %d" % p] * (1 + 500 * p)}}
+print("GATHERED " + json.dumps(states_of_every_process(state)))
+"""
+
+
+def test_every_process_state_is_gathered_for_the_checkpoint_and_each_resumes_from_its_own(files, tokenizer, tmp_path,
+                                                                                          caplog):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(pathlib.Path(__file__).resolve().parent.parent))
+    processes = [subprocess.Popen([sys.executable, "-c", GATHER, address, str(p)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=env) for p in (0, 1)]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    gathered = [json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines()
+                if line.startswith("GATHERED ")]
+    assert len(gathered) == 2 and gathered[0] == gathered[1], outputs
+    assert [state["process_index"] for state in gathered[0]["processes"]] == [0, 1]
+    assert len(gathered[0]["processes"][1]["snapshot"]["buffer"]) == 501  # states of different sizes, whole
+
+    # a checkpoint holding both processes' states: each resumes from its own, without replay
+    shares = [_rows(files, tokenizer, {"train_file": "docs.txt"}, p, 2, tmp_path)[0] for p in (0, 1)]
+    iterators = [share.iterator(8, seed=4) for share in shares]
+    for _ in range(15):
+        for iterator in iterators:
+            next(iterator)
+    saved = json.loads(json.dumps({"batches": 15, "process_count": 2,
+                                   "processes": [iterator.state_dict() for iterator in iterators]}))
+    for share, iterator in zip(shares, iterators, strict=True):
+        resumed = share.iterator(8, seed=4)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flax_bert.data_streaming"):
+            resumed.load_state_dict(saved)
+        assert "no replay" in caplog.text and "replaying" not in caplog.text
+        for _ in range(5):
+            np.testing.assert_array_equal(next(resumed)["input_ids"], next(iterator)["input_ids"])
 
 
 def test_a_changed_shuffle_buffer_on_resume_loses_and_repeats_no_document(files, tokenizer, tmp_path):
