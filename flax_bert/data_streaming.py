@@ -10,7 +10,7 @@ Before each group goes to the tokenizer the whole pipeline is snapshotted: the s
 documents and its generator's state, the epoch, the packer's unfinished row and the carried rows. A batch's
 state is "the snapshot of the group its rows came from + rows handed out since". Resuming restores the
 snapshot, tokenizes that one group again and drops those rows: no document before the snapshot is read.
-A snapshot holds the buffer's texts, so its size is about the buffer's (docs/data.md has a measurement);
+A snapshot holds the buffer's texts, so its size is about the buffer's (docs/benchmarks.md measures one);
 it is taken once per group and shared, never changed, by the states of that group's batches.
 
 Each process has its own snapshot, and only process 0 writes the checkpoint's JSON: a multi-process run
