@@ -49,13 +49,20 @@ class Cursor:
 class LineFileCursor(Cursor):
     """A file read line by line from a byte offset. ``kind``: "lines" (every non-blank line is a
     document), "blocks" (blank lines separate documents) or "jsonl" (each line's ``"text"``).
-    Position: ``{"offset", "documents", "skipped"}`` (documents so far and undecodable bytes dropped,
-    so the end-of-file checks and counts are those of a read from the start)."""
+    Position: ``{"offset", "documents", "skipped", "size"}`` (documents so far and undecodable bytes
+    dropped, so the end-of-file checks and counts are those of a read from the start; the file's size,
+    so that an offset into a file that has changed since is refused instead of read mid-line)."""
 
     def __init__(self, path: pathlib.Path, kind: str, skip_invalid_utf8: bool = False, position: dict | None = None,
                  name: str | None = None):
         self.path, self.kind, self.skip_invalid_utf8, self.name = path, kind, skip_invalid_utf8, name or str(path)
-        self._position = dict(position or {"offset": 0, "documents": 0, "skipped": 0})
+        size = pathlib.Path(path).stat().st_size
+        if position is not None and position.get("size", size) != size:
+            from flax_bert.data_sources import DataError
+
+            raise DataError(f"{self.name} has changed since the checkpoint was saved ({position['size']} bytes then, "
+                            f"{size} now): restore the file the run started with, or start a fresh --output_dir")
+        self._position = dict(position or {"offset": 0, "documents": 0, "skipped": 0, "size": size})
 
     def describe(self) -> str:
         return f"{self.name} byte {self._position['offset']}"
@@ -72,7 +79,7 @@ class LineFileCursor(Cursor):
                 if self.kind == "jsonl":
                     offset += len(raw)
                     documents += 1
-                    self._position = {"offset": offset, "documents": documents, "skipped": 0}
+                    self._position = {**self._position, "offset": offset, "documents": documents}
                     yield json.loads(raw)["text"]
                     continue
                 text, bad = _decode_line(raw, self.path, offset, self.skip_invalid_utf8)
@@ -87,12 +94,12 @@ class LineFileCursor(Cursor):
                 block.clear()
                 if document:
                     documents += 1
-                    self._position = {"offset": offset, "documents": documents, "skipped": skipped}
+                    self._position = {**self._position, "offset": offset, "documents": documents, "skipped": skipped}
                     yield document
             document = "\n".join(block).strip()  # the last block, with no blank line after it
             if document:
                 documents += 1
-                self._position = {"offset": offset, "documents": documents, "skipped": skipped}
+                self._position = {**self._position, "offset": offset, "documents": documents, "skipped": skipped}
                 yield document
         if skipped:
             logger.warning("skipped %d invalid UTF-8 bytes in %s (--skip_invalid_utf8)", skipped, self.path)

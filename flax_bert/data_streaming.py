@@ -170,14 +170,14 @@ class _Pipeline:
         return self.packer.add(ids, offsets)
 
     def chunks(self):
-        """(rows, snapshot or None): the pipeline's rows; a snapshot comes with the first rows made after it,
-        and every batch from then on counts its rows from the carried rows it held."""
-        owner, restored = self.owner, True
+        """Yields ``(None, snapshot)`` before each group goes to the tokenizer, ``(rows, None)`` for the rows
+        made from it (and from the packer's last row at the end of an epoch)."""
+        owner, first = self.owner, True
         while owner.num_epochs is None or self.epoch < owner.num_epochs:
             while True:
-                if not restored:
+                if not first:  # the first group is the restored snapshot's: made again as it was
                     self._use_configured_buffer()
-                restored = False
+                first = False
                 yield None, self.snapshot()
                 group = self._group()
                 if not group:

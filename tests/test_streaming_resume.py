@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from flax_bert import corpus, data_streaming
-from flax_bert.data import DataArgs, build_datasets
+from flax_bert.data import DataArgs, DataError, build_datasets
 from flax_bert.data_stream_cursor import DatasetCursor, LineFileCursor
 from flax_bert.tokenizer_training import train_tokenizer
 
@@ -246,6 +246,22 @@ def test_a_changed_shuffle_buffer_on_resume_loses_and_repeats_no_document(files,
         resumed = changed.iterator(4, seed=3, num_epochs=1)
         resumed.load_state_dict(state)
         np.testing.assert_array_equal(real_tokens(before + list(resumed)), whole_epoch, err_msg=f"buffer {size}")
+
+
+def test_a_text_file_changed_since_the_checkpoint_is_refused_with_one_line(files, tokenizer, tmp_path):
+    shutil.copy(files / "docs.txt", tmp_path / "docs.txt")
+    train = _rows(tmp_path, tokenizer, {"train_file": "docs.txt"}, 0, 1, tmp_path / "cache")[0]
+    iterator = train.iterator(4, seed=1)
+    for _ in range(30):
+        next(iterator)
+    state = json.loads(json.dumps(iterator.state_dict()))
+    with open(tmp_path / "docs.txt", "a", encoding="utf-8") as more:
+        more.write("A document added after the checkpoint.\n")
+    resumed = train.iterator(4, seed=1)
+    resumed.load_state_dict(state)
+    with pytest.raises(DataError, match=r"docs.txt has changed since the checkpoint was saved \(\d+ bytes then, "
+                                        r"\d+ now\): restore the file"):
+        next(resumed)
 
 
 def test_a_finite_evaluation_stream_resumes_through_its_filled_last_batch(files, tokenizer, tmp_path):
