@@ -32,11 +32,12 @@ import tempfile
 import numpy as np
 
 from flax_bert.bad_input import InputError
-from flax_bert.data_iterators import (Prefetcher, ShardedBatchIterator, StreamingBatchIterator, check_data_shards,
-                                      empty_rows, make_global_batch, owned_shards)
+from flax_bert.data_iterators import (Prefetcher, ShardedBatchIterator, check_data_shards, empty_rows,
+                                      make_global_batch, owned_shards)
 from flax_bert.data_nsp import build_nsp_rows
 from flax_bert.data_packing import StreamPacker, pack_line_by_line, packed_row_count
 from flax_bert.data_sources import DataArgs, DataError, DocumentStream, document_streams, resolve_cache_dir
+from flax_bert.data_streaming import StreamingBatchIterator
 from flax_bert.data_tokenize import (CACHE_VERSION, TokenizedCorpus, TokenizerInfo, publish_folder,
                                      tokenize_shards_to_cache,
                                      tokenized_cache_key, tokenizer_info)

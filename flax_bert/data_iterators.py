@@ -16,9 +16,7 @@ import time
 
 import numpy as np
 
-from flax_bert.data_packing import StreamPacker, pack_line_by_line
-from flax_bert.data_sources import DataError, DocumentStream
-from flax_bert.data_tokenize import fast_backend, iter_encoded
+from flax_bert.data_sources import DataError
 
 # jax is imported inside the functions that need it: the tokenizer tools and tests of the host
 # pipeline should not pay for (or depend on) starting JAX.
@@ -143,124 +141,6 @@ class ShardedBatchIterator:
         self.positions += self.slots
         self.batches += 1
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-
-
-class StreamingBatchIterator:
-    """Batches of ``StreamingRows``: process p of P takes its own files of a dataset made of a multiple
-    of P files (it never reads the others), else documents i with i % P == p; it passes them
-    through a seeded shuffle buffer (per process and epoch), tokenizes and packs them on the fly, and
-    runs through its epochs endlessly (or ``num_epochs`` times, the last batch filled with empty rows).
-    State is the number of batches read; restoring replays that many batches of this process's share
-    from the start, which costs tokenizing them again, and needs the same number of processes."""
-
-    def __init__(self, rows, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None):
-        self.rows, self.global_batch_size, self.seed = rows, global_batch_size, seed
-        self.shuffle, self.num_epochs = shuffle, num_epochs
-        self.local_batch_size = _local_batch_size(global_batch_size, rows.process_count)
-        self.batches, self._local = 0, None
-
-    def state_dict(self) -> dict:
-        return {"batches": int(self.batches), "process_count": int(self.rows.process_count)}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = int(state.get("process_count", 0))
-        if saved != self.rows.process_count:
-            raise DataError(f"the checkpoint's stream was read by {saved} processes, this run has "
-                            f"{self.rows.process_count}: a --streaming run resumes with the same number of processes")
-        self.batches, self._local = int(state["batches"]), None
-
-    def _own_documents(self):
-        process, count = self.rows.process_index, self.rows.process_count
-        own_files = self.rows.stream.files_of_process(process, count) if count > 1 else None
-        if own_files is not None:  # a dataset of several files: read only this process's files
-            for batch in own_files.batches():
-                yield from batch
-            return
-        index = 0
-        for batch in self.rows.stream.batches():
-            for text in batch:
-                if index % count == process:
-                    yield text
-                index += 1
-
-    def _shuffled_documents(self, epoch: int):
-        documents = self._own_documents()
-        size = self.rows.args.shuffle_buffer_size
-        if not self.shuffle or size <= 1:
-            yield from documents
-            return
-        rng, buffer = np.random.default_rng([self.seed, self.rows.process_index, epoch]), []
-        for text in documents:
-            if len(buffer) < size:
-                buffer.append(text)
-                continue
-            slot = int(rng.integers(size))
-            yield buffer[slot]
-            buffer[slot] = text
-        for slot in rng.permutation(len(buffer)):
-            yield buffer[slot]
-
-    def _epoch_rows(self, epoch: int):
-        rows, args = self.rows, self.rows.args
-        documents = self._shuffled_documents(epoch)
-
-        def in_batches():
-            chunk = []
-            for text in documents:
-                chunk.append(text)
-                if len(chunk) >= 1000:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
-
-        shuffled = DocumentStream(rows.stream.name, rows.stream.fingerprint, in_batches)
-        packer = StreamPacker(rows.info, args.max_seq_length)
-        backend = rows.info.backend or fast_backend(rows.tokenizer)
-        for ids, lengths, _ in iter_encoded(shuffled, backend, False, args.preprocessing_num_workers):
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            out = (pack_line_by_line(ids, offsets, rows.info, args.max_seq_length) if args.line_by_line
-                   else packer.add(ids, offsets))
-            if out is not None:
-                yield out
-        if not args.line_by_line and (out := packer.finish()) is not None:
-            yield out
-
-    def _local_batches(self):
-        """This process's local batches over its epochs; rows run on from one epoch into the next."""
-        size, carry, epoch = self.local_batch_size, None, 0
-        while self.num_epochs is None or epoch < self.num_epochs:
-            produced = 0
-            for chunk in self._epoch_rows(epoch):
-                produced += len(chunk["input_ids"])
-                rows = chunk if carry is None else {k: np.concatenate([carry[k], chunk[k]]) for k in chunk}
-                full = len(rows["input_ids"]) // size * size
-                for start in range(0, full, size):
-                    yield {k: v[start : start + size] for k, v in rows.items()}
-                carry = {k: v[full:] for k, v in rows.items()}
-            if not produced:  # a whole epoch without a row: stop instead of spinning forever
-                raise DataError(f"the stream {self.rows.stream.name} gave process {self.rows.process_index} no "
-                                f"text: check the dataset and --text_column")
-            epoch += 1
-        left = 0 if carry is None else len(carry["input_ids"])
-        if left:
-            filler = empty_rows(size - left, self.rows.args.max_seq_length, self.rows.info.pad_id, False)
-            yield {k: np.concatenate([carry[k], filler[k]]) for k in carry}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._local is None:
-            self._local = self._local_batches()
-            for _ in range(self.batches):  # replay to the saved position
-                next(self._local, None)
-        batch = next(self._local, None)
-        if batch is None:
-            raise StopIteration
-        self.batches += 1
-        return batch
 
 
 _END = object()

@@ -27,6 +27,8 @@ import os
 import pathlib
 from typing import Callable, Iterator
 
+from flax_bert.data_stream_cursor import Cursor, DatasetCursor, LineFileCursor, SelectCursor, SkippingCursor
+
 logger = logging.getLogger(__name__)
 
 READ_BATCH = 1000  # documents per batch handed to the tokenizer
@@ -82,9 +84,15 @@ class DocumentStream:
     # A streamed source made of several files may hand each process of a multi-host run its own files:
     # (process_index, process_count) -> that process's documents, or None when it cannot.
     split_by_files: Callable[[int, int], "DocumentStream | None"] | None = None
+    # The same documents one at a time from a saved position (None: the start), without reading what
+    # comes before it (data_stream_cursor); None when the source cannot seek.
+    open_cursor: Callable[[dict | None], Cursor] | None = None
 
     def batches(self) -> Iterator[list[str]]:
         return self.read()
+
+    def cursor(self, position: dict | None = None) -> Cursor:
+        return self.open_cursor(position) if self.open_cursor else SkippingCursor(self, position)
 
     def files_of_process(self, process_index: int, process_count: int) -> "DocumentStream | None":
         """This process's own files of the stream (it never reads the others'), or None."""
@@ -118,36 +126,16 @@ def _decode_line(raw: bytes, path: pathlib.Path, offset: int, skip: bool) -> tup
 
 
 def _read_text_file(path: pathlib.Path, one_line_documents: bool, skip_invalid_utf8: bool) -> Iterator[list[str]]:
-    batch, block, offset, skipped, documents = [], [], 0, 0, 0
+    yield from _batched(LineFileCursor(path, "lines" if one_line_documents else "blocks", skip_invalid_utf8))
 
-    def flush_block():
-        nonlocal documents
-        text = "\n".join(block).strip()
-        block.clear()
-        if text:
-            batch.append(text)
-            documents += 1
 
-    with open(path, "rb") as lines:
-        for raw in lines:
-            text, bad = _decode_line(raw, path, offset, skip_invalid_utf8)
-            offset += len(raw)
-            skipped += bad
-            text = text.rstrip("\r\n")
-            if text.strip():
-                block.append(text)
-                if one_line_documents:
-                    flush_block()
-            else:
-                flush_block()
-            if len(batch) >= READ_BATCH:
-                yield batch
-                batch = []
-        flush_block()
-    if skipped:
-        logger.warning("skipped %d invalid UTF-8 bytes in %s (--skip_invalid_utf8)", skipped, path)
-    if documents == 0:
-        raise DataError(f"{path} has no text (only blank lines): point --train_file/--validation_file at a text file")
+def _batched(documents) -> Iterator[list[str]]:
+    batch = []
+    for text in documents:
+        batch.append(text)
+        if len(batch) >= READ_BATCH:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
@@ -172,18 +160,23 @@ def _check_utf8_stream(path: pathlib.Path) -> int | None:
     return None
 
 
+def _cleaned_copy_path(path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
+    stat = path.stat()
+    return cache_dir / "utf8_clean" / f"{_hash(str(path), stat.st_size, stat.st_mtime_ns)}{path.suffix}"
+
+
 def _cleaned_copy(path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
     """A UTF-8-clean copy of a json/csv file (bad bytes dropped), for --skip_invalid_utf8."""
+    target = _cleaned_copy_path(path, cache_dir)
     raw = path.read_bytes()
     text, skipped = _decode_line(raw, path, 0, skip=True)
     logger.warning("skipped %d invalid UTF-8 bytes in %s (--skip_invalid_utf8)", skipped, path)
-    target = cache_dir / "utf8_clean" / f"{_hash(str(path), len(raw), path.stat().st_mtime_ns)}{path.suffix}"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     return target
 
 
-def _text_batches_from_dataset(dataset, text_column: str, name: str) -> Iterator[list[str]]:
+def _check_text_column(dataset, text_column: str, name: str) -> None:
     columns = dataset.column_names
     if columns is None:  # a stream whose features are unknown until the first row
         first = next(iter(dataset), None)
@@ -191,6 +184,16 @@ def _text_batches_from_dataset(dataset, text_column: str, name: str) -> Iterator
     if text_column not in columns:
         raise DataError(f"{name} has no column {text_column!r} (columns: {', '.join(columns)}): "
                         f"pass --text_column with one of them")
+
+
+def _dataset_cursor(dataset, text_column: str, name: str, position: dict | None) -> DatasetCursor:
+    if position is None:  # a resumed stream had its column checked when it started
+        _check_text_column(dataset, text_column, name)
+    return DatasetCursor(dataset, text_column, name, position)
+
+
+def _text_batches_from_dataset(dataset, text_column: str, name: str) -> Iterator[list[str]]:
+    _check_text_column(dataset, text_column, name)
     for rows in dataset.select_columns([text_column]).iter(batch_size=READ_BATCH):
         batch = [t.strip() for t in rows[text_column] if isinstance(t, str) and t.strip()]
         if batch:
@@ -211,15 +214,20 @@ def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
     fingerprint = _hash("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, args.text_column,
                         one_line_documents, args.skip_invalid_utf8)
     if suffix in TEXT_SUFFIXES:
+        kind = "lines" if one_line_documents else "blocks"
         return DocumentStream(str(path), fingerprint,
-                              lambda: _read_text_file(path, one_line_documents, args.skip_invalid_utf8))
+                              lambda: _read_text_file(path, one_line_documents, args.skip_invalid_utf8),
+                              open_cursor=lambda position: LineFileCursor(path, kind, args.skip_invalid_utf8, position))
     if suffix not in TABLE_SUFFIXES:
         supported = ", ".join(sorted({**TEXT_SUFFIXES, **TABLE_SUFFIXES}))
         raise DataError(f"data file {path} has an unsupported extension {suffix!r}: use one of {supported}")
 
-    def read():
+    def load(resumed: bool = False):
         source = path
-        if suffix != ".parquet":
+        if resumed and args.skip_invalid_utf8 and suffix != ".parquet":  # the copy made when the run started, if any
+            cleaned = _cleaned_copy_path(path, resolve_cache_dir(args))
+            source = cleaned if cleaned.is_file() else path
+        elif suffix != ".parquet" and not resumed:  # a resumed stream's file was checked when the run started
             bad_offset = _check_utf8_stream(path)
             if bad_offset is not None:
                 if not args.skip_invalid_utf8:
@@ -236,9 +244,15 @@ def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
         except Exception as err:  # the builders' errors are long and nested; keep the first line
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DataError(f"cannot read {path} as {suffix[1:]} ({reason}): fix the file or its extension") from err
-        yield from _text_batches_from_dataset(table, args.text_column, str(path))
+        return table
 
-    return DocumentStream(str(path), fingerprint, read)
+    def read():
+        yield from _text_batches_from_dataset(load(), args.text_column, str(path))
+
+    def open_cursor(position):
+        return _dataset_cursor(load(resumed=position is not None), args.text_column, str(path), position)
+
+    return DocumentStream(str(path), fingerprint, read, open_cursor=open_cursor if args.streaming else None)
 
 
 def hub_documents(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None]:
@@ -275,11 +289,14 @@ def hub_documents(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None
             own = split_dataset_by_node(table, rank=process_index, world_size=process_count)
             return DocumentStream(f"{name} (files of process {process_index} of {process_count})",
                                   _hash("hub", label, split, token, args.text_column, process_index, process_count),
-                                  lambda: _text_batches_from_dataset(own, args.text_column, name))
+                                  lambda: _text_batches_from_dataset(own, args.text_column, name),
+                                  open_cursor=lambda position: _dataset_cursor(own, args.text_column, name, position))
 
         return DocumentStream(name, _hash("hub", label, split, token, args.text_column),
                               lambda: _text_batches_from_dataset(table, args.text_column, name),
-                              split_by_files=split_by_files if args.streaming else None)
+                              split_by_files=split_by_files if args.streaming else None,
+                              open_cursor=(lambda position: _dataset_cursor(table, args.text_column, name, position))
+                              if args.streaming else None)
 
     validation = "validation" if "validation" in splits else None
     return stream("train"), (stream(validation) if validation else None)
@@ -292,17 +309,11 @@ def builtin_documents(args: DataArgs) -> DocumentStream:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
 
     def read():
-        with open(path, encoding="utf-8") as lines:
-            batch = []
-            for line in lines:
-                batch.append(json.loads(line)["text"])
-                if len(batch) >= READ_BATCH:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+        yield from _batched(LineFileCursor(path, "jsonl"))
 
-    return DocumentStream("built-in corpus", _hash("builtin", digest), read)
+    return DocumentStream("built-in corpus", _hash("builtin", digest), read,
+                          open_cursor=lambda position: LineFileCursor(path, "jsonl", position=position,
+                                                                      name="built-in corpus"))
 
 
 def _select(stream: DocumentStream, role: str, percentage: int, limit: int | None) -> DocumentStream:
@@ -331,7 +342,8 @@ def _select(stream: DocumentStream, role: str, percentage: int, limit: int | Non
         return _select(own, role, percentage, None) if own is not None and limit is None else None
 
     return DocumentStream(f"{stream.name} ({role})", _hash(stream.fingerprint, role, percentage, limit), read,
-                          split_by_files=split_by_files if stream.split_by_files else None)
+                          split_by_files=split_by_files if stream.split_by_files else None,
+                          open_cursor=lambda position: SelectCursor(stream.cursor, role, percentage, limit, position))
 
 
 def resolve_cache_dir(args: DataArgs) -> pathlib.Path:

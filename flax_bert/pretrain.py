@@ -23,6 +23,7 @@ from flax_bert.config import ModelConfig
 from flax_bert.convert import load_hf
 from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
                             make_global_batch, resolve_data_shards)
+from flax_bert.data_streaming import states_of_every_process
 from flax_bert.models import family, model_class_for
 from flax_bert.metrics import MetricsWriter
 from flax_bert.optim import make_optimizer
@@ -303,8 +304,10 @@ class Run:
                     eval_results = self.evaluate(state.params, step) or None
                     window.start += time.perf_counter() - eval_start  # throughput counts training time only
                 # the last step and a requested stop always save; otherwise --save_steps / --save_minutes decide
-                self.checkpoints.save(step, state, batches.state_dict(), bundle_config,
-                                      metrics=eval_results, force=stopping or step == self.total_steps)
+                data_state, force = batches.state_dict(), stopping or step == self.total_steps
+                if isinstance(self.train_rows, StreamingRows) and (force or self.checkpoints.should_save(step)):
+                    data_state = states_of_every_process(data_state)  # each process streams its own position
+                self.checkpoints.save(step, state, data_state, bundle_config, metrics=eval_results, force=force)
                 if stopping:
                     break
         progress.close()
