@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
+
+from flax_bert import storage
 
 log = logging.getLogger("flax_bert")
 
@@ -62,10 +65,12 @@ def model_card(model, tokenizer, run: dict, steps: int, global_batch: int, eval_
 
 
 def write_model_folder(model, folder, tokenizer, run: dict, steps: int, global_batch: int,
-                       eval_results: dict | None, overwrite: bool, architecture: str | None = None) -> pathlib.Path:
+                       eval_results: dict | None, overwrite: bool, architecture: str | None = None,
+                       load_path: str | None = None) -> pathlib.Path:
+    """`load_path`: where the folder will be loaded from, for the model card (default: `folder`)."""
     from flax_bert.convert import save_hf
 
-    card = model_card(model, tokenizer, run, steps, global_batch, eval_results, str(folder))
+    card = model_card(model, tokenizer, run, steps, global_batch, eval_results, load_path or str(folder))
     save_hf(model, folder, tokenizer=tokenizer, architecture=architecture, overwrite=overwrite,
             extra_files={"README.md": card})
     return pathlib.Path(folder)
@@ -79,12 +84,27 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
     if not job.is_main:
         return None
     model = job.trainer.model(params)
-    folder = write_model_folder(model, job.output_dir, job.tokenizer, job.run.to_dict(), step, job.global_batch,
-                                eval_results, overwrite=True)
-    log.info("exported the final model (step %d) to %s", step, folder)
+    stage = storage.local_stage(job.output_dir)  # transformers writes local folders only
+    folder = write_model_folder(model, stage, job.tokenizer, job.run.to_dict(), step, job.global_batch,
+                                eval_results, overwrite=True, load_path=str(job.output_dir))
+    if storage.is_url(job.output_dir):
+        upload_export(stage, job.output_dir)
+    log.info("exported the final model (step %d) to %s", step, job.output_dir)
     if job.run.push_to_hub:
         push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo)
-    return folder
+    if stage != job.output_dir:
+        shutil.rmtree(stage, ignore_errors=True)
+    return job.output_dir
+
+
+def upload_export(stage, url: str) -> None:
+    """A Hugging Face folder to a URL so that it is never mistaken for finished while incomplete: the old
+    config.json (if any) is deleted first, config.json is copied last, and nothing loads without it."""
+    old_config = storage.join(url, "config.json")
+    if storage.exists(old_config):
+        storage.remove(old_config)
+    names = storage.upload(stage, url, last=("config.json",))
+    log.info("uploaded the export (%d files, config.json last) to %s", len(names), url)
 
 
 def gathered_on_every_process(tree):

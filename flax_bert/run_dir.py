@@ -7,16 +7,21 @@ import pathlib
 
 from flax import nnx
 
+from flax_bert import storage
 from flax_bert.bad_input import InputFileNotFoundError
 
 log = logging.getLogger("flax_bert")
 
 
-def load_run_tokenizer(run_dir: pathlib.Path, run: dict):
+def load_run_tokenizer(run_dir, run: dict):
+    """The run's own tokenizer folder (run_dir may be a URL: read from a downloaded copy), else the one it named."""
     from transformers import AutoTokenizer
 
-    for source in (run_dir / "tokenizer", run.get("tokenizer_name"), run.get("model_name_or_path")):
-        if source and (not isinstance(source, pathlib.Path) or (source / "tokenizer_config.json").is_file()):
+    own = storage.join(run_dir, "tokenizer")
+    if storage.isfile(storage.join(own, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(str(storage.fetch_folder(own)))
+    for source in (run.get("tokenizer_name"), run.get("model_name_or_path")):
+        if source:
             return AutoTokenizer.from_pretrained(str(source))
     raise InputFileNotFoundError(f"no tokenizer for the run {run_dir}: expected {run_dir}/tokenizer")
 
@@ -27,8 +32,9 @@ def load_run_model(run_dir, step: int | None = None):
     from flax_bert.config import ModelConfig
     from flax_bert.models import all_architectures
 
-    checkpointer = Checkpointer.for_path(pathlib.Path(run_dir).absolute())  # the run dir, its checkpoints/ or one checkpoints/STEP
-    run_dir = pathlib.Path(str(checkpointer.output_dir))
+    checkpointer = Checkpointer.for_path(storage.absolute(run_dir))  # the run dir, its checkpoints/ or one checkpoints/STEP
+    found = str(checkpointer.output_dir)
+    run_dir = found if storage.is_url(found) else pathlib.Path(found)
     params, bundle, step = checkpointer.restore_params(step)
     hf_config = bundle["model"]
     cfg = ModelConfig.from_hf_dict(hf_config, scan_layers=True)
