@@ -27,6 +27,8 @@ import os
 import pathlib
 from typing import Callable, Iterator
 
+from flax_bert import storage
+
 logger = logging.getLogger(__name__)
 
 READ_BATCH = 1000  # documents per batch handed to the tokenizer
@@ -128,7 +130,7 @@ def _read_text_file(path: pathlib.Path, one_line_documents: bool, skip_invalid_u
             batch.append(text)
             documents += 1
 
-    with open(path, "rb") as lines:
+    with storage.open(path, "rb") as lines:
         for raw in lines:
             text, bad = _decode_line(raw, path, offset, skip_invalid_utf8)
             offset += len(raw)
@@ -157,7 +159,7 @@ def _check_utf8_stream(path: pathlib.Path) -> int | None:
     import codecs
 
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as stream:
+    with storage.open(path, "rb") as stream:
         while chunk := stream.read(1 << 22):
             pending = len(decoder.getstate()[0])  # bytes of a split character carried from the last chunk
             try:
@@ -174,10 +176,10 @@ def _check_utf8_stream(path: pathlib.Path) -> int | None:
 
 def _cleaned_copy(path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
     """A UTF-8-clean copy of a json/csv file (bad bytes dropped), for --skip_invalid_utf8."""
-    raw = path.read_bytes()
+    raw = storage.read_bytes(path)
     text, skipped = _decode_line(raw, path, 0, skip=True)
     logger.warning("skipped %d invalid UTF-8 bytes in %s (--skip_invalid_utf8)", skipped, path)
-    target = cache_dir / "utf8_clean" / f"{_hash(str(path), len(raw), path.stat().st_mtime_ns)}{path.suffix}"
+    target = cache_dir / "utf8_clean" / f"{_hash(str(path), len(raw), storage.stat(path)[1])}{storage.suffix(path)}"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     return target
@@ -198,17 +200,18 @@ def _text_batches_from_dataset(dataset, text_column: str, name: str) -> Iterator
 
 
 def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
-    """A local file as documents; raises at once on a missing, empty or unsupported file."""
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
+    """A local file or a URL (flax_bert.storage) as documents; raises at once on a missing, empty or
+    unsupported file."""
+    path = storage.absolute(path) if storage.is_url(path) else pathlib.Path(path).expanduser()
+    if not storage.isfile(path):
         raise DataFileNotFoundError(f"data file {path} does not exist: check --train_file/--validation_file")
-    stat = path.stat()
-    if stat.st_size == 0:
+    size, version = storage.stat(path)  # a URL's version: its etag, generation or mtime
+    if size == 0:
         raise DataError(f"data file {path} is empty: point --train_file/--validation_file at a file with text")
-    suffix = path.suffix.lower()
+    suffix = storage.suffix(path).lower()
     blocks = args.objective == "mlm+nsp" if args.blank_line_documents is None else args.blank_line_documents
     one_line_documents = not blocks
-    fingerprint = _hash("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, args.text_column,
+    fingerprint = _hash("file", path if storage.is_url(path) else str(path.resolve()), size, version, args.text_column,
                         one_line_documents, args.skip_invalid_utf8)
     if suffix in TEXT_SUFFIXES:
         return DocumentStream(str(path), fingerprint,
@@ -249,7 +252,7 @@ def hub_documents(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None
     try:
         # --cache_dir also holds the downloaded dataset, as in the old script (unset: datasets' own cache)
         splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming,
-                                       cache_dir=args.cache_dir, token=args.token)
+                                       cache_dir=str(resolve_cache_dir(args)) if args.cache_dir else None, token=args.token)
     except ConnectionError as err:
         raise DataError(
             f"cannot download dataset {label!r}: there is no network ({type(err).__name__}); "
@@ -337,6 +340,8 @@ def _select(stream: DocumentStream, role: str, percentage: int, limit: int | Non
 def resolve_cache_dir(args: DataArgs) -> pathlib.Path:
     from flax_bert.corpus import default_cache_dir
 
+    if storage.is_url(args.cache_dir):  # a shared store: read through a local mirror (flax_bert.shared_cache)
+        return storage.mirror(args.cache_dir)
     return pathlib.Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
 
 

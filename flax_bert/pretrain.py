@@ -35,7 +35,8 @@ log = logging.getLogger("flax_bert")
 def hub_options(run: RunConfig) -> dict[str, Any]:
     """What every download from the Hub takes: --token, --cache_dir (as the old script: downloads are cached
     there), and for tokenizers --trust_remote_code and --use_fast_tokenizer."""
-    return {"token": run.token, "cache_dir": run.cache_dir}
+    cache_dir = str(storage.mirror(run.cache_dir)) if storage.is_url(run.cache_dir) else run.cache_dir  # local
+    return {"token": run.token, "cache_dir": cache_dir}
 
 
 def tokenizer_options(run: RunConfig) -> dict[str, Any]:

@@ -126,12 +126,12 @@ def listdir(path) -> list[str]:
                   if entry.rstrip("/") != p.rstrip("/"))
 
 
-def stat(path) -> tuple[int, str]:
-    """(size in bytes, a token that changes when the file does): the mtime locally, the object store's
+def stat(path) -> tuple[int, int | str]:
+    """(size in bytes, a token that changes when the file does): the mtime in ns locally, the object store's
     etag / generation / checksum / mtime for a URL, whichever it reports."""
     if not is_url(path):
         info = os.stat(path)
-        return info.st_size, str(info.st_mtime_ns)
+        return info.st_size, info.st_mtime_ns
     fs, p = _fs(path)
     info = fs.info(p)
     for key in ("ETag", "etag", "generation", "md5Hash", "crc32c", "mtime", "LastModified", "last_modified",
