@@ -7,6 +7,7 @@ import pathlib
 import shutil
 
 from flax_bert import storage
+from flax_bert.bad_input import InputFileExistsError
 
 log = logging.getLogger("flax_bert")
 
@@ -67,8 +68,21 @@ def model_card(model, tokenizer, run: dict, steps: int, global_batch: int, eval_
 def write_model_folder(model, folder, tokenizer, run: dict, steps: int, global_batch: int,
                        eval_results: dict | None, overwrite: bool, architecture: str | None = None,
                        load_path: str | None = None) -> pathlib.Path:
-    """`load_path`: where the folder will be loaded from, for the model card (default: `folder`)."""
+    """`folder` may be a URL (flax_bert.storage): written locally, then uploaded (upload_export).
+    `load_path`: where the folder will be loaded from, for the model card (default: `folder`)."""
     from flax_bert.convert import save_hf
+
+    if storage.is_url(folder):
+        if not overwrite and any(storage.exists(storage.join(folder, name)) for name in ("config.json", "model.safetensors")):
+            raise InputFileExistsError(f"{folder} already holds a model; pass --overwrite to replace it")
+        stage = storage.local_stage(folder)  # transformers writes local folders only
+        try:
+            write_model_folder(model, stage, tokenizer, run, steps, global_batch, eval_results, True, architecture,
+                               load_path=load_path or folder)
+            upload_export(stage, folder)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return folder
 
     card = model_card(model, tokenizer, run, steps, global_batch, eval_results, load_path or str(folder))
     save_hf(model, folder, tokenizer=tokenizer, architecture=architecture, overwrite=overwrite,
@@ -84,17 +98,12 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
     if not job.is_main:
         return None
     model = job.trainer.model(params)
-    stage = storage.local_stage(job.output_dir)  # transformers writes local folders only
-    folder = write_model_folder(model, stage, job.tokenizer, job.run.to_dict(), step, job.global_batch,
-                                eval_results, overwrite=True, load_path=str(job.output_dir))
-    if storage.is_url(job.output_dir):
-        upload_export(stage, job.output_dir)
-    log.info("exported the final model (step %d) to %s", step, job.output_dir)
+    folder = write_model_folder(model, job.output_dir, job.tokenizer, job.run.to_dict(), step, job.global_batch,
+                                eval_results, overwrite=True)
+    log.info("exported the final model (step %d) to %s", step, folder)
     if job.run.push_to_hub:
         push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo)
-    if stage != job.output_dir:
-        shutil.rmtree(stage, ignore_errors=True)
-    return job.output_dir
+    return folder
 
 
 def upload_export(stage, url: str) -> None:
@@ -131,6 +140,7 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
     import huggingface_hub
 
     token = token or os.environ.get("HF_TOKEN")
+    folder = storage.fetch_folder(folder)  # the Hub client uploads local files
     files = ["config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt"]
     try:

@@ -66,7 +66,9 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw", max_grad_norm:
                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                     intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings)
     check_output_dir(run_dir, False, run.to_dict(), record=False)  # the train run records its own settings
-    tokenizer.save_pretrained(str(pathlib.Path(run_dir) / "tokenizer"))
+    stage = storage.local_stage(storage.join(run_dir, "tokenizer"))  # a URL: saved locally, then uploaded
+    tokenizer.save_pretrained(str(stage))
+    storage.publish(stage, storage.join(run_dir, "tokenizer"), last=("tokenizer_config.json",))
     # the optimizer state's structure (clipping or not) is the one the continuing run will build
     tx, schedule = make_optimizer(learning_rate=run.learning_rate, warmup_steps=0, total_steps=1, schedule="constant",
                                   max_grad_norm=max_grad_norm or None,
@@ -74,7 +76,7 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw", max_grad_norm:
     trainer = Trainer(cfg, StepConfig(masking=MaskingConfig.from_tokenizer(tokenizer), objective=objective), tx,
                       make_mesh("data=1", jax.devices()[:1]), schedule)
     state = trainer.init_state(params=nnx.state(model, nnx.Param).to_pure_dict())
-    with Checkpointer(pathlib.Path(run_dir).absolute(), save_steps=0) as checkpoints:
+    with Checkpointer(storage.absolute(run_dir), save_steps=0) as checkpoints:
         checkpoints.save(0, state, {}, {"run": run.to_dict(), "model": cfg.to_hf_dict(architecture)}, force=True)
         checkpoints.wait()
-    return pathlib.Path(str(checkpoints.directory)) / "0"
+    return storage.join(str(checkpoints.directory), "0")

@@ -206,3 +206,22 @@ def test_url_run_reads_back_and_plots(url_runs):
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert plot_run(f"file://{root}/run") == f"file://{root}/run/curves.png"
     assert (root / "run" / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_export_command_writes_to_a_url_and_fill_mask_reads_it(url_runs):
+    from flax_bert.bad_input import InputFileExistsError
+    from flax_bert.export import write_model_folder
+    from flax_bert.fill_mask import fill_mask, load_for_inference
+    from flax_bert.run_dir import load_run_model
+
+    root = url_runs[0]
+    model, tokenizer, run, step = load_run_model(f"file://{root}/run/checkpoints/4")
+    target = f"file://{root}/exported"
+    assert write_model_folder(model, target, tokenizer, run, step, 4, None, overwrite=False) == target
+    assert (root / "exported" / "model.safetensors").is_file() and (root / "exported" / "config.json").is_file()
+    assert f"from_pretrained(\"{target}\")" in (root / "exported" / "README.md").read_text()
+    with pytest.raises(InputFileExistsError, match="already holds a model"):
+        write_model_folder(model, target, tokenizer, run, step, 4, None, overwrite=False)
+    loaded, loaded_tokenizer = load_for_inference(target)
+    predictions = fill_mask(loaded, loaded_tokenizer, f"def open{loaded_tokenizer.mask_token} return the file")
+    assert len(predictions) == 5 and all(0 <= p <= 1 for _, p in predictions)
