@@ -222,8 +222,10 @@ def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
 
     def read():
         source = path
+        if storage.is_url(path) and not args.streaming:  # datasets would download it too; this works offline
+            source = storage.local_copy(path, resolve_cache_dir(args) / "downloads")
         if suffix != ".parquet":
-            bad_offset = _check_utf8_stream(path)
+            bad_offset = _check_utf8_stream(source)
             if bad_offset is not None:
                 if not args.skip_invalid_utf8:
                     raise DataError(

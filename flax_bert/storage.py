@@ -258,6 +258,22 @@ def download(url: str, local_folder, names: list[str] | None = None) -> pathlib.
     return local_folder
 
 
+def local_copy(url: str, folder) -> pathlib.Path:
+    """A local copy of the file at `url` in `folder`, named by the URL and the object's version, so it is
+    downloaded once per version (for readers that take local files only, or that refuse URLs offline)."""
+    size, version = stat(url)
+    target = pathlib.Path(folder) / (hashlib.sha256(f"{url}|{size}|{version}".encode()).hexdigest()[:24] + suffix(url))
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fs, p = _fs(url)
+    temporary = target.parent / f".{target.name}.tmp"
+    fs.get_file(p, str(temporary))
+    temporary.replace(target)
+    log.info("downloaded %s (%d bytes) to %s", url, size, target)
+    return target
+
+
 def fetch_folder(path) -> pathlib.Path:
     """A local folder holding what `path` holds: `path` itself when local, else a fresh download into its
     mirror (for readers that take only local folders, like transformers' from_pretrained)."""

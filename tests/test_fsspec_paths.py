@@ -24,6 +24,13 @@ TINY = ["--model_type", "roberta", "--hidden_size", "32", "--num_hidden_layers",
         "--save_steps", "2", "--logging_steps", "2", "--do_train", "--do_eval", "--progress_bar", "false"]
 
 
+@pytest.fixture(autouse=True)
+def local_cache(monkeypatch, tmp_path) -> pathlib.Path:
+    """Local mirrors and staging folders in the test's own folder, never in ~/.cache."""
+    monkeypatch.setenv("FLAX_BERT_CACHE", str(tmp_path / "flax_bert_cache"))
+    return tmp_path / "flax_bert_cache"
+
+
 @pytest.fixture
 def memory_root():
     root = f"memory://flax-bert-test-{uuid.uuid4().hex[:8]}"
@@ -69,7 +76,7 @@ def test_storage_on_memory_never_touches_the_local_disk(memory_root, no_local_di
     assert storage.listdir(run) == ["run_config.json"]
 
 
-def test_folders_go_up_and_come_back(memory_root, tmp_path):
+def test_folders_go_up_and_come_back(memory_root, tmp_path, local_cache):
     local = tmp_path / "tokenizer"
     (local / "nested").mkdir(parents=True)
     (local / "tokenizer_config.json").write_text("{}")
@@ -78,12 +85,8 @@ def test_folders_go_up_and_come_back(memory_root, tmp_path):
     uploaded = storage.upload(local, storage.join(memory_root, "tokenizer"), last=("tokenizer_config.json",))
     assert uploaded[-1] == "tokenizer_config.json" and sorted(uploaded) == ["nested/x.bin", "tokenizer_config.json",
                                                                             "vocab.json"]
-    os.environ["FLAX_BERT_CACHE"], previous = str(tmp_path / "cache"), os.environ.get("FLAX_BERT_CACHE")
-    try:
-        copy = storage.fetch_folder(storage.join(memory_root, "tokenizer"))
-    finally:
-        os.environ.pop("FLAX_BERT_CACHE") if previous is None else os.environ.update(FLAX_BERT_CACHE=previous)
-    assert copy.is_relative_to(tmp_path / "cache" / "remote")
+    copy = storage.fetch_folder(storage.join(memory_root, "tokenizer"))
+    assert copy.is_relative_to(local_cache / "remote")
     assert (copy / "nested" / "x.bin").read_bytes() == b"123" and (copy / "vocab.json").read_text() == '{"a": 0}'
 
 
@@ -225,3 +228,26 @@ def test_export_command_writes_to_a_url_and_fill_mask_reads_it(url_runs):
     loaded, loaded_tokenizer = load_for_inference(target)
     predictions = fill_mask(loaded, loaded_tokenizer, f"def open{loaded_tokenizer.mask_token} return the file")
     assert len(predictions) == 5 and all(0 <= p <= 1 for _, p in predictions)
+
+
+def test_data_files_on_a_url(memory_root, tmp_path):
+    from flax_bert.data_sources import DataArgs, DataError, DataFileNotFoundError, file_documents
+
+    args = DataArgs(validation_split_percentage=0, cache_dir=str(tmp_path))
+    text = storage.join(memory_root, "corpus.txt")
+    storage.write_text(text, "first document\n\nsecond document\n")
+    stream = file_documents(text, args)
+    assert stream.name == text and [d for batch in stream.batches() for d in batch] == ["first document",
+                                                                                        "second document"]
+    fingerprint = stream.fingerprint
+    storage.write_text(text, "first document\n\nsecond document, changed\n")
+    assert file_documents(text, args).fingerprint != fingerprint  # a new object: tokenized again
+    table = storage.join(memory_root, "rows.jsonl")
+    storage.write_text(table, '{"text": "a row"}\n{"text": "another row"}\n')
+    assert [d for batch in file_documents(table, args).batches() for d in batch] == ["a row", "another row"]
+    assert len(list((tmp_path / "downloads").glob("*.jsonl"))) == 1  # read by datasets from a local copy
+    storage.write_bytes(storage.join(memory_root, "bad.txt"), b"fine\nbad \xff byte\n")
+    with pytest.raises(DataError, match=rf"{memory_root}/bad.txt is not valid UTF-8 \(byte offset 9\)"):
+        list(file_documents(storage.join(memory_root, "bad.txt"), args).batches())
+    with pytest.raises(DataFileNotFoundError, match=rf"data file {memory_root}/missing.txt does not exist"):
+        file_documents(storage.join(memory_root, "missing.txt"), args)
