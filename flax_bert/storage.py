@@ -74,9 +74,12 @@ def _fs(url: str):
 
     try:
         return fsspec.core.url_to_fs(url)
-    except ImportError:
-        package = _PACKAGES.get(scheme(url), "the fsspec implementation of " + f"{scheme(url)}://")
-        raise MissingDependencyError(f"{url} needs {package}: pip install {package}") from None
+    except ImportError as err:
+        package = _PACKAGES.get(scheme(url))
+        if package is None:  # fsspec's own message names the package ("Install ocifs to access ...")
+            raise MissingDependencyError(f"{scheme(url)}:// paths: {str(err).splitlines()[0]} (reading {url})") from None
+        raise MissingDependencyError(f"{scheme(url)}:// paths need {package}: pip install {package} "
+                                     f"(reading {url})") from None
     except ValueError as err:
         if "Protocol not known" in str(err):
             raise UnsupportedURLError(f"{url}: fsspec knows no {scheme(url)}:// filesystem: use a local path or a "
@@ -178,7 +181,8 @@ def write_atomic(path, text: str) -> None:
         write_text(path, text)
         return
     target = local_path(path)
-    temporary = target.parent / f".{target.name}.tmp"
+    # hidden, and for a hidden file its name + .tmp: the names the output-directory guard knows as ours
+    temporary = target.parent / (f"{target.name}.tmp" if target.name.startswith(".") else f".{target.name}.tmp")
     temporary.write_text(text, encoding="utf-8")
     temporary.replace(target)
 

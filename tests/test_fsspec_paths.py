@@ -98,7 +98,7 @@ def test_where_checkpoints_go_and_url_errors(tmp_path):
     with pytest.raises(InputError, match="fsspec knows no nosuch:// filesystem"):
         storage.exists("nosuch://x/run")
     if importlib.util.find_spec("gcsfs") is None:
-        with pytest.raises(MissingDependencyError, match="pip install gcsfs"):
+        with pytest.raises(MissingDependencyError, match=r"^gs:// paths need gcsfs: pip install gcsfs \(reading gs://bucket/run/run_config.json\)$"):
             storage.isfile("gs://bucket/run/run_config.json")
 
 
