@@ -251,3 +251,26 @@ def test_data_files_on_a_url(memory_root, tmp_path):
         list(file_documents(storage.join(memory_root, "bad.txt"), args).batches())
     with pytest.raises(DataFileNotFoundError, match=rf"data file {memory_root}/missing.txt does not exist"):
         file_documents(storage.join(memory_root, "missing.txt"), args)
+
+
+def test_shared_cache_folders_on_a_url(memory_root, tmp_path):
+    from flax_bert import shared_cache
+
+    here, there = tmp_path / "host_a", tmp_path / "host_b"
+    built = here / "packed" / "key1"
+    built.mkdir(parents=True)
+    (built / "input_ids.npy").write_bytes(b"rows")
+    (built / "meta.json").write_text('{"rows": 1}')
+    unfinished = here / "packed" / "key2"  # no meta.json: still being written
+    unfinished.mkdir()
+    (unfinished / "input_ids.npy").write_bytes(b"half")
+    assert shared_cache.publish(memory_root, here, [built, unfinished]) == [built]
+    assert shared_cache.publish(memory_root, here, [built]) == []  # already there
+    storage.write_bytes(storage.join(memory_root, "packed", "key3", "input_ids.npy"), b"no marker")
+    wanted = [there / "packed" / "key1", there / "packed" / "key2", there / "packed" / "key3"]
+    assert shared_cache.fetch(memory_root, there, wanted) == [wanted[0]]  # only complete folders come down
+    assert (wanted[0] / "input_ids.npy").read_bytes() == b"rows" and not wanted[1].exists()
+    assert not list((there / "packed").glob(".download-*"))
+    (built / "input_ids.npy").write_bytes(b"rows, rebuilt")  # --overwrite_cache replaces the shared copy
+    assert shared_cache.publish(memory_root, here, [built], replace=True) == [built]
+    assert storage.read_bytes(storage.join(memory_root, "packed", "key1", "input_ids.npy")) == b"rows, rebuilt"
