@@ -254,7 +254,8 @@ def hub_documents(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None
     try:
         # --cache_dir also holds the downloaded dataset, as in the old script (unset: datasets' own cache)
         splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming,
-                                       cache_dir=str(resolve_cache_dir(args)) if args.cache_dir else None, token=args.token)
+                                       cache_dir=str(resolve_cache_dir(args)) if storage.is_url(args.cache_dir) else args.cache_dir,
+                                       token=args.token)
     except ConnectionError as err:
         raise DataError(
             f"cannot download dataset {label!r}: there is no network ({type(err).__name__}); "
