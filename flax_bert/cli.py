@@ -66,7 +66,6 @@ def prepare_main(argv) -> int:
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog="flax-bert prepare", defaults={"do_train": True, "do_eval": True})
-    import pathlib
 
     import jax
 
@@ -77,11 +76,13 @@ def prepare_main(argv) -> int:
     from flax_bert.pretrain import data_args_from_run, default_max_seq_length, resolve_model_config, resolve_tokenizer
 
     distributed.initialize(run)
-    run_tokenizer = pathlib.Path(run.output_dir) / "tokenizer"
-    if not (run.tokenizer_name or run.model_name_or_path or (run_tokenizer / "tokenizer_config.json").is_file()):
+    from flax_bert import storage
+
+    run_tokenizer = storage.join(run.output_dir, "tokenizer")  # a local path or a URL
+    if not (run.tokenizer_name or run.model_name_or_path or storage.isfile(storage.join(run_tokenizer, "tokenizer_config.json"))):
         raise InputError("prepare needs the run's tokenizer: pass --tokenizer_name (train one with "
                          "`flax-bert train-tokenizer`) or --model_name_or_path")
-    tokenizer = resolve_tokenizer(run, pathlib.Path(run.output_dir))
+    tokenizer = resolve_tokenizer(run, storage.absolute(run.output_dir))
     data_args = data_args_from_run(run)
     if data_args.max_seq_length is None:  # as train decides it, so that train finds these rows
         data_args.max_seq_length = default_max_seq_length(tokenizer, resolve_model_config(run, tokenizer))
@@ -99,10 +100,12 @@ def prepare_main(argv) -> int:
 
 def eval_main(argv) -> int:
     argv = list(argv)
-    if argv and not argv[0].startswith("-") and os.path.isdir(argv[0]):  # `flax-bert eval RUN_DIR`
+    from flax_bert import storage
+
+    if argv and not argv[0].startswith("-") and storage.isdir(argv[0]):  # `flax-bert eval RUN_DIR`
         folder = argv[0]
-        exported = (not os.path.isdir(os.path.join(folder, "checkpoints"))
-                    and os.path.isfile(os.path.join(folder, "config.json")))
+        exported = (not storage.isdir(storage.join(folder, "checkpoints"))
+                    and storage.isfile(storage.join(folder, "config.json")))
         # an exported (Hugging Face) folder has no checkpoint: its weights are the model to evaluate
         argv = ["--output_dir", folder, *(["--model_name_or_path", folder] if exported else []), *argv[1:]]
     return train_main(argv, prog="flax-bert eval", defaults={"do_train": False, "do_eval": True})

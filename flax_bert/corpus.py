@@ -104,6 +104,10 @@ def builtin_corpus_path(cache_dir: str | os.PathLike | None = None, rebuild: boo
     """
     stdlib = _stdlib_dir()
     tag = hashlib.sha256(f"{sys.version}|{stdlib}".encode()).hexdigest()[:12]
+    if cache_dir and "://" in str(cache_dir):  # a shared --cache_dir URL: this file stays on the local disk
+        from flax_bert import storage
+
+        cache_dir = storage.mirror(str(cache_dir))
     folder = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
     path = folder / "builtin_corpus" / f"stdlib-docs-py{sys.version_info[0]}.{sys.version_info[1]}-{tag}.jsonl"
     if path.is_file() and not rebuild:

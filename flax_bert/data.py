@@ -31,6 +31,7 @@ import tempfile
 
 import numpy as np
 
+from flax_bert import shared_cache, storage
 from flax_bert.bad_input import InputError
 from flax_bert.data_iterators import (Prefetcher, ShardedBatchIterator, check_data_shards, empty_rows,
                                       make_global_batch, owned_shards)
@@ -240,16 +241,21 @@ def _materialize(stream: DocumentStream, tokenizer, info: TokenizerInfo, args: D
                  only_shards: list[int] | None = None) -> ShardedRows | None:
     """This process's shards of ``stream`` (or ``only_shards`` of them: a `prepare` worker's) as packed
     rows, from the cache or built into it."""
-    cache_dir = resolve_cache_dir(args)
+    cache_dir = resolve_cache_dir(args)  # with --cache_dir on a URL: its local mirror (flax_bert.shared_cache)
+    shared = args.cache_dir if storage.is_url(args.cache_dir) else None
     nsp = args.objective == "mlm+nsp"
     shards = owned_shards(num_shards, process_index, process_count) if only_shards is None else only_shards
     token_keys = {s: tokenized_cache_key(info, stream, nsp, s, num_shards) for s in shards}
     folders = {s: cache_dir / "packed" / _packed_cache_key(token_keys[s], args, seed) for s in shards}
+    if shared and not args.overwrite_cache:
+        shared_cache.fetch(shared, cache_dir, [folders[s] for s in shards])
     missing = [s for s in shards if args.overwrite_cache or not (folders[s] / "meta.json").is_file()]
     if not missing and only_shards is None:
         logger.info("found the prepared %s data (%s, %d shard%s of %d) in %s: nothing to tokenize", split, stream.name,
                     len(shards), "" if len(shards) == 1 else "s", num_shards, cache_dir / "packed")
     if missing:
+        if shared and not args.overwrite_cache:  # packed with other settings, the same tokens
+            shared_cache.fetch(shared, cache_dir, [cache_dir / "tokenized" / token_keys[s] for s in missing])
         fresh = [cache_dir / "tokenized" / token_keys[s] for s in missing]
         fresh = [folder for folder in fresh if args.overwrite_cache or not (folder / "meta.json").is_file()]
         corpora = tokenize_shards_to_cache(stream, tokenizer, info, cache_dir, missing, num_shards, sentences=nsp,
@@ -262,6 +268,9 @@ def _materialize(stream: DocumentStream, tokenizer, info: TokenizerInfo, args: D
             for folder in fresh + [folders[s] for s in missing]:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
+        if shared:
+            shared_cache.publish(shared, cache_dir, [cache_dir / "tokenized" / token_keys[s] for s in missing]
+                                 + [folders[s] for s in missing], replace=args.overwrite_cache)
     loaded = {s: _load_rows(folders[s], info.pad_id) for s in shards}
     _log_document_stats(stream.name, [folders[s] for s in shards], process_count)
     if num_shards == 1 and loaded[0] is None:

@@ -27,6 +27,7 @@ import os
 import pathlib
 from typing import Callable, Iterator
 
+from flax_bert import storage
 from flax_bert.data_stream_cursor import Cursor, DatasetCursor, LineFileCursor, SelectCursor, SkippingCursor
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def _check_utf8_stream(path: pathlib.Path) -> int | None:
     import codecs
 
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as stream:
+    with storage.open(path, "rb") as stream:
         while chunk := stream.read(1 << 22):
             pending = len(decoder.getstate()[0])  # bytes of a split character carried from the last chunk
             try:
@@ -160,15 +161,15 @@ def _check_utf8_stream(path: pathlib.Path) -> int | None:
     return None
 
 
-def _cleaned_copy_path(path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
-    stat = path.stat()
-    return cache_dir / "utf8_clean" / f"{_hash(str(path), stat.st_size, stat.st_mtime_ns)}{path.suffix}"
+def _cleaned_copy_path(path, cache_dir: pathlib.Path) -> pathlib.Path:
+    size, version = storage.stat(path)
+    return cache_dir / "utf8_clean" / f"{_hash(str(path), size, version)}{storage.suffix(path)}"
 
 
 def _cleaned_copy(path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
     """A UTF-8-clean copy of a json/csv file (bad bytes dropped), for --skip_invalid_utf8."""
     target = _cleaned_copy_path(path, cache_dir)
-    raw = path.read_bytes()
+    raw = storage.read_bytes(path)
     text, skipped = _decode_line(raw, path, 0, skip=True)
     logger.warning("skipped %d invalid UTF-8 bytes in %s (--skip_invalid_utf8)", skipped, path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -201,17 +202,18 @@ def _text_batches_from_dataset(dataset, text_column: str, name: str) -> Iterator
 
 
 def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
-    """A local file as documents; raises at once on a missing, empty or unsupported file."""
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
+    """A local file or a URL (flax_bert.storage) as documents; raises at once on a missing, empty or
+    unsupported file."""
+    path = storage.absolute(path) if storage.is_url(path) else pathlib.Path(path).expanduser()
+    if not storage.isfile(path):
         raise DataFileNotFoundError(f"data file {path} does not exist: check --train_file/--validation_file")
-    stat = path.stat()
-    if stat.st_size == 0:
+    size, version = storage.stat(path)  # a URL's version: its etag, generation or mtime
+    if size == 0:
         raise DataError(f"data file {path} is empty: point --train_file/--validation_file at a file with text")
-    suffix = path.suffix.lower()
+    suffix = storage.suffix(path).lower()
     blocks = args.objective == "mlm+nsp" if args.blank_line_documents is None else args.blank_line_documents
     one_line_documents = not blocks
-    fingerprint = _hash("file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, args.text_column,
+    fingerprint = _hash("file", path if storage.is_url(path) else str(path.resolve()), size, version, args.text_column,
                         one_line_documents, args.skip_invalid_utf8)
     if suffix in TEXT_SUFFIXES:
         kind = "lines" if one_line_documents else "blocks"
@@ -224,11 +226,13 @@ def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
 
     def load(resumed: bool = False):
         source = path
+        if storage.is_url(path) and not args.streaming:  # datasets would download it too; this works offline
+            source = storage.local_copy(path, resolve_cache_dir(args) / "downloads")
         if resumed and args.skip_invalid_utf8 and suffix != ".parquet":  # the copy made when the run started, if any
             cleaned = _cleaned_copy_path(path, resolve_cache_dir(args))
-            source = cleaned if cleaned.is_file() else path
+            source = cleaned if cleaned.is_file() else source
         elif suffix != ".parquet" and not resumed:  # a resumed stream's file was checked when the run started
-            bad_offset = _check_utf8_stream(path)
+            bad_offset = _check_utf8_stream(source)
             if bad_offset is not None:
                 if not args.skip_invalid_utf8:
                     raise DataError(
@@ -263,7 +267,8 @@ def hub_documents(args: DataArgs) -> tuple[DocumentStream, DocumentStream | None
     try:
         # --cache_dir also holds the downloaded dataset, as in the old script (unset: datasets' own cache)
         splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming,
-                                       cache_dir=args.cache_dir, token=args.token)
+                                       cache_dir=str(resolve_cache_dir(args)) if storage.is_url(args.cache_dir) else args.cache_dir,
+                                       token=args.token)
     except ConnectionError as err:
         raise DataError(
             f"cannot download dataset {label!r}: there is no network ({type(err).__name__}); "
@@ -349,6 +354,8 @@ def _select(stream: DocumentStream, role: str, percentage: int, limit: int | Non
 def resolve_cache_dir(args: DataArgs) -> pathlib.Path:
     from flax_bert.corpus import default_cache_dir
 
+    if storage.is_url(args.cache_dir):  # a shared store: read through a local mirror (flax_bert.shared_cache)
+        return storage.mirror(args.cache_dir)
     return pathlib.Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
 
 

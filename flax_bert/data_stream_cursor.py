@@ -20,6 +20,8 @@ import json
 import logging
 import pathlib
 
+from flax_bert import storage
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ class LineFileCursor(Cursor):
     def __init__(self, path: pathlib.Path, kind: str, skip_invalid_utf8: bool = False, position: dict | None = None,
                  name: str | None = None):
         self.path, self.kind, self.skip_invalid_utf8, self.name = path, kind, skip_invalid_utf8, name or str(path)
-        size = pathlib.Path(path).stat().st_size
+        size = storage.stat(path)[0]
         if position is not None and position.get("size", size) != size:
             from flax_bert.data_sources import DataError
 
@@ -73,7 +75,7 @@ class LineFileCursor(Cursor):
 
         offset, documents, skipped = (self._position[k] for k in ("offset", "documents", "skipped"))
         block = []
-        with open(self.path, "rb") as lines:
+        with storage.open(self.path, "rb") as lines:
             lines.seek(offset)
             for raw in lines:
                 if self.kind == "jsonl":

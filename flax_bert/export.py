@@ -4,6 +4,10 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
+
+from flax_bert import storage
+from flax_bert.bad_input import InputFileExistsError
 
 log = logging.getLogger("flax_bert")
 
@@ -62,10 +66,25 @@ def model_card(model, tokenizer, run: dict, steps: int, global_batch: int, eval_
 
 
 def write_model_folder(model, folder, tokenizer, run: dict, steps: int, global_batch: int,
-                       eval_results: dict | None, overwrite: bool, architecture: str | None = None) -> pathlib.Path:
+                       eval_results: dict | None, overwrite: bool, architecture: str | None = None,
+                       load_path: str | None = None) -> pathlib.Path:
+    """`folder` may be a URL (flax_bert.storage): written locally, then uploaded (upload_export).
+    `load_path`: where the folder will be loaded from, for the model card (default: `folder`)."""
     from flax_bert.convert import save_hf
 
-    card = model_card(model, tokenizer, run, steps, global_batch, eval_results, str(folder))
+    if storage.is_url(folder):
+        if not overwrite and any(storage.exists(storage.join(folder, name)) for name in ("config.json", "model.safetensors")):
+            raise InputFileExistsError(f"{folder} already holds a model; pass --overwrite to replace it")
+        stage = storage.local_stage(folder)  # transformers writes local folders only
+        try:
+            write_model_folder(model, stage, tokenizer, run, steps, global_batch, eval_results, True, architecture,
+                               load_path=load_path or folder)
+            upload_export(stage, folder)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return folder
+
+    card = model_card(model, tokenizer, run, steps, global_batch, eval_results, load_path or str(folder))
     save_hf(model, folder, tokenizer=tokenizer, architecture=architecture, overwrite=overwrite,
             extra_files={"README.md": card})
     return pathlib.Path(folder)
@@ -85,6 +104,16 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
     if job.run.push_to_hub:
         push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo)
     return folder
+
+
+def upload_export(stage, url: str) -> None:
+    """A Hugging Face folder to a URL so that it is never mistaken for finished while incomplete: the old
+    config.json (if any) is deleted first, config.json is copied last, and nothing loads without it."""
+    old_config = storage.join(url, "config.json")
+    if storage.exists(old_config):
+        storage.remove(old_config)
+    names = storage.upload(stage, url, last=("config.json",))
+    log.info("uploaded the export (%d files, config.json last) to %s", len(names), url)
 
 
 def gathered_on_every_process(tree):
@@ -111,6 +140,7 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
     import huggingface_hub
 
     token = token or os.environ.get("HF_TOKEN")
+    folder = storage.fetch_folder(folder)  # the Hub client uploads local files
     files = ["config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt"]
     try:

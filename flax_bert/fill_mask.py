@@ -15,9 +15,13 @@ def load_for_inference(path: str, step: int | None = None):
 
     from flax_bert.convert import WEIGHT_FILES, load_hf
 
-    folder = pathlib.Path(path)
-    if step is None and (folder / "config.json").is_file() and any((folder / f).is_file() for f in WEIGHT_FILES):
+    from flax_bert import storage
+
+    if step is None and storage.isfile(storage.join(path, "config.json")) and any(
+            storage.isfile(storage.join(path, f)) for f in WEIGHT_FILES):
+        folder = storage.fetch_folder(path)  # a URL: a downloaded copy
         return load_hf(folder), AutoTokenizer.from_pretrained(str(folder))
+    folder = path if storage.is_url(path) else pathlib.Path(path)
     from flax_bert.run_dir import load_run_model
 
     model, tokenizer, _, _ = load_run_model(folder, step)

@@ -3,22 +3,33 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
+from flax_bert import storage
 from flax_bert.bad_input import InputFileNotFoundError
 
 
 class MetricsWriter:
-    """One JSON object per line in OUTPUT_DIR/metrics.jsonl, and TensorBoard event files (process 0 only)."""
+    """One JSON object per line in OUTPUT_DIR/metrics.jsonl, and TensorBoard event files (process 0 only).
 
-    def __init__(self, output_dir: str | pathlib.Path, enabled: bool = True):
+    With --output_dir on a URL both are written in a local folder and uploaded after every write: object
+    stores cannot append, and tensorboardX writes only local files (and gs:// with google-cloud-storage)."""
+
+    def __init__(self, output_dir, enabled: bool = True):
         self.enabled = enabled
-        self.path = pathlib.Path(output_dir) / "metrics.jsonl"
+        self.output_dir = output_dir
+        self._stage = storage.local_stage(output_dir) if enabled and storage.is_url(output_dir) else None
+        local_dir = self._stage or pathlib.Path(output_dir)
+        self.path = local_dir / "metrics.jsonl"
+        if self._stage is not None and storage.isfile(storage.join(output_dir, "metrics.jsonl")):
+            # a resumed run appends to what the earlier runs wrote
+            self.path.write_bytes(storage.read_bytes(storage.join(output_dir, "metrics.jsonl")))
         self._tensorboard = None
         if enabled:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tensorboard = SummaryWriter(str(pathlib.Path(output_dir) / "tensorboard"))
+                self._tensorboard = SummaryWriter(str(local_dir / "tensorboard"))
             except ImportError:  # metrics.jsonl still has everything
                 pass
 
@@ -33,10 +44,16 @@ class MetricsWriter:
                 if name != "step" and isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(name, value, step)
             self._tensorboard.flush()
+        if self._stage is not None:
+            storage.upload(self._stage, self.output_dir)
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._stage is not None:
+            storage.upload(self._stage, self.output_dir)
+            shutil.rmtree(self._stage, ignore_errors=True)
+            self._stage = None
 
 
 def _plain(value):
@@ -46,8 +63,8 @@ def _plain(value):
         return str(value)
 
 
-def read_metrics(output_dir: str | pathlib.Path) -> list[dict]:
-    path = pathlib.Path(output_dir) / "metrics.jsonl"
-    if not path.is_file():
+def read_metrics(output_dir) -> list[dict]:
+    path = storage.join(output_dir, "metrics.jsonl")
+    if not storage.isfile(path):
         raise InputFileNotFoundError(f"no metrics.jsonl in {output_dir}: is it a flax-bert run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

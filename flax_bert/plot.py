@@ -1,16 +1,18 @@
 """`flax-bert plot RUN_DIR`: training curves from metrics.jsonl to a PNG."""
 from __future__ import annotations
 
+import io
 import logging
 import pathlib
 
+from flax_bert import storage
 from flax_bert.metrics import read_metrics
 
 PANELS = (("loss", ("train_loss", "eval_loss")), ("MLM accuracy", ("mlm_accuracy", "eval_accuracy")),
           ("learning rate", ("learning_rate",)), ("tokens/s", ("tokens_per_second",)))
 
 
-def plot_run(run_dir: str, output: str | None = None) -> pathlib.Path:
+def plot_run(run_dir: str, output: str | None = None):
     # its first use builds a font cache and says so at INFO, which our INFO log would show after every run
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
@@ -31,9 +33,11 @@ def plot_run(run_dir: str, output: str | None = None) -> pathlib.Path:
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=8)
-    figure.suptitle(str(pathlib.Path(run_dir).resolve().name))
+    figure.suptitle(storage.name(run_dir) if storage.is_url(run_dir) else str(pathlib.Path(run_dir).resolve().name))
     figure.tight_layout()
-    path = pathlib.Path(output) if output else pathlib.Path(run_dir) / "curves.png"
-    figure.savefig(path, dpi=110)
+    path = output or storage.join(run_dir, "curves.png")
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
-    return path
+    storage.write_bytes(path, png.getvalue())  # a local path or a URL
+    return pathlib.Path(path) if not storage.is_url(path) else path

@@ -8,8 +8,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import pathlib
 import time
 from typing import Any
 
@@ -18,7 +16,7 @@ import numpy as np
 
 from flax_bert.bad_input import InputError, InputFileNotFoundError
 from flax_bert import checkpoint as ckpt_lib
-from flax_bert import distributed, host_allocator
+from flax_bert import distributed, host_allocator, storage
 from flax_bert.config import ModelConfig
 from flax_bert.convert import load_hf
 from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
@@ -38,7 +36,8 @@ log = logging.getLogger("flax_bert")
 def hub_options(run: RunConfig) -> dict[str, Any]:
     """What every download from the Hub takes: --token, --cache_dir (as the old script: downloads are cached
     there), and for tokenizers --trust_remote_code and --use_fast_tokenizer."""
-    return {"token": run.token, "cache_dir": run.cache_dir}
+    cache_dir = str(storage.mirror(run.cache_dir)) if storage.is_url(run.cache_dir) else run.cache_dir  # local
+    return {"token": run.token, "cache_dir": cache_dir}
 
 
 def tokenizer_options(run: RunConfig) -> dict[str, Any]:
@@ -51,9 +50,10 @@ def data_args_from_run(run: RunConfig) -> DataArgs:
 
 
 # ----------------------------------------------------------------------------- tokenizer and model
-def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path, start_dir: pathlib.Path | None = None):
+def resolve_tokenizer(run: RunConfig, output_dir, start_dir=None):
     """--tokenizer_name, else the model's own, else the run's (trained on its data on first start; never
-    when only evaluating). `start_dir`: the run directory of a --resume_from_checkpoint checkpoint."""
+    when only evaluating). `start_dir`: the run directory of a --resume_from_checkpoint checkpoint. Either
+    directory may be a URL (flax_bert.storage): the tokenizer is read from a downloaded copy."""
     from transformers import AutoTokenizer
 
     source = run.tokenizer_name or run.model_name_or_path
@@ -63,10 +63,10 @@ def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path, start_dir: pathl
         except (OSError, ValueError) as err:
             raise InputError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}): "
                              "pass --tokenizer_name with a local tokenizer folder") from None
-    for run_tokenizer in [output_dir / "tokenizer"] + ([start_dir / "tokenizer"] if start_dir else []):
-        if (run_tokenizer / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(run_tokenizer))
-    run_tokenizer = output_dir / "tokenizer"
+    for run_tokenizer in [storage.join(output_dir, "tokenizer")] + ([storage.join(start_dir, "tokenizer")] if start_dir else []):
+        if storage.isfile(storage.join(run_tokenizer, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(str(storage.fetch_folder(run_tokenizer)))
+    run_tokenizer = storage.join(output_dir, "tokenizer")
     if not run.do_train:
         raise InputFileNotFoundError(f"no tokenizer to evaluate with: {run_tokenizer} does not exist; pass --tokenizer_name")
     from flax_bert.tokenizer_training import train_tokenizer_from_args
@@ -74,10 +74,13 @@ def resolve_tokenizer(run: RunConfig, output_dir: pathlib.Path, start_dir: pathl
     kind = family(run.model_type or "roberta").tokenizer_kind
     log.info("no --tokenizer_name: training a %d-token %s tokenizer on the training data", run.tokenizer_vocab_size, kind)
     if jax.process_index() == 0:
+        stage = storage.local_stage(run_tokenizer)  # the folder itself, or a local one uploaded to the URL
         train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,
-                                  output_dir=run_tokenizer, model_max_length=run.max_seq_length or 512)
+                                  output_dir=stage, model_max_length=run.max_seq_length or 512)
+        # tokenizer_config.json, which says "the tokenizer is here", goes last
+        storage.publish(stage, run_tokenizer, last=("tokenizer_config.json",))
     distributed.barrier("tokenizer")
-    return AutoTokenizer.from_pretrained(str(run_tokenizer))
+    return AutoTokenizer.from_pretrained(str(storage.fetch_folder(run_tokenizer)))
 
 
 def resolve_model_config(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint | None = None) -> ModelConfig:
@@ -138,7 +141,8 @@ class Run:
         self.is_main = jax.process_index() == 0
         if not self.is_main:  # logs come from process 0; the others speak only of problems
             log.setLevel(logging.WARNING)
-        self.output_dir = pathlib.Path(run.output_dir).absolute()  # Orbax (TensorStore) needs absolute paths
+        # Orbax (TensorStore) needs absolute paths; a URL stays a URL (flax_bert.storage)
+        self.output_dir = storage.absolute(run.output_dir)
         self.start = ckpt_lib.resolve_start(run.output_dir, run.resume_from_checkpoint, run.model_name_or_path,
                                              overwrite_output_dir=run.overwrite_output_dir)
         if not run.do_train and self.start.kind == "fresh":
@@ -148,11 +152,11 @@ class Run:
             ckpt_lib.check_output_dir(run.output_dir, run.overwrite_output_dir, run.to_dict(),
                                       resuming=self.start.kind == "checkpoint")
         distributed.barrier("output_dir")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.output_dir)
         for name in ("train_ref_file", "validation_ref_file"):
             if getattr(run, name):
                 log.warning("--%s is ignored: the old run_mlm_flax.py accepted it without reading it either", name)
-        start_dir = (pathlib.Path(self.start.path).parent.parent
+        start_dir = (storage.parent(storage.parent(self.start.path))
                      if self.start.kind == "checkpoint" and self.start.source != "output_dir" else None)
         self.tokenizer = resolve_tokenizer(run, self.output_dir, start_dir)
         self.model_config = resolve_model_config(run, self.tokenizer, self.start)
@@ -213,7 +217,7 @@ class Run:
                                 self.trainer.abstract_state, self.trainer.state_shardings)
         if self.start.kind == "checkpoint":
             own = self.start.source == "output_dir"  # the writer may move a damaged checkpoint aside
-            source = self.checkpoints if own else ckpt_lib.Checkpointer.for_path(os.path.abspath(self.start.path))
+            source = self.checkpoints if own else ckpt_lib.Checkpointer.for_path(storage.absolute(self.start.path))
             restored = source.restore(abstract, step=self.start.step, reset_optimizer=self.trainer.fresh_opt_state
                                       if self.run.reset_optimizer else None)
             state, data_state, _, step = restored
@@ -240,7 +244,7 @@ class Run:
         """(parameters, step) to evaluate without training: the start checkpoint's or model's weights only,
         read without the optimizer state and without writing anything."""
         if self.start.kind == "checkpoint":
-            params, _, step = ckpt_lib.Checkpointer.for_path(os.path.abspath(self.start.path)).restore_params()
+            params, _, step = ckpt_lib.Checkpointer.for_path(storage.absolute(self.start.path)).restore_params()
             shardings = self.trainer.state_shardings.params
             return jax.tree.map(lambda value, sharding: jax.device_put(value, sharding), params, shardings), step
         return self.initial_state()[0].params, 0
@@ -440,9 +444,7 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
             eval_results.update(_against_unigram_baseline(job, eval_results))
         if eval_results and job.is_main:
             record = {"step": results.get("step", 0), **eval_results}
-            temporary = job.output_dir / ".eval_results.json.tmp"
-            temporary.write_text(json.dumps(record, indent=2) + "\n")
-            temporary.replace(job.output_dir / "eval_results.json")
+            storage.write_atomic(storage.join(job.output_dir, "eval_results.json"), json.dumps(record, indent=2) + "\n")
         results.update(eval_results)
     if run.do_train:
         export_run(job, params, eval_results=results)
@@ -465,8 +467,7 @@ def _against_unigram_baseline(job: Run, eval_results: dict) -> dict:
     return {"unigram_baseline_accuracy": accuracy}
 
 
-def _record_run_config(output_dir: pathlib.Path, options: dict) -> None:
+def _record_run_config(output_dir, options: dict) -> None:
     """run_config.json again once a default that needed the tokenizer (max_seq_length) is known."""
-    temporary = output_dir / f".{ckpt_lib.RUN_CONFIG_FILE}.tmp"
-    temporary.write_text(json.dumps(ckpt_lib.jsonable(options), indent=2, sort_keys=True) + "\n")
-    temporary.replace(output_dir / ckpt_lib.RUN_CONFIG_FILE)
+    storage.write_atomic(storage.join(output_dir, ckpt_lib.RUN_CONFIG_FILE),
+                         json.dumps(ckpt_lib.jsonable(options), indent=2, sort_keys=True) + "\n")

@@ -61,7 +61,7 @@ class RunConfig:
     # ---- data
     dataset_name: str | None = _field(None, "a Hugging Face datasets name (needs network); none and no files: the built-in corpus")
     dataset_config_name: str | None = _field(None, "the dataset's configuration, e.g. wikitext-2-raw-v1")
-    train_file: str | None = _field(None, "training text: .txt, .json/.jsonl, .csv or .parquet")
+    train_file: str | None = _field(None, "training text: .txt, .json/.jsonl, .csv or .parquet (a path or a URL: gs://...)")
     validation_file: str | None = _field(None, "evaluation text, same formats")
     train_ref_file: str | None = _field(None, "accepted for the old script, which never read it either (Chinese whole-word "
                                         "masking refs); ignored with a warning")
@@ -87,14 +87,14 @@ class RunConfig:
     data_shards: int | None = _field(None, "logical data shards, each tokenized by one process; fixed, they keep the "
                                      "batches the same for any number of processes (default 16, at most the global batch)")
     cache_dir: str | None = _field(None, "where downloaded models, tokenizers and datasets, tokenized data and the "
-                                   "built-in corpus are cached")
+                                   "built-in corpus are cached (a URL: tokenized data shared by hosts and runs)")
     overwrite_cache: bool = _field(False, "tokenize and pack again instead of reading the cache")
     skip_invalid_utf8: bool = _field(False, "skip undecodable lines (and count them) instead of stopping")
     max_train_samples: int | None = _field(None, "use the first N training documents")
     max_eval_samples: int | None = _field(None, "evaluate on the first N validation documents")
     tokenizer_vocab_size: int = _field(8192, "vocabulary of a tokenizer trained when --tokenizer_name is not given")
     # ---- training
-    output_dir: str | None = _field(None, "where checkpoints, metrics and the exported model go (required)")
+    output_dir: str | None = _field(None, "where checkpoints, metrics and the exported model go (required; a path or a URL: gs://...)")
     overwrite_output_dir: bool = _field(False, "allow a run to reuse an output_dir that holds another run's files")
     reset_optimizer: bool = _field(False, "resume a checkpoint whose optimizer state does not fit this run's optimizer "
                                    "options: keep its parameters, step and data position, start a fresh optimizer state")

@@ -7,16 +7,21 @@ import pathlib
 
 from flax import nnx
 
+from flax_bert import storage
 from flax_bert.bad_input import InputFileNotFoundError
 
 log = logging.getLogger("flax_bert")
 
 
-def load_run_tokenizer(run_dir: pathlib.Path, run: dict):
+def load_run_tokenizer(run_dir, run: dict):
+    """The run's own tokenizer folder (run_dir may be a URL: read from a downloaded copy), else the one it named."""
     from transformers import AutoTokenizer
 
-    for source in (run_dir / "tokenizer", run.get("tokenizer_name"), run.get("model_name_or_path")):
-        if source and (not isinstance(source, pathlib.Path) or (source / "tokenizer_config.json").is_file()):
+    own = storage.join(run_dir, "tokenizer")
+    if storage.isfile(storage.join(own, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(str(storage.fetch_folder(own)))
+    for source in (run.get("tokenizer_name"), run.get("model_name_or_path")):
+        if source:
             return AutoTokenizer.from_pretrained(str(source))
     raise InputFileNotFoundError(f"no tokenizer for the run {run_dir}: expected {run_dir}/tokenizer")
 
@@ -27,8 +32,9 @@ def load_run_model(run_dir, step: int | None = None):
     from flax_bert.config import ModelConfig
     from flax_bert.models import all_architectures
 
-    checkpointer = Checkpointer.for_path(pathlib.Path(run_dir).absolute())  # the run dir, its checkpoints/ or one checkpoints/STEP
-    run_dir = pathlib.Path(str(checkpointer.output_dir))
+    checkpointer = Checkpointer.for_path(storage.absolute(run_dir))  # the run dir, its checkpoints/ or one checkpoints/STEP
+    found = str(checkpointer.output_dir)
+    run_dir = found if storage.is_url(found) else pathlib.Path(found)
     params, bundle, step = checkpointer.restore_params(step)
     hf_config = bundle["model"]
     cfg = ModelConfig.from_hf_dict(hf_config, scan_layers=True)
@@ -60,7 +66,9 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw", max_grad_norm:
                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                     intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings)
     check_output_dir(run_dir, False, run.to_dict(), record=False)  # the train run records its own settings
-    tokenizer.save_pretrained(str(pathlib.Path(run_dir) / "tokenizer"))
+    stage = storage.local_stage(storage.join(run_dir, "tokenizer"))  # a URL: saved locally, then uploaded
+    tokenizer.save_pretrained(str(stage))
+    storage.publish(stage, storage.join(run_dir, "tokenizer"), last=("tokenizer_config.json",))
     # the optimizer state's structure (clipping or not) is the one the continuing run will build
     tx, schedule = make_optimizer(learning_rate=run.learning_rate, warmup_steps=0, total_steps=1, schedule="constant",
                                   max_grad_norm=max_grad_norm or None,
@@ -68,7 +76,7 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw", max_grad_norm:
     trainer = Trainer(cfg, StepConfig(masking=MaskingConfig.from_tokenizer(tokenizer), objective=objective), tx,
                       make_mesh("data=1", jax.devices()[:1]), schedule)
     state = trainer.init_state(params=nnx.state(model, nnx.Param).to_pure_dict())
-    with Checkpointer(pathlib.Path(run_dir).absolute(), save_steps=0) as checkpoints:
+    with Checkpointer(storage.absolute(run_dir), save_steps=0) as checkpoints:
         checkpoints.save(0, state, {}, {"run": run.to_dict(), "model": cfg.to_hf_dict(architecture)}, force=True)
         checkpoints.wait()
-    return pathlib.Path(str(checkpoints.directory)) / "0"
+    return storage.join(str(checkpoints.directory), "0")

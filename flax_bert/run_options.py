@@ -66,14 +66,17 @@ def mutable_options() -> list[str]:
 def stored_options(output_dir, resume_from_checkpoint: str | None = None) -> tuple[dict | None, str]:
     """(the stored run options, where they came from) of the run that --output_dir (or else
     --resume_from_checkpoint) continues; (None, "") for a new run."""
-    out = pathlib.Path(output_dir) if output_dir else None
-    if out is not None and (out / RUN_CONFIG_FILE).is_file():
+    from flax_bert import storage
+
+    out = (output_dir if storage.is_url(output_dir) else pathlib.Path(output_dir)) if output_dir else None
+    if out is not None and storage.isfile(storage.join(out, RUN_CONFIG_FILE)):
         try:
-            stored = json.loads((out / RUN_CONFIG_FILE).read_text())
+            stored = json.loads(storage.read_text(storage.join(out, RUN_CONFIG_FILE)))
         except ValueError:
             return None, ""  # the output-directory guard reports a run_config.json it cannot read
-        return (stored, str(out / RUN_CONFIG_FILE)) if isinstance(stored, dict) else (None, "")
-    for source in ([out] if out is not None else []) + ([pathlib.Path(resume_from_checkpoint)]
+        return (stored, str(storage.join(out, RUN_CONFIG_FILE))) if isinstance(stored, dict) else (None, "")
+    for source in ([out] if out is not None else []) + ([resume_from_checkpoint if storage.is_url(resume_from_checkpoint)
+                                                        else pathlib.Path(resume_from_checkpoint)]
                                                        if resume_from_checkpoint else []):
         bundle, path = newest_bundle_config(source)
         if bundle is not None:

@@ -10,12 +10,14 @@ import dataclasses
 import json
 import logging
 import os
+import pathlib
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flax_bert import storage
 from flax_bert.bad_input import InputFileNotFoundError
 from flax_bert.run_options import IMMUTABLE, OPTIMIZER_STATE
 
@@ -60,7 +62,7 @@ def complete_steps(directory) -> list[int]:
 
 def locate_checkpoints(path) -> tuple[epath.Path, int | None]:
     """(checkpoints folder, step or None) for a run directory, a checkpoints/ folder or a checkpoints/STEP folder."""
-    path = epath.Path(path)
+    path = storage.checkpoint_path(path) if storage.is_url(path) else epath.Path(path)
     if path.name.isdigit() and int(path.name) in complete_steps(path.parent):
         return path.parent, int(path.name)
     if ".orbax-checkpoint-tmp" in path.name:
@@ -109,11 +111,11 @@ def resolve_start(output_dir, resume_from_checkpoint: str | None = None, model_n
     """The latest complete checkpoint in output_dir, else --resume_from_checkpoint, else
     --model_name_or_path (weights only), else fresh. With overwrite_output_dir the output_dir's own
     checkpoints are about to be deleted (check_output_dir), so they do not count."""
-    own = epath.Path(output_dir) / CHECKPOINTS
+    own = storage.checkpoint_path(storage.join(output_dir, CHECKPOINTS))
     steps = [] if overwrite_output_dir else complete_steps(own)
     if steps:
         return StartPoint("checkpoint", str(own / str(steps[-1])), steps[-1], "output_dir")
-    set_aside = epath.Path(output_dir) / DAMAGED
+    set_aside = storage.checkpoint_path(storage.join(output_dir, DAMAGED))
     if not overwrite_output_dir and set_aside.is_dir() and any(set_aside.iterdir()):
         # a run that trained and lost every checkpoint: starting again at step 0 would throw its work away
         names = ", ".join(sorted(p.name for p in set_aside.iterdir()))
@@ -141,10 +143,10 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
     runs write. `overwrite` deletes only OWNED_ENTRIES at the top level and keeps everything else.
     Call it on one process, before resolve_start(..., overwrite_output_dir=overwrite)'s result is used.
     Returns the names it deleted."""
-    out = epath.Path(output_dir)
-    if out.exists() and not out.is_dir():
+    out = storage.absolute(output_dir) if storage.is_url(output_dir) else pathlib.Path(output_dir)  # flax_bert.storage
+    if storage.isfile(out):
         raise OutputDirError(f"--output_dir {out} is a file: choose a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    entries = storage.listdir(out)
     problem = _foreign(out, entries, run_config, resuming)
     if problem and not overwrite:
         raise OutputDirError(f"--output_dir {out} {problem}: pass --overwrite_output_dir to replace it "
@@ -159,30 +161,28 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
                                  f"in its {WRITTEN_RECORD}): move them away or choose another --output_dir")
         deleted = [name for name in entries if name in ours and name != WRITTEN_RECORD]
     for name in deleted:
-        (out / name).rmtree() if (out / name).is_dir() else (out / name).unlink()
+        storage.remove(storage.join(out, name))
     if deleted:
         kept = [name for name in entries if name not in ours]
         log.warning("--overwrite_output_dir: deleted %s from %s%s", ", ".join(deleted), out,
                     f" (kept {', '.join(kept)}: flax-bert did not write them)" if kept else "")
-    out.mkdir(parents=True, exist_ok=True)
-    present = {p.name for p in out.iterdir()}
+    storage.makedirs(out)
+    present = set(storage.listdir(out))
     _record_written(out, sorted((ours & present) | (OWNED_ENTRIES - present) | {WRITTEN_RECORD}))
     if not record:
         return deleted
-    temporary = out / f".{RUN_CONFIG_FILE}.tmp"
-    temporary.write_text(json.dumps(jsonable(run_config), indent=2, sort_keys=True) + "\n")
-    temporary.replace(out / RUN_CONFIG_FILE)
+    storage.write_atomic(storage.join(out, RUN_CONFIG_FILE), json.dumps(jsonable(run_config), indent=2, sort_keys=True) + "\n")
     return deleted
 
 
-def _written_here(out: epath.Path, entries: list[str]) -> set[str]:
+def _written_here(out, entries: list[str]) -> set[str]:
     """The top-level names of `out` that this tool created: its WRITTEN_RECORD lists them (each run claims, at
     its start, the names it may write and that do not exist yet); a run directory older than the record is
     known by its run_config.json; anything else holds nothing of ours."""
-    record = out / WRITTEN_RECORD
-    if record.exists():
+    record = storage.join(out, WRITTEN_RECORD)
+    if WRITTEN_RECORD in entries:
         try:
-            names = json.loads(record.read_text())["written"]
+            names = json.loads(storage.read_text(record))["written"]
         except (OSError, ValueError, KeyError, TypeError):
             raise OutputDirError(f"{record} is unreadable: delete it only if flax-bert wrote everything in {out}, "
                                  "or choose another --output_dir") from None
@@ -192,35 +192,39 @@ def _written_here(out: epath.Path, entries: list[str]) -> set[str]:
     return set()
 
 
-def _record_written(out: epath.Path, names: list[str]) -> None:
-    temporary = out / f"{WRITTEN_RECORD}.tmp"
-    temporary.write_text(json.dumps({"written": names}, indent=1) + "\n")
-    temporary.replace(out / WRITTEN_RECORD)
+def _record_written(out, names: list[str]) -> None:
+    storage.write_atomic(storage.join(out, WRITTEN_RECORD), json.dumps({"written": names}, indent=1) + "\n")
 
 
 INPUT_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file", "validation_file",
                  "resume_from_checkpoint")
 
 
-def _check_overwrite_spares_inputs(out: epath.Path, run_config: dict) -> None:
+def _check_overwrite_spares_inputs(out, run_config: dict) -> None:
     """--overwrite_output_dir must never delete what the run is about to read."""
-    root = os.path.realpath(os.fspath(out))
+    root = _comparable(out)
     for option in INPUT_OPTIONS:
         value = run_config.get(option)
-        if isinstance(value, str) and value and os.path.exists(value):
-            path = os.path.realpath(value)
-            if path == root or path.startswith(root + os.sep):
+        if isinstance(value, str) and value and (storage.is_url(value) or os.path.exists(value)):
+            path, separator = _comparable(value), "/" if storage.is_url(str(root)) else os.sep
+            if path == root or path.startswith(root + separator):
                 raise OutputDirError(f"--output_dir {out} holds this run's input (--{option} {value}), which "
                                      "--overwrite_output_dir would delete: choose another --output_dir")
 
 
-def _foreign(out: epath.Path, entries: list[str], run_config: dict, resuming: bool) -> str | None:
+def _comparable(path) -> str:
+    """A path spelled one way: the real local path (also for file:// URLs), or the URL itself."""
+    local = storage.local_path(path)
+    return os.path.realpath(local) if local is not None else str(storage.absolute(path))
+
+
+def _foreign(out, entries: list[str], run_config: dict, resuming: bool) -> str | None:
     """Why `out` is not this run's directory, or None."""
     if not entries:
         return None
     if RUN_CONFIG_FILE in entries:
         try:
-            theirs = json.loads((out / RUN_CONFIG_FILE).read_text())
+            theirs = json.loads(storage.read_text(storage.join(out, RUN_CONFIG_FILE)))
         except (OSError, ValueError):
             theirs = None
         if not isinstance(theirs, dict):
@@ -232,7 +236,7 @@ def _foreign(out: epath.Path, entries: list[str], run_config: dict, resuming: bo
     unknown = [name for name in entries if name not in OWNED_ENTRIES]
     if unknown:
         return f"holds files flax-bert did not write ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})"
-    if resuming and complete_steps(out / CHECKPOINTS):
+    if resuming and complete_steps(storage.checkpoint_path(storage.join(out, CHECKPOINTS))):
         return None
     return f"holds another run's files without its {RUN_CONFIG_FILE} ({', '.join(entries[:5])})"
 
