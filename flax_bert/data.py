@@ -45,7 +45,7 @@ from flax_bert.data_tokenize import (CACHE_VERSION, TokenizedCorpus, TokenizerIn
 
 __all__ = ["DataArgs", "DataError", "PackedRows", "ShardedRows", "StreamingRows", "ShardedBatchIterator",
            "StreamingBatchIterator", "Prefetcher", "build_datasets", "check_tokenizer_fits", "make_global_batch",
-           "resolve_data_shards", "tokenizer_info"]
+           "resolve_data_shards", "tokenizer_info", "validation_shards"]
 
 logger = logging.getLogger(__name__)
 _PACK_CHUNK_TOKENS = 1 << 22  # documents are packed this many tokens at a time (bounded memory)
@@ -60,6 +60,13 @@ def resolve_data_shards(requested: int | None, process_count: int, global_batch_
         return requested
     shards = math.lcm(DEFAULT_DATA_SHARDS, process_count)
     return shards if shards <= global_batch_size else process_count
+
+
+def validation_shards(process_count: int) -> int:
+    """Logical shards of the validation rows (each is packed on its own): the default count whatever the
+    training batch or --data_shards, so every run scores the same rows, and evaluating an exported model
+    scores what its training run's last evaluation did."""
+    return math.lcm(DEFAULT_DATA_SHARDS, process_count)
 
 
 class PackedRows:
@@ -350,7 +357,8 @@ def build_datasets(args: DataArgs, tokenizer, seed: int = 0, process_index: int 
     check_data_shards(num_shards, process_count)
     layout = (num_shards, process_index, process_count)
     train = _materialize(train_stream, tokenizer, info, args, seed, "train", *layout) if "train" in splits else None
-    evaluation = _materialize(eval_stream, tokenizer, info, args, seed, "validation", *layout) if eval_stream else None
+    evaluation = (_materialize(eval_stream, tokenizer, info, args, seed, "validation", validation_shards(process_count),
+                               process_index, process_count) if eval_stream else None)
     return train, evaluation
 
 

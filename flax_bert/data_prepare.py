@@ -85,22 +85,24 @@ def prepare_data(args: DataArgs, tokenizer, seed: int, process_index: int, proce
     if args.streaming:
         raise DataError("--streaming tokenizes on the fly and caches nothing: drop --streaming to prepare the data")
     workers = max(1, workers or os.cpu_count() or 1)
-    num_shards = args.data_shards or 1
-    shards = owned_shards(num_shards, process_index, process_count)
+    from flax_bert.data import tokenizer_info, validation_shards
+
+    shard_counts = {"train": args.data_shards or 1, "validation": validation_shards(process_count)}
     single_threaded = dataclasses.replace(args, preprocessing_num_workers=1)  # one core per worker
     _, eval_stream = document_streams(args)  # checks the sources before any worker starts
     splits = ["train"] + (["validation"] if eval_stream is not None else [])
-    from flax_bert.data import tokenizer_info
-
     info = tokenizer_info(tokenizer)
     shipped = None if info.backend is not None else tokenizer  # the Rust backend is all a worker needs
     results = []
-    groups = [shards[i::workers] for i in range(min(workers, len(shards)))]
+    owned = {split: owned_shards(shard_counts[split], process_index, process_count) for split in splits}
+    pool_size = min(workers, max(len(shards) for shards in owned.values()))
     spawn = multiprocessing.get_context("spawn")
-    with (concurrent.futures.ProcessPoolExecutor(len(groups), mp_context=spawn) if len(groups) > 1
+    with (concurrent.futures.ProcessPoolExecutor(pool_size, mp_context=spawn) if pool_size > 1
           else contextlib.nullcontext()) as pool:
         for split in splits:
             start = time.perf_counter()
+            shards, num_shards = owned[split], shard_counts[split]
+            groups = [shards[i::pool_size] for i in range(min(pool_size, len(shards)))]
             jobs = [(single_threaded, shipped, info, seed, split, group, num_shards, process_index, process_count)
                     for group in groups]
             if pool is None:

@@ -20,7 +20,7 @@ from flax_bert import distributed, host_allocator, storage
 from flax_bert.config import ModelConfig
 from flax_bert.convert import load_hf
 from flax_bert.data import (DataArgs, Prefetcher, StreamingRows, build_datasets, check_tokenizer_fits,
-                            make_global_batch, resolve_data_shards)
+                            make_global_batch, resolve_data_shards, validation_shards)
 from flax_bert.data_streaming import states_of_every_process
 from flax_bert.models import family, model_class_for
 from flax_bert.metrics import MetricsWriter
@@ -177,10 +177,13 @@ class Run:
         self.global_batch = self.micro_batch * run.gradient_accumulation_steps
         data_args = data_args_from_run(run)
         data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), self.global_batch)
-        if not run.streaming:
-            log.info("data in %d logical shards, %d per process (pass --data_shards %d to keep the same batches "
-                     "with another number of processes)", data_args.data_shards,
+        if not run.streaming and run.do_train:
+            log.info("training data in %d logical shards, %d per process (pass --data_shards %d to keep the same "
+                     "batches with another number of processes)", data_args.data_shards,
                      data_args.data_shards // jax.process_count(), data_args.data_shards)
+        if not run.streaming:
+            log.info("validation data in %d logical shards (for any batch size and --data_shards)",
+                     validation_shards(jax.process_count()))
         self.train_rows, self.eval_rows = build_datasets(data_args, self.tokenizer, seed=run.seed,
                                                          splits=("train", "validation") if run.do_train else ("validation",))
         self.total_steps = self._total_steps() if run.do_train else 1

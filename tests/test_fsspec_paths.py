@@ -187,14 +187,16 @@ def test_url_run_trains_checkpoints_resumes_and_exports(url_runs):
 def test_url_inputs_and_shared_cache(url_runs):
     root, _, first, second = url_runs
     assert f"file://{root}/train.txt (all): 250 documents" in first.stderr
-    assert "uploaded 2 cache folders to the shared --cache_dir" in first.stderr  # train and validation
+    # train: 1 shard (a batch of 4), validation: always 16; tokenized and packed folders of each
+    assert "uploaded 2 cache folders to the shared --cache_dir" in first.stderr
+    assert "uploaded 32 cache folders to the shared --cache_dir" in first.stderr
     shared = root / "shared"
-    assert len(list((shared / "packed").iterdir())) == 2 and len(list((shared / "tokenized").iterdir())) == 2
+    assert len(list((shared / "packed").iterdir())) == 17 and len(list((shared / "tokenized").iterdir())) == 17
     assert "downloaded 1 cache folder (packed/" in second.stderr and "nothing to tokenize" in second.stderr
     assert "cache folders to the shared" not in second.stderr  # nothing new to upload
     assert not list((root / "host_b" / "remote").glob("*-shared/tokenized"))  # the second host tokenized nothing
     mirrors = list((root / "host_b" / "remote").glob("*-shared/packed/*/meta.json"))
-    assert len(mirrors) == 2 and all(json.loads(m.read_text())["rows"] > 0 for m in mirrors)
+    assert len(mirrors) == 17 and all(json.loads(m.read_text())["rows"] > 0 for m in mirrors)
 
 
 def test_url_run_reads_back_and_plots(url_runs):
