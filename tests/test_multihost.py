@@ -285,6 +285,27 @@ def test_the_killed_run_resumes_from_its_checkpoint_and_ends_identical(killed_ru
     assert_same_parameters(resumed.out, two.out, rtol=0)
 
 
+def test_a_streamed_two_process_run_resumes_each_process_at_its_own_position(work, reference_runs):
+    """--streaming on 2 processes: each streams its own documents, the checkpoint holds both positions,
+    and the run cut back to checkpoint 6 goes on without replaying and ends bit for bit as it would have."""
+    streamed = ["--streaming", "--shuffle_buffer_size", "32", "--max_steps", str(STEPS)]
+    reference = Launch(work, "streamed", 2, streamed).succeed()
+    assert complete_checkpoints(reference.out) == [SAVE_EVERY, STEPS]
+    saved = json.loads((reference.out / "checkpoints" / str(SAVE_EVERY) / "data" / "metadata").read_text())
+    assert saved["process_count"] == 2 and [state["process_index"] for state in saved["processes"]] == [0, 1]
+    assert saved["processes"][0]["snapshot"] != saved["processes"][1]["snapshot"]  # documents i % 2 each
+
+    cut = work / "streamed_cut"
+    shutil.copytree(reference.out, cut)
+    (cut / "model.safetensors").unlink()
+    shutil.rmtree(cut / "checkpoints" / str(STEPS))
+    resumed = Launch(work, "streamed_resumed", 2, streamed, output_dir=cut).succeed()
+    assert f"resuming from checkpoint {cut / 'checkpoints' / str(SAVE_EVERY)}" in resumed.log(0)
+    assert "no replay" in resumed.log(0), resumed.log_tail()
+    assert not any("replaying" in resumed.log(index) for index in range(2)), resumed.log_tail()
+    assert_same_parameters(cut, reference.out, rtol=0)
+
+
 def test_the_heartbeat_timeout_comes_from_the_environment(monkeypatch):
     from flax_bert import distributed
 
