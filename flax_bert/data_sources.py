@@ -325,21 +325,8 @@ def _select(stream: DocumentStream, role: str, percentage: int, limit: int | Non
     """Carves train or validation out of one stream (i % 100 < percentage -> validation), then keeps
     the first ``limit`` documents."""
 
-    def read():
-        index, kept = 0, 0
-        for batch in stream.batches():
-            chosen = []
-            for text in batch:
-                if role == "all" or ((index % 100 < percentage) == (role == "validation")):
-                    chosen.append(text)
-                index += 1
-            if limit is not None:
-                chosen = chosen[: limit - kept]
-            kept += len(chosen)
-            if chosen:
-                yield chosen
-            if limit is not None and kept >= limit:
-                return
+    def read():  # the cursor a resumed stream opens, from the start
+        yield from _batched(SelectCursor(stream.cursor, role, percentage, limit))
 
     def split_by_files(process_index: int, process_count: int) -> DocumentStream | None:
         own = stream.files_of_process(process_index, process_count)

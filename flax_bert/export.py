@@ -109,10 +109,7 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
 def upload_export(stage, url: str) -> None:
     """A Hugging Face folder to a URL so that it is never mistaken for finished while incomplete: the old
     config.json (if any) is deleted first, config.json is copied last, and nothing loads without it."""
-    old_config = storage.join(url, "config.json")
-    if storage.exists(old_config):
-        storage.remove(old_config)
-    names = storage.upload(stage, url, last=("config.json",))
+    names = storage.upload_marker_last(stage, url, "config.json")
     log.info("uploaded the export (%d files, config.json last) to %s", len(names), url)
 
 

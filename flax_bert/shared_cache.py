@@ -14,6 +14,7 @@ import shutil
 import tempfile
 
 from flax_bert import storage
+from flax_bert.data_tokenize import publish_folder
 
 log = logging.getLogger("flax_bert")
 
@@ -33,8 +34,7 @@ def fetch(url: str, local_cache: pathlib.Path, folders: list[pathlib.Path]) -> l
         staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".download-"))
         try:
             storage.download(remote, staging)
-            shutil.rmtree(folder, ignore_errors=True)
-            staging.rename(folder)  # appears whole, as every cache folder does
+            publish_folder(staging, folder)  # appears whole, as every cache folder does
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         fetched.append(folder)
@@ -54,11 +54,9 @@ def publish(url: str, local_cache: pathlib.Path, folders: list[pathlib.Path], re
         remote = storage.join(url, relative)
         if not (folder / MARKER).is_file():
             continue
-        if storage.isfile(storage.join(remote, MARKER)):
-            if not replace:
-                continue
-            storage.remove(storage.join(remote, MARKER))
-        storage.upload(folder, remote, last=(MARKER,))
+        if storage.isfile(storage.join(remote, MARKER)) and not replace:
+            continue
+        storage.upload_marker_last(folder, remote, MARKER)
         uploaded.append(folder)
     if uploaded:
         log.info("uploaded %d cache folder%s to the shared --cache_dir %s", len(uploaded),

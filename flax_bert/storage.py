@@ -241,6 +241,15 @@ def upload(local_folder, url: str, last: tuple[str, ...] = ()) -> list[str]:
     return ordered
 
 
+def upload_marker_last(local_folder, url: str, marker: str) -> list[str]:
+    """Upload a folder whose `marker` file says it is complete (a cache folder's meta.json, an export's
+    config.json) over what `url` may hold: the old marker is deleted first and the new one goes up last,
+    so no reader takes a half-replaced folder for a complete one. Returns the names copied."""
+    if exists(join(url, marker)):
+        remove(join(url, marker))
+    return upload(local_folder, url, last=(marker,))
+
+
 def publish(stage, path, last: tuple[str, ...] = ()) -> None:
     """Make the folder built in `stage` (from `local_stage(path)`) appear at `path`."""
     if not is_url(path):
