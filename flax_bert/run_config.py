@@ -271,12 +271,17 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "run_mlm_flax.py
         run = RunConfig(**{**(defaults or {}), **given, **implied}).validate()
     except ValueError as err:
         parser.error(str(err))
-    setattr(run, EXPLICIT, frozenset(given))
+    # an old flag that spells a new option (--adafactor, --gradient_checkpointing) sets it as explicitly as
+    # the new flag would: a continued run must not take the stored value over it
+    setattr(run, EXPLICIT, frozenset(given) | {name for name in implied if name in ALIASED_OPTIONS})
     import logging
 
     for decision in decisions:
         logging.getLogger("flax_bert").info("%s", decision)
     return run
+
+
+ALIASED_OPTIONS = ("optimizer", "adafactor", "remat_policy")  # options implied_options sets from an old flag's alias
 
 
 def implied_options(given: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

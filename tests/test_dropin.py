@@ -146,6 +146,19 @@ def test_a_continued_run_takes_its_stored_options_and_refuses_immutable_changes(
                                                    "--overwrite_output_dir"])).hidden_size == 64
 
 
+def test_old_flags_that_spell_new_options_are_not_overridden_by_the_stored_run(tmp_path):
+    from flax_bert.run_config import parse_run_config
+    from flax_bert.run_options import reconcile_with_stored
+
+    stored = parse_run_config(["--output_dir", str(tmp_path), "--hidden_size", "32"])
+    (tmp_path / "run_config.json").write_text(json.dumps(stored.to_dict()))
+    resumed = reconcile_with_stored(parse_run_config(["--output_dir", str(tmp_path), "--gradient_checkpointing"]))
+    assert resumed.remat_policy == "full"  # was: the stored "none", the flag silently ignored
+    switched = parse_run_config(["--output_dir", str(tmp_path), "--adafactor"])
+    switched.reset_optimizer = True
+    assert reconcile_with_stored(switched).optimizer == "adafactor"  # was: "adamw", then refused with --adafactor
+
+
 def test_adafactor_is_optax_adafactor_with_the_schedule():
     import jax.numpy as jnp
     import optax
