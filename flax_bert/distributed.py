@@ -86,6 +86,15 @@ def process_sum(value: int) -> int:
     return int(np.sum(np.asarray(gathered, np.int64)))
 
 
+def process_sum_array(values: np.ndarray) -> np.ndarray:
+    """The element-wise sum of ``values`` (int64, the same shape on every process) over all processes."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64))).sum(axis=0)
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when ``flag`` is true on at least one."""
     return process_sum(int(bool(flag))) > 0

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from flax_bert import distributed
+
 
 def _token_counts(rows, vocab_size: int, special_ids) -> np.ndarray | None:
-    """Counts of every token id over the cached rows of `rows` (None for streamed data)."""
+    """Counts of every token id over the cached rows of `rows`, all processes' shards together (a collective;
+    None for streamed data)."""
     shards = getattr(rows, "shards", None)
     if not shards:
         return None
@@ -19,7 +22,7 @@ def _token_counts(rows, vocab_size: int, special_ids) -> np.ndarray | None:
         ids = np.asarray(shard.arrays["input_ids"]).ravel()
         counts += np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)[:vocab_size]
     counts[[i for i in special_ids if 0 <= i < vocab_size]] = 0
-    return counts
+    return distributed.process_sum_array(counts)  # each process holds only its own shards
 
 
 def unigram_baseline(train_rows, eval_rows, vocab_size: int, special_ids) -> tuple[int, float] | None:

@@ -229,6 +229,8 @@ def test_two_processes_evaluate_every_row_once_like_one(work, reference_runs):
     assert one["eval_loss"] > 0 and two["eval_loss"] > 0
     np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=0.05)
     np.testing.assert_allclose(two["eval_accuracy"], one["eval_accuracy"], atol=0.05)
+    # the baseline counts every process's shards: the same data, the same number
+    assert two["unigram_baseline_accuracy"] == pytest.approx(one["unigram_baseline_accuracy"], rel=1e-12)
 
 
 def test_each_process_reads_only_its_own_share_of_each_batch(reference_runs):
