@@ -96,7 +96,9 @@ def _stable_adamw(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.Gradi
     """StableAdamW (Wortsman et al. 2023, as ModernBERT trains): AdamW whose step for each tensor is
     divided by max(1, RMS(g² / v̂)), Adafactor's update clipping, so a gradient spike far beyond the
     second-moment estimate cannot take a full step. For stacked layers the RMS is taken per layer slice
-    (the leading axis of parameters under a `layer`/`layers` module), as for unstacked ones."""
+    (the leading axis of parameters under a `layer`/`layers` module), as for unstacked ones. The learning
+    rate comes last, from optax.scale_by_learning_rate as in AdamW, so the schedule's step lives in the
+    ScaleByScheduleState that --reset_optimizer carries on (Trainer.fresh_opt_state)."""
 
     def init(params):
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -107,22 +109,19 @@ def _stable_adamw(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.Gradi
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["mu"], grads)
         nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["nu"], grads)
         c1, c2 = 1 - b1 ** count, 1 - b2 ** count
-        lr = learning_rate(state["count"]) if callable(learning_rate) else learning_rate
-        decays = mask(params) if callable(mask) else jax.tree.map(lambda _: True, params)
 
         def one(path, g, m, v, p, decay):
             v_hat = v / c2
             ratio = g * g / jnp.maximum(v_hat, eps * eps)
             axes = tuple(range(1, g.ndim)) if is_stacked_layer(path) and g.ndim > 1 else None
             rms = jnp.sqrt(jnp.mean(ratio, axis=axes, keepdims=axes is not None))
-            step_lr = lr / jnp.maximum(1.0, rms)
             step = (m / c1) / (jnp.sqrt(v_hat) + eps) + (weight_decay * p if decay else 0.0)
-            return -step_lr * step
+            return step / jnp.maximum(1.0, rms)
 
-        updates = jax.tree_util.tree_map_with_path(one, grads, mu, nu, params, decays)
+        updates = jax.tree_util.tree_map_with_path(one, grads, mu, nu, params, mask(params))
         return updates, {"count": count, "mu": mu, "nu": nu}
 
-    return optax.GradientTransformation(init, update)
+    return optax.chain(optax.GradientTransformation(init, update), optax.scale_by_learning_rate(learning_rate))
 
 
 def _path_names(path) -> list[str]:

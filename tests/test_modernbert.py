@@ -193,7 +193,8 @@ def test_train_step_shards_on_a_data_fsdp_tensor_mesh_and_checkpoints(tmp_path):
     assert params["model"]["layers"]["attn"]["Wqkv"]["kernel"].spec == P(None, "fsdp", "tensor")
     assert params["model"]["layers"]["mlp"]["Wo"]["kernel"].spec == P(None, "tensor", "fsdp")
     assert params["model"]["embeddings"]["tok_embeddings"]["embedding"].spec == P("tensor", "fsdp")
-    assert trainer.state_shardings.opt_state[-1]["nu"]["model"]["layers"]["mlp"]["Wi"]["kernel"].spec == \
+    moments = trainer.state_shardings.opt_state[-1][0]  # (StableAdamW's moments, the schedule's step)
+    assert moments["nu"]["model"]["layers"]["mlp"]["Wi"]["kernel"].spec == \
         params["model"]["layers"]["mlp"]["Wi"]["kernel"].spec
     batch = {name: jax.ShapeDtypeStruct((8, SEQ), dtype, sharding=batch_sharding(trainer.mesh))
              for name, dtype in (("input_ids", jnp.int32), ("segment_ids", jnp.int32), ("word_starts", jnp.bool_))}

@@ -51,6 +51,27 @@ def test_stableadamw_is_adamw_until_a_gradient_spike_then_clips_per_layer():
     np.testing.assert_allclose(np.asarray(s_w[1]), np.asarray(a_w[1]) / rms, rtol=1e-4)
 
 
+def test_stableadamw_keeps_its_schedule_where_reset_optimizer_carries_it_on():
+    """--reset_optimizer (Trainer.fresh_opt_state) sets the count of the state's ScaleByScheduleState to the
+    restored step: StableAdamW's learning rate must come from there, or a reset warms up again from 0."""
+    import optax
+
+    params = {"w": {"kernel": jnp.ones((3, 4))}}
+    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+    tx, schedule = optim.make_optimizer(optimizer="stableadamw", learning_rate=1e-2, warmup_steps=5, total_steps=20,
+                                        schedule="linear", weight_decay=0.0, max_grad_norm=None)
+    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+
+    def at_step(step):
+        state = jax.tree.map(lambda node: node._replace(count=jnp.asarray(step, node.count.dtype))
+                             if is_schedule(node) else node, tx.init(params), is_leaf=is_schedule)
+        return tx.update(grads, state, params)[0]["w"]["kernel"]
+
+    assert any(is_schedule(n) for n in jax.tree.leaves(tx.init(params), is_leaf=is_schedule))
+    np.testing.assert_allclose(np.asarray(at_step(12)), np.asarray(at_step(1)) * float(schedule(12) / schedule(1)),
+                               rtol=1e-5)
+
+
 def test_eval_mask_rate_defaults_to_the_training_rate_and_can_differ():
     old = parse_run_config(["--output_dir", "runs/x", "--mlm_probability", "0.2"])
     assert old.eval_mlm_probability is None  # an old command evaluates at its training rate, as the old script did
