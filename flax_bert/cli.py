@@ -66,6 +66,9 @@ def prepare_main(argv) -> int:
     from flax_bert.run_config import parse_run_config
 
     run = parse_run_config(argv, prog="flax-bert prepare", defaults={"do_train": True, "do_eval": True})
+    from flax_bert.run_options import reconcile_with_stored
+
+    run = reconcile_with_stored(run)  # as train: a run directory's stored options are the ones to prepare for
 
     import jax
 

@@ -76,6 +76,14 @@ def test_prepare_then_train_starts_without_tokenizing(workspace):
     assert all(folder.stat().st_mtime_ns == stamps[folder] for folder in packed)
     assert "malloc huge pages" in log  # the decision is logged (on, or why not)
 
+    # prepare for the existing run by its directory alone: the run's stored options, as train takes them
+    again = subprocess.run([sys.executable, "-m", "flax_bert.cli", "prepare", "--output_dir", str(workspace / "run"),
+                            "--cache_dir", str(workspace / "cli-cache")], env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "prepared train: 4 shards" in again.stdout
+    assert sorted((workspace / "cli-cache" / "packed").iterdir()) == packed  # the same rows: found, none built
+
 
 def test_each_host_prepares_only_its_own_shards(workspace, monkeypatch):
     from transformers import AutoTokenizer
