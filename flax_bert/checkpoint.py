@@ -29,17 +29,17 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from flax_bert import storage
 from flax_bert.bad_input import InputFileNotFoundError
 from flax_bert.preemption import AnyProcess, PreemptionGuard, all_processes, barrier
 # the run directory's rules live in run_start; re-exported so `flax_bert.checkpoint` stays the one import
 from flax_bert.run_start import (CHECKPOINTS, DAMAGED, OWNED_ENTRIES, RUN_CONFIG_FILE, RUN_IDENTITY_KEYS, SUPERSEDED,
                                  DamagedCheckpointError, OutputDirError, StartPoint, check_output_dir, complete_steps,
-                                 jsonable, locate_checkpoints, resolve_start)
+                                 jsonable, locate_checkpoints, orbax_path, record_run_config, resolve_start)
 
 __all__ = ["CHECKPOINTS", "DAMAGED", "ITEMS", "OWNED_ENTRIES", "RUN_CONFIG_FILE", "RUN_IDENTITY_KEYS", "SUPERSEDED",
            "CheckpointMismatchError", "Checkpointer", "DamagedCheckpointError", "OutputDirError", "PreemptionGuard",
-           "Restored", "StartPoint", "check_output_dir", "complete_steps", "locate_checkpoints", "resolve_start"]
+           "Restored", "StartPoint", "check_output_dir", "complete_steps", "locate_checkpoints", "record_run_config",
+           "resolve_start"]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class Checkpointer:
     def __init__(self, output_dir, *, save_steps: int = 500, save_minutes: float | None = None,
                  save_total_limit: int = 3, keep_best: bool = False, async_save: bool = True,
                  read_only: bool = False, checkpoint_dir=None):
-        self.output_dir = _orbax_path(output_dir)
-        self.directory = _orbax_path(checkpoint_dir) if checkpoint_dir else self.output_dir / CHECKPOINTS
+        self.output_dir = orbax_path(output_dir)
+        self.directory = orbax_path(checkpoint_dir) if checkpoint_dir else self.output_dir / CHECKPOINTS
         self.save_steps, self.save_minutes = save_steps, save_minutes
         self.keep_best, self.read_only = keep_best, read_only
         self.default_step: int | None = None        # for_path(".../checkpoints/STEP") restores STEP by default
@@ -324,12 +324,6 @@ def _incompatibility(path: epath.Path, abstract, offer_reset: bool = True) -> Ch
                                        f"({len(differing)} arrays differ: {details}): {fix}", optimizer_only=True)
     return CheckpointMismatchError(f"checkpoint {path} holds a different model ({details}): resume with the model "
                                    "options it was saved with, or start over in another --output_dir")
-
-
-def _orbax_path(path) -> epath.Path:
-    """A URL as Orbax writes it (flax_bert.storage.checkpoint_path: file:// as its local path, gs:// and s3://
-    natively, others refused); a local path as given."""
-    return storage.checkpoint_path(path) if storage.is_url(path) else epath.Path(path)
 
 
 def _readable(path: epath.Path) -> bool:

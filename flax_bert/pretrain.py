@@ -170,7 +170,7 @@ class Run:
         if unset:
             self.run = run = dataclasses.replace(run, **unset)
             if self.is_main and run.do_train:
-                _record_run_config(self.output_dir, run.to_dict())
+                ckpt_lib.record_run_config(self.output_dir, run.to_dict())  # with the defaults now decided
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size, self.model_config.max_position_embeddings,
                              run.max_seq_length, self.model_config.model_type, self.model_config.pad_token_id)
         self.micro_batch = run.per_device_train_batch_size * jax.device_count()
@@ -469,8 +469,3 @@ def _against_unigram_baseline(job: Run, eval_results: dict) -> dict:
              eval_results["eval_accuracy"], job.tokenizer.convert_ids_to_tokens(token), accuracy)
     return {"unigram_baseline_accuracy": accuracy}
 
-
-def _record_run_config(output_dir, options: dict) -> None:
-    """run_config.json again once a default that needed the tokenizer (max_seq_length) is known."""
-    storage.write_atomic(storage.join(output_dir, ckpt_lib.RUN_CONFIG_FILE),
-                         json.dumps(ckpt_lib.jsonable(options), indent=2, sort_keys=True) + "\n")

@@ -107,7 +107,7 @@ def bundle_config(step_dir) -> dict | None:
         return None
 
 
-def _same(old, new) -> bool:
+def same_setting(old, new) -> bool:
     """Equal, or two spellings of one existing path (relative here, absolute there)."""
     if old == new:
         return True
@@ -134,7 +134,7 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
             if new != old:
                 inherited[name] = old
             continue
-        if _same(old, new) or (name == "max_grad_norm" and not old and not new):
+        if same_setting(old, new) or (name == "max_grad_norm" and not old and not new):
             continue
         clipping_switched = name == "max_grad_norm" and bool(old) != bool(new)  # the optimizer state's structure
         if (name in IMMUTABLE and not (name in OPTIMIZER_STATE and reset_optimizer)) or \

@@ -19,12 +19,11 @@ from etils import epath
 
 from flax_bert import storage
 from flax_bert.bad_input import InputFileNotFoundError
-from flax_bert.run_options import IMMUTABLE, OPTIMIZER_STATE
+from flax_bert.run_options import IMMUTABLE, OPTIMIZER_STATE, RUN_CONFIG_FILE, same_setting
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS, DAMAGED, SUPERSEDED = "checkpoints", "checkpoints_damaged", "checkpoints_superseded"
-RUN_CONFIG_FILE = "run_config.json"
 WRITTEN_RECORD = ".flax-bert-written.json"  # the top-level names this tool created in an output_dir
 
 # What a run writes at the top of its output_dir. --overwrite_output_dir deletes those of them that the
@@ -60,9 +59,15 @@ def complete_steps(directory) -> list[int]:
     return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
 
 
+def orbax_path(path) -> epath.Path:
+    """A URL as Orbax writes it (flax_bert.storage.checkpoint_path: file:// as its local path, gs:// and s3://
+    natively, others refused); a local path as given."""
+    return storage.checkpoint_path(path) if storage.is_url(path) else epath.Path(path)
+
+
 def locate_checkpoints(path) -> tuple[epath.Path, int | None]:
     """(checkpoints folder, step or None) for a run directory, a checkpoints/ folder or a checkpoints/STEP folder."""
-    path = storage.checkpoint_path(path) if storage.is_url(path) else epath.Path(path)
+    path = orbax_path(path)
     if path.name.isdigit() and int(path.name) in complete_steps(path.parent):
         return path.parent, int(path.name)
     if ".orbax-checkpoint-tmp" in path.name:
@@ -171,8 +176,13 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
     _record_written(out, sorted((ours & present) | (OWNED_ENTRIES - present) | {WRITTEN_RECORD}))
     if not record:
         return deleted
-    storage.write_atomic(storage.join(out, RUN_CONFIG_FILE), json.dumps(jsonable(run_config), indent=2, sort_keys=True) + "\n")
+    record_run_config(out, run_config)
     return deleted
+
+
+def record_run_config(out, run_config: dict) -> None:
+    """The run's options in OUTPUT_DIR/run_config.json (readers see the old file or the new one)."""
+    storage.write_atomic(storage.join(out, RUN_CONFIG_FILE), json.dumps(jsonable(run_config), indent=2, sort_keys=True) + "\n")
 
 
 def _written_here(out, entries: list[str]) -> set[str]:
@@ -231,7 +241,7 @@ def _foreign(out, entries: list[str], run_config: dict, resuming: bool) -> str |
             return f"holds a {RUN_CONFIG_FILE} that flax-bert did not write"
         keys = [key for key in RUN_IDENTITY_KEYS if not (run_config.get("reset_optimizer") and key in OPTIMIZER_STATE)]
         differences = [f"{key} {theirs[key]!r} there, {run_config[key]!r} now" for key in keys
-                       if key in theirs and key in run_config and not _same_setting(theirs[key], run_config[key])]
+                       if key in theirs and key in run_config and not same_setting(theirs[key], run_config[key])]
         return f"holds a different run ({'; '.join(differences)})" if differences else None
     unknown = [name for name in entries if name not in OWNED_ENTRIES]
     if unknown:
@@ -240,9 +250,3 @@ def _foreign(out, entries: list[str], run_config: dict, resuming: bool) -> str |
         return None
     return f"holds another run's files without its {RUN_CONFIG_FILE} ({', '.join(entries[:5])})"
 
-
-def _same_setting(a, b) -> bool:
-    if a == b:
-        return True
-    paths = isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
-    return paths and os.path.realpath(a) == os.path.realpath(b)

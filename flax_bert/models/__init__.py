@@ -132,14 +132,6 @@ def all_architectures() -> dict[str, type]:
     return out
 
 
-def family_of_architecture(architecture: str) -> Family:
-    for fam in FAMILIES.values():
-        if architecture in fam.architectures:
-            return fam
-    raise UnknownModelType(f"unknown architecture {architecture!r}; flax-bert builds "
-                           f"{', '.join(a for f in FAMILIES.values() for a in f.architectures)}")
-
-
 def model_class_for(cfg, objective: str = "mlm") -> type:
     """The NNX class a run with `objective` trains for this config."""
     fam = family(cfg.model_type)
