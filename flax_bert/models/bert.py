@@ -12,11 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_bert.config import ModelConfig
-from flax_bert.models.layers import REMAT_POLICIES as _REMAT_POLICIES
 from flax_bert.models.layers import Entry, MaskedLMOutput, document_mask, dropout, gather_positions
 from flax_bert.models.layers import activation as _activation
 from flax_bert.models.layers import dtype as _dtype
-from flax_bert.models.layers import position_ids_from_segments, split_key as _split_key, tied_logits, vocab_bias
+from flax_bert.models.layers import position_ids_from_segments, run_stacked, split_key as _split_key, stacked_layers
+from flax_bert.models.layers import tied_logits, vocab_bias
 
 Array = jax.Array
 
@@ -141,31 +141,10 @@ class Layer(nnx.Module):
 class Encoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-
-        @nnx.split_rngs(splits=cfg.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={})
-        def stacked_layers(rngs):
-            return Layer(cfg, rngs)
-
-        self.layer = stacked_layers(rngs)  # every parameter has a leading [num_hidden_layers] axis
+        self.layer = stacked_layers(Layer, cfg, rngs)  # every parameter has a leading [num_hidden_layers] axis
 
     def __call__(self, x, mask, dropout_key):
-        cfg = self.cfg
-        graphdef, stacked = nnx.split(self.layer)
-
-        def one_layer(h, layer_params_and_key):
-            layer_params, key = layer_params_and_key
-            return nnx.merge(graphdef, layer_params)(h, mask, key), None
-
-        if cfg.remat_policy != "none":
-            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_hidden_layers)
-        if cfg.scan_layers:
-            return jax.lax.scan(one_layer, x, (stacked, keys))[0]
-        for i in range(cfg.num_hidden_layers):
-            layer_i = jax.tree.map(lambda p: p[i], stacked)
-            x = one_layer(x, (layer_i, None if keys is None else keys[i]))[0]
-        return x
+        return run_stacked(self.cfg, self.layer, x, dropout_key, lambda layer, h, _, key: layer(h, mask, key))
 
 
 class Pooler(nnx.Module):

@@ -100,3 +100,36 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def stacked_layers(make_layer, cfg, rngs: nnx.Rngs):
+    """`cfg.num_hidden_layers` layers `make_layer(cfg, rngs)` as one module whose every parameter has a
+    leading [num_hidden_layers] axis (what run_stacked scans over)."""
+
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={})
+    def build(rngs):
+        return make_layer(cfg, rngs)
+
+    return build(rngs)
+
+
+def run_stacked(cfg, layers, x, dropout_key, call, per_layer=None):
+    """`x` through the stacked `layers`: `call(layer, h, per_layer[i], key)` for layer i (`per_layer`: arrays
+    with a leading layer axis, or None), rematerialized by `cfg.remat_policy`, scanned when `cfg.scan_layers`
+    (one compiled layer) or unrolled in a Python loop."""
+    graphdef, stacked = nnx.split(layers)
+
+    def one_layer(h, layer_params_extra_and_key):
+        layer_params, extra, key = layer_params_extra_and_key
+        return call(nnx.merge(graphdef, layer_params), h, extra, key), None
+
+    if cfg.remat_policy != "none":
+        one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_hidden_layers)
+    if cfg.scan_layers:
+        return jax.lax.scan(one_layer, x, (stacked, per_layer, keys))[0]
+    for i in range(cfg.num_hidden_layers):
+        layer_i, extra_i = jax.tree.map(lambda p: p[i], (stacked, per_layer))
+        x = one_layer(x, (layer_i, extra_i, None if keys is None else keys[i]))[0]
+    return x

@@ -15,8 +15,9 @@ import numpy as np
 from flax import nnx
 
 from flax_bert.config import ModelConfig
-from flax_bert.models.layers import (REMAT_POLICIES, Entry, MaskedLMOutput, activation, document_mask, dropout, dtype,
-                                     gather_positions, position_ids_from_segments, split_key, tied_logits, vocab_bias)
+from flax_bert.models.layers import (Entry, MaskedLMOutput, activation, document_mask, dropout, dtype,
+                                     gather_positions, position_ids_from_segments, run_stacked, split_key,
+                                     stacked_layers, tied_logits, vocab_bias)
 
 Array = jax.Array
 
@@ -152,13 +153,7 @@ class ModernBertModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, rngs)
-
-        @nnx.split_rngs(splits=cfg.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={})
-        def stacked_layers(rngs):
-            return Layer(cfg, rngs)
-
-        self.layers = stacked_layers(rngs)  # every parameter has a leading [num_hidden_layers] axis
+        self.layers = stacked_layers(Layer, cfg, rngs)  # every parameter has a leading [num_hidden_layers] axis
         self.final_norm = _norm(cfg, rngs)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, segment_ids=None, position_ids=None,
@@ -179,24 +174,15 @@ class ModernBertModel(nnx.Module):
 
         key_embed, key_layers = split_key(dropout_key, 2)
         x = self.embeddings(input_ids, key_embed)
-        graphdef, stacked = nnx.split(self.layers)
 
-        def one_layer(h, per_layer):
-            params, global_layer, norm_flag, key = per_layer
+        def one_layer(layer, h, flags, key):
+            global_layer, norm_flag = flags
             mask = jnp.where(global_layer, global_mask, local_mask)
             cos = jnp.where(global_layer, global_rope[0], local_rope[0])
             sin = jnp.where(global_layer, global_rope[1], local_rope[1])
-            return nnx.merge(graphdef, params)(h, norm_flag, mask, cos, sin, key), None
+            return layer(h, norm_flag, mask, cos, sin, key)
 
-        if cfg.remat_policy != "none":
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        keys = None if key_layers is None else jax.random.split(key_layers, cfg.num_hidden_layers)
-        if cfg.scan_layers:
-            x = jax.lax.scan(one_layer, x, (stacked, is_global, has_attn_norm, keys))[0]
-        else:
-            for i in range(cfg.num_hidden_layers):
-                layer_i = jax.tree.map(lambda p: p[i], stacked)
-                x = one_layer(x, (layer_i, is_global[i], has_attn_norm[i], None if keys is None else keys[i]))[0]
+        x = run_stacked(cfg, self.layers, x, key_layers, one_layer, per_layer=(is_global, has_attn_norm))
         return self.final_norm(x)
 
 
