@@ -460,9 +460,11 @@ def _against_unigram_baseline(job: Run, eval_results: dict) -> dict:
     """Held-out masked accuracy beside always guessing the most frequent training token: whether it learned."""
     from flax_bert.eval_baseline import unigram_baseline
 
+    if "eval_accuracy" not in eval_results:  # the same keys on every process: the collective below is skipped by all
+        return {}
     baseline = unigram_baseline(job.train_rows, job.eval_rows, job.model_config.vocab_size,
                                 job.trainer.step_config.masking.special_ids)
-    if baseline is None or "eval_accuracy" not in eval_results:
+    if baseline is None:
         return {}
     token, accuracy = baseline
     log.info("held-out masked-token accuracy %.3f; always guessing the most frequent token %r would score %.3f",
