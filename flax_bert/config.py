@@ -8,7 +8,7 @@ import pathlib
 from typing import Any
 
 from flax_bert.bad_input import InputFileNotFoundError
-from flax_bert.models import FAMILIES, family
+from flax_bert.models import FAMILIES, family, global_every
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
@@ -82,7 +82,7 @@ class ModelConfig:
 
     def _check_modernbert(self):
         if self.layer_types is None:  # transformers' default: every third layer global, from layer 0
-            object.__setattr__(self, "layer_types", global_every(self.num_hidden_layers, 3))
+            object.__setattr__(self, "layer_types", global_every(self.num_hidden_layers))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
@@ -167,11 +167,6 @@ class ModelConfig:
 
         hf = self.to_hf_dict(architecture)
         return transformers.AutoConfig.for_model(**hf)
-
-
-def global_every(num_layers: int, period: int) -> tuple[str, ...]:
-    """transformers' `global_attn_every_n_layers`: layers 0, period, 2·period... attend globally."""
-    return tuple("sliding_attention" if i % period else "full_attention" for i in range(num_layers))
 
 
 def flops_per_token(cfg: "ModelConfig", seq_len: int, head_fraction: float) -> float:

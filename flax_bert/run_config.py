@@ -320,7 +320,8 @@ def fresh_model_config(run: RunConfig, vocab_size: int, special_token_ids: dict[
     """The ModelConfig of a model initialized from scratch with the run's sizes. `special_token_ids`
     (pad/bos/eos/cls/sep from the tokenizer) replace the family's, so the padding index, the
     position numbering and the exported config.json agree with the tokenizer the model is trained with."""
-    from flax_bert.config import ModelConfig, global_every
+    from flax_bert.config import ModelConfig
+    from flax_bert.models import global_every
 
     model_type = run.model_type or "roberta"
     sizes = dict(vocab_size=run.vocab_size or vocab_size, hidden_size=run.hidden_size,
@@ -331,7 +332,7 @@ def fresh_model_config(run: RunConfig, vocab_size: int, special_token_ids: dict[
         if getattr(run, name) is not None:  # None: the family's default
             sizes[name] = getattr(run, name)
     if model_type == "modernbert":
-        sizes["layer_types"] = global_every(run.num_hidden_layers, run.global_attn_every_n_layers or 3)
+        sizes["layer_types"] = global_every(run.num_hidden_layers, run.global_attn_every_n_layers)
     from flax_bert.models import family
 
     config_fields = family(model_type).hf_fields  # only the ids this family's config.json has

@@ -42,13 +42,18 @@ class Family:
         return importlib.import_module(self.module)
 
 
+def global_every(num_layers: int, period: int | None = None) -> tuple[str, ...]:
+    """transformers' `global_attn_every_n_layers` (default 3): layers 0, period, 2·period... attend globally."""
+    period = period or 3
+    return tuple("sliding_attention" if i % period else "full_attention" for i in range(num_layers))
+
+
 def _modernbert_read(hf: dict) -> dict:
     """`layer_types` (or the older `global_attn_every_n_layers`) and the two rotary thetas."""
     layers = hf.get("num_hidden_layers", 22)
     layer_types = hf.get("layer_types")
     if layer_types is None:
-        every = hf.get("global_attn_every_n_layers", 3)
-        layer_types = ["sliding_attention" if i % every else "full_attention" for i in range(layers)]
+        layer_types = list(global_every(layers, hf.get("global_attn_every_n_layers")))
     rope = hf.get("rope_parameters") or {}
     thetas = {kind: (rope.get(kind) or {}).get("rope_theta") for kind in ("full_attention", "sliding_attention")}
     for kind, (params, old_key) in {"full_attention": (rope.get("full_attention"), "global_rope_theta"),
