@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_bert.config import ModelConfig
-from flax_bert.models.layers import Entry, MaskedLMOutput, document_mask, dropout, gather_positions
+from flax_bert.models.layers import Entry, MaskedLMOutput, attend, document_mask, dropout, gather_positions
 from flax_bert.models.layers import activation as _activation
 from flax_bert.models.layers import dtype as _dtype
 from flax_bert.models.layers import position_ids_from_segments, run_stacked, split_key as _split_key, stacked_layers
@@ -83,13 +83,7 @@ class SelfAttention(nnx.Module):
         batch, length, _ = x_BxLxD.shape
         split = lambda t: t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
         q, k, v = split(self.query(x_BxLxD)), split(self.key(x_BxLxD)), split(self.value(x_BxLxD))
-        if dropout_key is None or cfg.attention_probs_dropout_prob == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
-        else:  # dot_product_attention has no dropout on the probabilities: spell it out
-            scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
-            scores = jnp.where(mask_Bx1xLxL, scores, jnp.finfo(jnp.float32).min)
-            probs = dropout(jax.nn.softmax(scores, axis=-1), cfg.attention_probs_dropout_prob, dropout_key)
-            out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+        out = attend(q, k, v, mask_Bx1xLxL, cfg.attention_probs_dropout_prob, dropout_key)
         return out.reshape(batch, length, cfg.hidden_size)
 
 

@@ -102,6 +102,18 @@ REMAT_POLICIES = {
 }
 
 
+def attend(q, k, v, mask, dropout_rate: float, dropout_key):
+    """Attention of [batch, length, heads, head_dim] q, k, v under a boolean [batch, 1, length, length] mask.
+    With a dropout key and rate the probabilities get dropout, which jax.nn.dot_product_attention has not:
+    then it is spelled out."""
+    if dropout_key is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key)
+    return jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+
+
 def stacked_layers(make_layer, cfg, rngs: nnx.Rngs):
     """`cfg.num_hidden_layers` layers `make_layer(cfg, rngs)` as one module whose every parameter has a
     leading [num_hidden_layers] axis (what run_stacked scans over)."""

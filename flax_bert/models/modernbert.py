@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from flax_bert.config import ModelConfig
-from flax_bert.models.layers import (Entry, MaskedLMOutput, activation, document_mask, dropout, dtype,
+from flax_bert.models.layers import (Entry, MaskedLMOutput, activation, attend, document_mask, dropout, dtype,
                                      gather_positions, position_ids_from_segments, run_stacked, split_key,
                                      stacked_layers, tied_logits, vocab_bias)
 
@@ -105,13 +105,7 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_probs, key_out = split_key(dropout_key, 2)
-        if key_probs is None or cfg.attention_probs_dropout_prob == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
-        else:  # dot_product_attention has no dropout on the probabilities: spell it out
-            scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / np.sqrt(cfg.head_dim)
-            scores = jnp.where(mask_Bx1xLxL, scores, jnp.finfo(jnp.float32).min)
-            probs = dropout(jax.nn.softmax(scores, axis=-1), cfg.attention_probs_dropout_prob, key_probs)
-            out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+        out = attend(q, k, v, mask_Bx1xLxL, cfg.attention_probs_dropout_prob, key_probs)
         out = self.Wo(out.reshape(batch, length, cfg.hidden_size))
         return dropout(out, cfg.attention_probs_dropout_prob, key_out)  # transformers' out_drop uses this rate
 
