@@ -107,6 +107,11 @@ def bundle_config(step_dir) -> dict | None:
         return None
 
 
+def fixed_options(reset_optimizer: bool) -> list[str]:
+    """The options a continued run keeps: IMMUTABLE, less the optimizer's when its state is reset."""
+    return [name for name in IMMUTABLE if not (reset_optimizer and name in OPTIMIZER_STATE)]
+
+
 def same_setting(old, new) -> bool:
     """Equal, or two spellings of one existing path (relative here, absolute there)."""
     if old == new:
@@ -137,8 +142,7 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
         if same_setting(old, new) or (name == "max_grad_norm" and not old and not new):
             continue
         clipping_switched = name == "max_grad_norm" and bool(old) != bool(new)  # the optimizer state's structure
-        if (name in IMMUTABLE and not (name in OPTIMIZER_STATE and reset_optimizer)) or \
-                (clipping_switched and not reset_optimizer):
+        if name in fixed_options(reset_optimizer) or (clipping_switched and not reset_optimizer):
             what = IMMUTABLE.get(name, "the optimizer state in the checkpoint")
             raise StoredOptionError(
                 f"--{name} {new!r} differs from the run's {old!r} ({source}); it fixes {what}: continue with "

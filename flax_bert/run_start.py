@@ -19,7 +19,7 @@ from etils import epath
 
 from flax_bert import storage
 from flax_bert.bad_input import InputFileNotFoundError
-from flax_bert.run_options import IMMUTABLE, OPTIMIZER_STATE, RUN_CONFIG_FILE, same_setting
+from flax_bert.run_options import IMMUTABLE, RUN_CONFIG_FILE, fixed_options, same_setting
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,8 @@ def _foreign(out, entries: list[str], run_config: dict, resuming: bool) -> str |
             theirs = None
         if not isinstance(theirs, dict):
             return f"holds a {RUN_CONFIG_FILE} that flax-bert did not write"
-        keys = [key for key in RUN_IDENTITY_KEYS if not (run_config.get("reset_optimizer") and key in OPTIMIZER_STATE)]
-        differences = [f"{key} {theirs[key]!r} there, {run_config[key]!r} now" for key in keys
+        differences = [f"{key} {theirs[key]!r} there, {run_config[key]!r} now"
+                       for key in fixed_options(bool(run_config.get("reset_optimizer")))
                        if key in theirs and key in run_config and not same_setting(theirs[key], run_config[key])]
         return f"holds a different run ({'; '.join(differences)})" if differences else None
     unknown = [name for name in entries if name not in OWNED_ENTRIES]
