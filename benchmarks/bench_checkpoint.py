@@ -35,10 +35,10 @@ def build_state(model: str):
     import jax
     import numpy as np
 
-    from flax_bert.config import ModelConfig
-    from flax_bert.optim import make_optimizer
-    from flax_bert.sharding import make_mesh
-    from flax_bert.train import MaskingConfig, StepConfig, Trainer
+    from flax_bert.models.config import ModelConfig
+    from flax_bert.training.optim import make_optimizer
+    from flax_bert.training.sharding import make_mesh
+    from flax_bert.training.step import MaskingConfig, StepConfig, Trainer
 
     small = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048}
     sizes = {} if model == "roberta-base" else small
@@ -80,7 +80,7 @@ def main() -> int:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     import jax
 
-    from flax_bert.checkpoint import Checkpointer
+    from flax_bert.run.checkpoint import Checkpointer
 
     trainer, state = build_state(args.model)
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from flax_bert.data import DataArgs, Prefetcher, build_datasets  # noqa: E402
+from flax_bert.data.pipeline import DataArgs, Prefetcher, build_datasets  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 
@@ -35,8 +35,8 @@ def load_tokenizer(work: pathlib.Path):
         tokenizer = RobertaTokenizer(vocab=str(bpe / "vocab.json"), merges=str(bpe / "merges.txt"))
         assert len(tokenizer) > 50_000, len(tokenizer)  # a wrong keyword silently gives 5 tokens
         return tokenizer, "GPT-2 byte-level BPE (50,262 tokens)"
-    from flax_bert.corpus import load_builtin_corpus
-    from flax_bert.tokenizer_training import train_tokenizer
+    from flax_bert.data.corpus import load_builtin_corpus
+    from flax_bert.data.tokenizer_training import train_tokenizer
 
     tokenizer = train_tokenizer(load_builtin_corpus(work), kind="bpe", vocab_size=8000, output_dir=work / "tok")
     return tokenizer, "byte-level BPE trained on the built-in corpus (8,000 tokens)"

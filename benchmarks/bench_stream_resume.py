@@ -27,7 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_data import SHARED, load_tokenizer  # noqa: E402
-from flax_bert.data import DataArgs, build_datasets  # noqa: E402
+from flax_bert.data.pipeline import DataArgs, build_datasets  # noqa: E402
 
 
 def write_corpus(path: pathlib.Path, megabytes: float, work: pathlib.Path, jsonl: bool) -> int:
@@ -36,7 +36,7 @@ def write_corpus(path: pathlib.Path, megabytes: float, work: pathlib.Path, jsonl
         lines = [line for name in ("wiki.valid.raw", "wiki.test.raw")
                  for line in (wikitext / name).read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        from flax_bert.corpus import load_builtin_corpus
+        from flax_bert.data.corpus import load_builtin_corpus
 
         lines = [text.replace("\n", " ") for text in load_builtin_corpus(work)]
     written, copy, documents = 0, 0, 0

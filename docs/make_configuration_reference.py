@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the option table of docs/configuration.md from `flax_bert.run_config.RunConfig`.
+"""Write the option table of docs/configuration.md from `flax_bert.run.config.RunConfig`.
 
 The table lists every field of the dataclass (name, type, default, choices, help text from the
 field metadata), grouped under the `# ---- section` comments of its source, and replaces whatever
@@ -22,7 +22,7 @@ import typing
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's flax_bert, even when another one is installed
 
-from flax_bert.run_config import SECRET_FIELDS, RunConfig  # noqa: E402
+from flax_bert.run.config import SECRET_FIELDS, RunConfig  # noqa: E402
 
 TARGET = ROOT / "docs" / "configuration.md"
 BEGIN = "<!-- BEGIN GENERATED OPTIONS: python docs/make_configuration_reference.py -->"

@@ -3,7 +3,7 @@ import importlib
 
 # Imported on first use, so that the command-line entry points start without loading JAX (the train
 # command may re-execute itself first: see host_allocator).
-_EXPORTS = {"ModelConfig": "flax_bert.config", "load_hf": "flax_bert.convert", "save_hf": "flax_bert.convert",
+_EXPORTS = {"ModelConfig": "flax_bert.models.config", "load_hf": "flax_bert.models.convert", "save_hf": "flax_bert.models.convert",
             "RobertaForMaskedLM": "flax_bert.models.bert", "BertForMaskedLM": "flax_bert.models.bert",
             "BertForPreTraining": "flax_bert.models.bert", "ModernBertForMaskedLM": "flax_bert.models.modernbert",
             "create_model": "flax_bert.models"}

@@ -25,12 +25,12 @@ import sys
 import tempfile
 import time
 
-from flax_bert.bad_input import InputFileNotFoundError, MissingDependencyError
+from flax_bert.errors import InputError, InputFileNotFoundError, MissingDependencyError
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-class BenchError(ValueError):
+class BenchError(InputError):
     """Bad bench input (config, sizes)."""
 
 
@@ -50,7 +50,7 @@ def resolve_config_path(config: str) -> pathlib.Path:
 def load_setup(args, overrides: dict | None = None):
     """(RunConfig, ModelConfig) from the YAML plus the bench's overrides (and any other RunConfig
     values in `overrides`, e.g. tiny sizes for a test)."""
-    from flax_bert.run_config import RunConfig, fresh_model_config, load_yaml
+    from flax_bert.run.config import RunConfig, fresh_model_config, load_yaml
 
     values = {**load_yaml(resolve_config_path(args.config)), **(overrides or {})}
     for name in ("per_device_train_batch_size", "max_seq_length", "dtype", "scan_layers", "remat_policy"):
@@ -164,9 +164,9 @@ def make_trainer(run, model_config, dense_head: bool = False):
     import jax
     import jax.numpy as jnp
 
-    from flax_bert.optim import make_optimizer
-    from flax_bert.sharding import make_mesh
-    from flax_bert.train import MaskingConfig, StepConfig, Trainer
+    from flax_bert.training.optim import make_optimizer
+    from flax_bert.training.sharding import make_mesh
+    from flax_bert.training.step import MaskingConfig, StepConfig, Trainer
 
     specials, mask_id = special_token_ids(model_config)
     masking = MaskingConfig(special_ids=specials, mask_token_id=mask_id, random_vocab_size=model_config.vocab_size,
@@ -200,7 +200,7 @@ def run_jax(args, setup=None, compiler_options=None) -> dict:
     `compiler_options`: XLA options for the step's compile (tests ask for a cheaper backend)."""
     import jax
 
-    from flax_bert.sharding import batch_sharding
+    from flax_bert.training.sharding import batch_sharding
 
     run, model_config = setup or load_setup(args)
     trainer, devices = make_trainer(run, model_config, dense_head=args.dense_head)
@@ -230,7 +230,7 @@ def run_jax(args, setup=None, compiler_options=None) -> dict:
     if not math.isfinite(loss):
         raise FloatingPointError(f"benchmark loss is {loss}")
     # After the steps, so the matmul's buffers cannot add to the step's memory high-water mark.
-    from flax_bert.peak_flops import device_peak_flops, peak_at_least, step_flops_per_token, total_peak_flops
+    from flax_bert.training.peak_flops import device_peak_flops, peak_at_least, step_flops_per_token, total_peak_flops
 
     flops = step_flops_per_token(model_config, trainer.step_config.masking, dense_head=args.dense_head)
     peak, peak_source = device_peak_flops(model_config.dtype, remeasure=args.measure_peak)
@@ -334,7 +334,7 @@ def run_torch(args) -> dict:
         for _ in range(args.steps):
             with timer.step():
                 loss = step()
-    from flax_bert.config import flops_per_token  # jax-free; transformers' head runs on every position
+    from flax_bert.models.config import flops_per_token  # jax-free; transformers' head runs on every position
 
     result = _rates(rows * run.max_seq_length, timer, flops_per_token(model_config, run.max_seq_length, 1.0), None)
     attn_implementation = model.config._attn_implementation

@@ -10,7 +10,7 @@ import traceback
 # flax-bert run; its real warnings still show
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from flax_bert.run_config import OneLineErrorParser  # noqa: E402
+from flax_bert.run.config import OneLineErrorParser  # noqa: E402
 
 USAGE = """usage: flax-bert COMMAND [options]
 
@@ -40,14 +40,14 @@ def _setup_logging() -> None:
 
 # ----------------------------------------------------------------------------- train / eval
 def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) -> int:
-    from flax_bert.run_config import parse_run_config
+    from flax_bert.run.config import parse_run_config
 
     run = parse_run_config(argv, prog=prog, defaults=defaults)
-    from flax_bert.run_options import reconcile_with_stored
+    from flax_bert.run.options import reconcile_with_stored
 
     run = reconcile_with_stored(run)  # before any tokenizer, data or compile
-    from flax_bert.preemption import Preempted, stop_outside_the_loop
-    from flax_bert.pretrain import run_pretraining
+    from flax_bert.training.preemption import Preempted, stop_outside_the_loop
+    from flax_bert.run.pretrain import run_pretraining
 
     try:
         with stop_outside_the_loop():
@@ -63,24 +63,23 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
 
 def prepare_main(argv) -> int:
     """Tokenize and pack the data of `train ARGS` into the cache (this process's shards), nothing else."""
-    from flax_bert.run_config import parse_run_config
+    from flax_bert.run.config import parse_run_config
 
     run = parse_run_config(argv, prog="flax-bert prepare", defaults={"do_train": True, "do_eval": True})
-    from flax_bert.run_options import reconcile_with_stored
+    from flax_bert.run.options import reconcile_with_stored
 
     run = reconcile_with_stored(run)  # as train: a run directory's stored options are the ones to prepare for
 
     import jax
 
-    from flax_bert import distributed
-    from flax_bert.bad_input import InputError
-    from flax_bert.data import resolve_data_shards
-    from flax_bert.data_prepare import prepare_data
-    from flax_bert.pretrain import data_args_from_run, default_max_seq_length, resolve_model_config, resolve_tokenizer
+    from flax_bert.training import distributed
+    from flax_bert.errors import InputError
+    from flax_bert.data.pipeline import resolve_data_shards
+    from flax_bert.data.prepare import prepare_data
+    from flax_bert.run.pretrain import data_args_from_run, default_max_seq_length, resolve_model_config, resolve_tokenizer
 
     distributed.initialize(run)
     from flax_bert import storage
-
     run_tokenizer = storage.join(run.output_dir, "tokenizer")  # a local path or a URL
     if not (run.tokenizer_name or run.model_name_or_path or storage.isfile(storage.join(run_tokenizer, "tokenizer_config.json"))):
         raise InputError("prepare needs the run's tokenizer: pass --tokenizer_name (train one with "
@@ -104,7 +103,6 @@ def prepare_main(argv) -> int:
 def eval_main(argv) -> int:
     argv = list(argv)
     from flax_bert import storage
-
     if argv and not argv[0].startswith("-") and storage.isdir(argv[0]):  # `flax-bert eval RUN_DIR`
         folder = argv[0]
         exported = (not storage.isdir(storage.join(folder, "checkpoints"))
@@ -137,8 +135,8 @@ def export_main(argv) -> int:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
-    from flax_bert.export import push_to_hub, write_model_folder
-    from flax_bert.run_dir import load_run_model
+    from flax_bert.run.export import push_to_hub, write_model_folder
+    from flax_bert.run.directory import load_run_model
 
     model, tokenizer, run, step = load_run_model(args.run_dir, args.step)
     global_batch = (run.get("per_device_train_batch_size", 0) * run.get("gradient_accumulation_steps", 1)
@@ -157,13 +155,13 @@ def import_main(argv) -> int:
                                  "then `flax-bert train --output_dir RUN_DIR ...` resumes from it.")
     parser.add_argument("hf_folder", help="Hugging Face model folder (or hub id when online)")
     parser.add_argument("--to", required=True, help="the run directory to create")
-    from flax_bert.optim import OPTIMIZERS
+    from flax_bert.training.optim import OPTIMIZERS
 
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                         help="the optimizer whose (fresh) state the checkpoint holds")
     parser.add_argument("--max_grad_norm", type=float, help="gradient clipping the continuing run uses (default none)")
     args = parser.parse_args(argv)
-    from flax_bert.run_dir import import_hf_model
+    from flax_bert.run.directory import import_hf_model
 
     step_dir = import_hf_model(args.hf_folder, args.to, args.optimizer, args.max_grad_norm)
     print(f"imported {args.hf_folder} into {step_dir}; continue pretraining with: "
@@ -186,8 +184,8 @@ def train_tokenizer_main(argv) -> int:
     parser.add_argument("--max_train_samples", type=int)
     parser.add_argument("--token", help="Hub token for a private --dataset_name (as train's --token); never saved")
     args = parser.parse_args(argv)
-    from flax_bert.data import DataArgs
-    from flax_bert.tokenizer_training import train_tokenizer_from_args
+    from flax_bert.data.pipeline import DataArgs
+    from flax_bert.data.tokenizer_training import train_tokenizer_from_args
 
     data_args = DataArgs(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
                          train_file=args.train_file, text_column=args.text_column, cache_dir=args.cache_dir,
@@ -231,7 +229,6 @@ def plot_main(argv) -> int:
 
 def bench_main(argv) -> int:
     from flax_bert import bench
-
     return bench.main(argv)
 
 
@@ -241,14 +238,14 @@ COMMANDS = {"train": train_command, "eval": eval_main, "prepare": prepare_main, 
 
 
 def run_command(function, argv) -> int:
-    """One-line errors with a nonzero exit for the project's own input errors (errors.USER_ERRORS); anything
-    else prints its traceback and a last line saying that the run can be resumed."""
-    _setup_logging()  # first: importing the error classes imports absl, whose handler would take the root logger
-    from flax_bert.errors import USER_ERRORS
+    """One-line errors with a nonzero exit for the project's own input errors (errors.InputError and its
+    subclasses); anything else prints its traceback and a last line saying that the run can be resumed."""
+    _setup_logging()
+    from flax_bert.errors import InputError
 
     try:
         return function(argv)
-    except USER_ERRORS as err:
+    except InputError as err:
         if os.environ.get("FLAX_BERT_DEBUG"):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -294,8 +291,7 @@ REEXEC_COMMANDS = ("train", "eval")  # the ones that run train/eval steps on the
 
 def _ensure_hugepages() -> None:
     """Before anything heavy is imported: the train command gets glibc's huge pages on CPU by itself."""
-    from flax_bert import host_allocator
-
+    from flax_bert.training import host_allocator
     host_allocator.ensure_hugepages()
 
 

@@ -1,17 +1,23 @@
-"""The exceptions that mean bad input (a one-line message and a nonzero exit), not a bug. Every other exception
-(a bare ValueError or RuntimeError from JAX, XLA or Orbax) keeps its traceback (cli.run_command)."""
-from flax_bert.bad_input import InputError
-from flax_bert.bench import BenchError
-from flax_bert.checkpoint import CheckpointMismatchError, DamagedCheckpointError, OutputDirError
-from flax_bert.config import ConfigError
-from flax_bert.convert import WeightsError
-from flax_bert.data_sources import DataError
-from flax_bert.export import HubUploadError
-from flax_bert.run_config import RunConfigError
-from flax_bert.sharding import MeshError
-from flax_bert.tokenizer_training import TokenizerTrainingError
-from flax_bert.train import NonFiniteLossError
+"""The ground every other module stands on: the base of every user-facing exception. A mistake the user can fix
+(a flag, a file, a run directory, a missing package) raises InputError or a subclass of it; the command prints
+its message as one line and exits nonzero. Anything else is a failure of the program or the machine and keeps
+its traceback (flax_bert.cli.run_command). This module imports nothing from the project.
 
-USER_ERRORS = (InputError, ConfigError, WeightsError, DataError, RunConfigError, NonFiniteLossError, MeshError,
-               BenchError, HubUploadError, OutputDirError, DamagedCheckpointError, CheckpointMismatchError,
-               TokenizerTrainingError)
+They subclass the built-in exceptions they replace, so `except ValueError` / `except FileNotFoundError` still
+catch them."""
+
+
+class InputError(ValueError):
+    """A value the user gave does not work (a flag, an option combination, a text without a mask token)."""
+
+
+class InputFileNotFoundError(InputError, FileNotFoundError):
+    """A file or folder the user named is not there or is not what it should be."""
+
+
+class InputFileExistsError(InputError, FileExistsError):
+    """A destination the user named already holds something that would be replaced."""
+
+
+class MissingDependencyError(InputError, ImportError):
+    """An optional package the requested feature needs is not installed."""

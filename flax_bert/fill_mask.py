@@ -6,23 +6,22 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from flax_bert.bad_input import InputError
+from flax_bert.errors import InputError
 
 
 def load_for_inference(path: str, step: int | None = None):
     """(model, tokenizer) from an exported Hugging Face folder, or a run directory's checkpoint."""
     from transformers import AutoTokenizer
 
-    from flax_bert.convert import WEIGHT_FILES, load_hf
+    from flax_bert.models.convert import WEIGHT_FILES, load_hf
 
     from flax_bert import storage
-
     if step is None and storage.isfile(storage.join(path, "config.json")) and any(
             storage.isfile(storage.join(path, f)) for f in WEIGHT_FILES):
         folder = storage.fetch_folder(path)  # a URL: a downloaded copy
         return load_hf(folder), AutoTokenizer.from_pretrained(str(folder))
     folder = path if storage.is_url(path) else pathlib.Path(path)
-    from flax_bert.run_dir import load_run_model
+    from flax_bert.run.directory import load_run_model
 
     model, tokenizer, _, _ = load_run_model(folder, step)
     return model, tokenizer

@@ -6,7 +6,7 @@ import logging
 import pathlib
 
 from flax_bert import storage
-from flax_bert.metrics import read_metrics
+from flax_bert.training.metrics import read_metrics
 
 PANELS = (("loss", ("train_loss", "eval_loss")), ("MLM accuracy", ("mlm_accuracy", "eval_accuracy")),
           ("learning rate", ("learning_rate",)), ("tokens/s", ("tokens_per_second",)))

@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 
-from flax_bert.bad_input import InputError, MissingDependencyError
+from flax_bert.errors import InputError, MissingDependencyError
 
 log = logging.getLogger("flax_bert")
 
@@ -206,9 +206,12 @@ def remove(path) -> None:
 
 
 # ----------------------------------------------------------------------------- local copies
-def mirror_root() -> pathlib.Path:
-    from flax_bert.corpus import default_cache_dir
+def default_cache_dir() -> pathlib.Path:
+    """flax-bert's local cache ($FLAX_BERT_CACHE, else ~/.cache/flax_bert): the built-in corpus, URL mirrors."""
+    return pathlib.Path(os.environ.get("FLAX_BERT_CACHE") or pathlib.Path.home() / ".cache" / "flax_bert")
 
+
+def mirror_root() -> pathlib.Path:
     return default_cache_dir() / "remote"
 
 

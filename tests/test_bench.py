@@ -9,7 +9,7 @@ import os
 import pytest
 
 from flax_bert import bench
-from flax_bert.config import ModelConfig, flops_per_token
+from flax_bert.models.config import ModelConfig, flops_per_token
 
 
 def test_flops_per_token_matches_the_design_notes():

@@ -7,7 +7,6 @@ import pathlib
 import pytest
 
 from flax_bert import bench
-
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128,
             max_seq_length=16, per_device_train_batch_size=1)

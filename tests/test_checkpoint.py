@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from flax_bert.checkpoint import (CheckpointMismatchError, Checkpointer, DamagedCheckpointError, OutputDirError,
+from flax_bert.run.checkpoint import (CheckpointMismatchError, Checkpointer, DamagedCheckpointError, OutputDirError,
                                   PreemptionGuard, check_output_dir, resolve_start)
-from flax_bert.config import ModelConfig
-from flax_bert.optim import make_optimizer
-from flax_bert.sharding import make_mesh
-from flax_bert.train import MaskingConfig, StepConfig, Trainer
+from flax_bert.models.config import ModelConfig
+from flax_bert.training.optim import make_optimizer
+from flax_bert.training.sharding import make_mesh
+from flax_bert.training.step import MaskingConfig, StepConfig, Trainer
 
 SEQ, ROWS, VOCAB = 16, 8, 128
 MASKING = MaskingConfig(special_ids=(0, 1, 2, 3, 4), mask_token_id=4, random_vocab_size=VOCAB, max_seq_length=SEQ)
@@ -117,7 +117,7 @@ def test_async_round_trip_is_bit_identical_even_when_the_next_step_donates_the_s
 
 def test_saves_on_save_steps_and_save_minutes_only(tmp_path, single, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("flax_bert.checkpoint.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("flax_bert.run.checkpoint.time.monotonic", lambda: clock[0])
     checkpointer = Checkpointer(tmp_path, save_steps=3, save_minutes=10)
     state = state_at(single, 0)
     assert [s for s in range(1, 7) if checkpointer.should_save(s)] == [3, 6]
@@ -159,7 +159,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_restored(tmp_
     assert resolve_start(tmp_path).step == 2  # complete on disk; the damage shows only when read
 
     checkpointer = Checkpointer(tmp_path, save_steps=1)
-    with caplog.at_level(logging.WARNING, logger="flax_bert.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="flax_bert.run.checkpoint"):
         state, data_state, _, step = checkpointer.restore(target(single), step=2)
     assert step == 1 and data_state == {"epoch": 0, "position": ROWS}
     assert_identical(state, saved[1])
@@ -305,7 +305,7 @@ def test_preemption_guard_sets_the_flag_and_restores_handlers(signum):
 def test_a_second_signal_exits_at_once():
     script = textwrap.dedent("""
         import os, signal, time
-        from flax_bert.checkpoint import PreemptionGuard
+        from flax_bert.run.checkpoint import PreemptionGuard
         with PreemptionGuard():
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -327,7 +327,7 @@ def test_two_processes_agree_on_stopping_and_on_time_based_saves(tmp_path):
         import jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-        from flax_bert.checkpoint import Checkpointer, PreemptionGuard
+        from flax_bert.run.checkpoint import Checkpointer, PreemptionGuard
         checkpointer = Checkpointer(sys.argv[3], save_steps=0, save_minutes=10)
         if jax.process_index() == 1:
             checkpointer._last_save -= 3600

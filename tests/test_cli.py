@@ -124,7 +124,7 @@ def test_bad_flags_are_rejected_with_one_line(args, message, tmp_path):
 
 
 def test_help_documents_every_option():
-    from flax_bert.run_config import RunConfig, build_parser
+    from flax_bert.run.config import RunConfig, build_parser
     import dataclasses
 
     text = build_parser().format_help()
@@ -142,7 +142,7 @@ def test_help_documents_every_option():
 
 
 def test_yaml_config_then_flags_override(tmp_path):
-    from flax_bert.run_config import parse_run_config
+    from flax_bert.run.config import parse_run_config
 
     (tmp_path / "run.yaml").write_text("max_steps: 7\nlearning_rate: 1.0e-4\nline_by_line: true\noutput_dir: r\n")
     run = parse_run_config([str(tmp_path / "run.yaml"), "--max_steps", "9"])

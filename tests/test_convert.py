@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from flax_bert.config import ConfigError
-from flax_bert.convert import WeightsError, load_hf, save_hf
+from flax_bert.models.config import ConfigError
+from flax_bert.models.convert import WeightsError, load_hf, save_hf
 from tests.test_model import TINY, make_torch_model
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

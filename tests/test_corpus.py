@@ -5,9 +5,7 @@ import sys
 
 import pytest
 
-from flax_bert import corpus
-
-
+from flax_bert.data import corpus
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus-cache")

@@ -6,14 +6,14 @@ import time
 import numpy as np
 import pytest
 
-from flax_bert import data_tokenize
-from flax_bert.data import (DataArgs, DataError, PackedRows, Prefetcher, ShardedRows, build_datasets,
+from flax_bert.data import tokenize as data_tokenize
+from flax_bert.data.pipeline import (DataArgs, DataError, PackedRows, Prefetcher, ShardedRows, build_datasets,
                             check_tokenizer_fits, make_global_batch, resolve_data_shards, tokenizer_info)
-from flax_bert.data_nsp import build_nsp_rows
-from flax_bert.data_packing import segment_positions
-from flax_bert.data_sources import DataFileNotFoundError, document_streams
-from flax_bert.data_tokenize import TokenizedCorpus
-from flax_bert.tokenizer_training import train_tokenizer
+from flax_bert.data.sentence_pairs import build_nsp_rows
+from flax_bert.data.packing import segment_positions
+from flax_bert.data.sources import DataFileNotFoundError, document_streams
+from flax_bert.data.tokenize import TokenizedCorpus
+from flax_bert.data.tokenizer_training import train_tokenizer
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -25,8 +25,7 @@ def cache_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus_texts(cache_root):
-    from flax_bert import corpus
-
+    from flax_bert.data import corpus
     return corpus.load_builtin_corpus(cache_root)
 
 

@@ -56,7 +56,7 @@ FINE_TUNE = ["--model_name_or_path", "distilroberta-base", "--train_file", "samp
 def test_every_old_argument_is_accepted_with_its_old_default(capsys):
     import dataclasses
 
-    from flax_bert.run_config import RunConfig, parse_run_config
+    from flax_bert.run.config import RunConfig, parse_run_config
 
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     assert {name: defaults[name] for name in OLD_ARGUMENTS} == OLD_ARGUMENTS
@@ -81,7 +81,7 @@ def test_every_old_argument_is_accepted_with_its_old_default(capsys):
 
 
 def test_the_old_readme_commands_give_the_old_run_config():
-    from flax_bert.run_config import parse_run_config
+    from flax_bert.run.config import parse_run_config
 
     expected = {**OLD_ARGUMENTS, **OLD_BEHAVIOUR,
                 "output_dir": "./norwegian-roberta-base", "model_type": "roberta",
@@ -104,7 +104,7 @@ def test_the_old_readme_commands_give_the_old_run_config():
 
 
 def test_the_docs_list_the_options_that_may_and_may_not_change_on_resume():
-    from flax_bert.run_options import IMMUTABLE, mutable_options, option_tables
+    from flax_bert.run.options import IMMUTABLE, mutable_options, option_tables
 
     assert option_tables() in (ROOT / "docs" / "run_mlm_flax.md").read_text()
     assert {"learning_rate", "max_steps", "logging_steps", "eval_steps", "save_steps", "validation_file",
@@ -123,8 +123,8 @@ def test_transformers_advice_is_silenced_and_its_warnings_are_not():
 def test_a_continued_run_takes_its_stored_options_and_refuses_immutable_changes(tmp_path, caplog):
     import logging
 
-    from flax_bert.run_config import parse_run_config
-    from flax_bert.run_options import StoredOptionError, reconcile_with_stored
+    from flax_bert.run.config import parse_run_config
+    from flax_bert.run.options import StoredOptionError, reconcile_with_stored
 
     stored = parse_run_config(["--output_dir", str(tmp_path), "--hidden_size", "32", "--max_grad_norm", "1.0",
                                "--learning_rate", "1e-3", "--max_seq_length", "64"])
@@ -147,8 +147,8 @@ def test_a_continued_run_takes_its_stored_options_and_refuses_immutable_changes(
 
 
 def test_old_flags_that_spell_new_options_are_not_overridden_by_the_stored_run(tmp_path):
-    from flax_bert.run_config import parse_run_config
-    from flax_bert.run_options import reconcile_with_stored
+    from flax_bert.run.config import parse_run_config
+    from flax_bert.run.options import reconcile_with_stored
 
     stored = parse_run_config(["--output_dir", str(tmp_path), "--hidden_size", "32"])
     (tmp_path / "run_config.json").write_text(json.dumps(stored.to_dict()))
@@ -163,7 +163,7 @@ def test_adafactor_is_optax_adafactor_with_the_schedule():
     import jax.numpy as jnp
     import optax
 
-    from flax_bert.optim import make_optimizer
+    from flax_bert.training.optim import make_optimizer
 
     params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
     grads = {"w": jnp.full((4, 3), 0.5), "b": jnp.full(3, -0.25)}
@@ -194,7 +194,7 @@ def roberta_tokenizer(trained):
 def test_each_line_is_one_example_with_its_own_special_tokens_and_segment(roberta_tokenizer, tmp_path, caplog):
     import logging
 
-    from flax_bert.data import DataArgs, build_datasets
+    from flax_bert.data.pipeline import DataArgs, build_datasets
 
     lines = EXAMPLES * 5  # 30 examples, several per 32-token row, some cut across rows
     path = tmp_path / "lines.txt"
@@ -218,8 +218,8 @@ def test_each_line_is_one_example_with_its_own_special_tokens_and_segment(robert
 
 
 def test_blank_line_documents_is_the_explicit_multi_line_layout(roberta_tokenizer, tmp_path):
-    from flax_bert.data import DataArgs
-    from flax_bert.data_sources import document_streams
+    from flax_bert.data.pipeline import DataArgs
+    from flax_bert.data.sources import document_streams
 
     path = tmp_path / "blocks.txt"
     path.write_text("first sentence.\nsecond sentence.\n\nanother document.\n")
@@ -319,9 +319,9 @@ def test_our_eval_of_one_example_per_line_equals_pytorch_on_the_same_masks(train
     import torch
     import transformers
 
-    from flax_bert.data import DataArgs, build_datasets
-    from flax_bert.masking import mask_tokens
-    from flax_bert.train import MaskingConfig, StepConfig
+    from flax_bert.data.pipeline import DataArgs, build_datasets
+    from flax_bert.training.masking import mask_tokens
+    from flax_bert.training.step import MaskingConfig, StepConfig
 
     root, env = workspace
     lines = EXAMPLES * 4

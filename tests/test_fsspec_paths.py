@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from flax_bert import storage
-from flax_bert.bad_input import InputError, MissingDependencyError
+from flax_bert.errors import InputError, MissingDependencyError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model_type", "roberta", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
@@ -103,7 +103,7 @@ def test_where_checkpoints_go_and_url_errors(tmp_path):
 
 
 def test_output_dir_guard_on_memory(memory_root):
-    from flax_bert.run_start import WRITTEN_RECORD, OutputDirError, check_output_dir
+    from flax_bert.run.start import WRITTEN_RECORD, OutputDirError, check_output_dir
 
     run = storage.join(memory_root, "run")
     check_output_dir(run, False, {"seed": 1, "model_type": "roberta"})
@@ -140,7 +140,7 @@ def _run(workdir: pathlib.Path, host_cache: pathlib.Path, *extra: str) -> subpro
 @pytest.fixture(scope="module")
 def url_runs(tmp_path_factory):
     """A run on file:// URLs, then the same command with more steps on a "second host" (an empty local cache)."""
-    from flax_bert.corpus import load_builtin_corpus
+    from flax_bert.data.corpus import load_builtin_corpus
 
     root = tmp_path_factory.mktemp("fsspec")
     workdir = root / "cwd"
@@ -201,7 +201,7 @@ def test_url_inputs_and_shared_cache(url_runs):
 
 def test_url_run_reads_back_and_plots(url_runs):
     from flax_bert.plot import plot_run
-    from flax_bert.run_dir import load_run_model
+    from flax_bert.run.directory import load_run_model
 
     root = url_runs[0]
     model, tokenizer, run, step = load_run_model(f"file://{root}/run")
@@ -214,10 +214,10 @@ def test_url_run_reads_back_and_plots(url_runs):
 
 
 def test_export_command_writes_to_a_url_and_fill_mask_reads_it(url_runs, monkeypatch):
-    from flax_bert.bad_input import InputFileExistsError
-    from flax_bert.export import write_model_folder
+    from flax_bert.errors import InputFileExistsError
+    from flax_bert.run.export import write_model_folder
     from flax_bert.fill_mask import fill_mask, load_for_inference
-    from flax_bert.run_dir import load_run_model
+    from flax_bert.run.directory import load_run_model
 
     root = url_runs[0]
     model, tokenizer, run, step = load_run_model(f"file://{root}/run/checkpoints/4")
@@ -248,7 +248,7 @@ def test_export_command_writes_to_a_url_and_fill_mask_reads_it(url_runs, monkeyp
 
 
 def test_data_files_on_a_url(memory_root, tmp_path):
-    from flax_bert.data_sources import (
+    from flax_bert.data.sources import (
         DataArgs,
         DataError,
         DataFileNotFoundError,
@@ -276,8 +276,7 @@ def test_data_files_on_a_url(memory_root, tmp_path):
 
 
 def test_shared_cache_folders_on_a_url(memory_root, tmp_path):
-    from flax_bert import shared_cache
-
+    from flax_bert.data import shared_cache
     here, there = tmp_path / "host_a", tmp_path / "host_b"
     built = here / "packed" / "key1"
     built.mkdir(parents=True)

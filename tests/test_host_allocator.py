@@ -7,14 +7,13 @@ import sys
 
 import pytest
 
-from flax_bert import host_allocator
-
+from flax_bert.training import host_allocator
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # a stand-in entry point: what run_mlm_flax.py does first, then it reports what the process sees
 PROBE = """
 import os, sys
 print("started", flush=True)
-from flax_bert import host_allocator
+from flax_bert.training import host_allocator
 host_allocator.ensure_hugepages()
 print("pid", os.getpid())
 print("tunables", os.environ.get("GLIBC_TUNABLES"))
@@ -65,7 +64,6 @@ def test_no_reexecution_when_opted_out_off_cpu_or_already_chosen(env, said):
 def test_calls_from_python_never_reexecute(monkeypatch, capsys):
     """cli.main(argv) from Python (tests, scripts) must not replace the calling process."""
     from flax_bert import cli
-
     monkeypatch.setattr(host_allocator, "ensure_hugepages", lambda: pytest.fail("re-executed a Python caller"))
     for call in (lambda: cli.main(["train", "--no_such_flag"]), lambda: cli.run_mlm_flax_main(["--no_such_flag"])):
         with pytest.raises(SystemExit) as exited:  # parsed and rejected in this very process

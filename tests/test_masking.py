@@ -8,8 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_bert import masking
-
+from flax_bert.training import masking
 # RoBERTa-like layout: <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> the last id.
 CLS, PAD, SEP, UNK = 0, 1, 2, 3
 VOCAB = 1000

@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from flax_bert.config import ConfigError, ModelConfig
-from flax_bert.convert import load_hf
+from flax_bert.models.config import ConfigError, ModelConfig
+from flax_bert.models.convert import load_hf
 from flax_bert.models import create_model
 from flax_bert.models.layers import position_ids_from_segments
 

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from flax_bert.config import ModelConfig, flops_per_token
-from flax_bert.convert import assign_hf_tensors, load_hf, save_hf, to_hf_tensors
+from flax_bert.models.config import ModelConfig, flops_per_token
+from flax_bert.models.convert import assign_hf_tensors, load_hf, save_hf, to_hf_tensors
 from flax_bert.models import create_model, normalize_names
 
 VOCAB = 96
@@ -180,9 +180,9 @@ def test_train_step_shards_on_a_data_fsdp_tensor_mesh_and_checkpoints(tmp_path):
 
     from tests.test_train import MASKING, SEQ
 
-    from flax_bert.optim import make_optimizer
-    from flax_bert.sharding import batch_sharding, make_mesh
-    from flax_bert.train import StepConfig, Trainer
+    from flax_bert.training.optim import make_optimizer
+    from flax_bert.training.sharding import batch_sharding, make_mesh
+    from flax_bert.training.step import StepConfig, Trainer
 
     cfg = ModelConfig.for_family("modernbert", vocab_size=1000, hidden_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=96, local_attention=8, pad_token_id=1)
@@ -206,7 +206,7 @@ def test_train_step_shards_on_a_data_fsdp_tensor_mesh_and_checkpoints(tmp_path):
     # an Orbax bundle of this state (StableAdamW moments included) restores bit for bit onto the mesh
     from tests.test_checkpoint import assert_identical, state_at, to_host
 
-    from flax_bert.checkpoint import Checkpointer
+    from flax_bert.run.checkpoint import Checkpointer
 
     saved = state_at(trainer, 3)
     with Checkpointer(tmp_path.absolute(), save_steps=1) as checkpoints:

@@ -133,8 +133,8 @@ def complete_checkpoints(out: pathlib.Path) -> list[int]:
 def work(tmp_path_factory) -> pathlib.Path:
     """A tokenizer trained once on the built-in corpus, and one cache folder per process (as on hosts
     without a shared file system), each seeded with the corpus file so no process rebuilds it."""
-    from flax_bert.corpus import builtin_corpus_path, load_builtin_corpus
-    from flax_bert.tokenizer_training import train_tokenizer
+    from flax_bert.data.corpus import builtin_corpus_path, load_builtin_corpus
+    from flax_bert.data.tokenizer_training import train_tokenizer
 
     work = tmp_path_factory.mktemp("multihost")
     documents = load_builtin_corpus(work / "cache0")
@@ -215,7 +215,7 @@ def test_two_processes_evaluate_every_row_once_like_one(work, reference_runs):
     while the other goes on. The masks follow the batch layout, so the numbers agree closely, not exactly."""
     from transformers import AutoTokenizer
 
-    from flax_bert.data import DataArgs, build_datasets
+    from flax_bert.data.pipeline import DataArgs, build_datasets
 
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     local_batches = []
@@ -309,8 +309,7 @@ def test_a_streamed_two_process_run_resumes_each_process_at_its_own_position(wor
 
 
 def test_the_heartbeat_timeout_comes_from_the_environment(monkeypatch):
-    from flax_bert import distributed
-
+    from flax_bert.training import distributed
     monkeypatch.delenv(distributed.HEARTBEAT_TIMEOUT_VARIABLE, raising=False)
     assert distributed.heartbeat_timeout_seconds() is None  # JAX's own default
     monkeypatch.setenv(distributed.HEARTBEAT_TIMEOUT_VARIABLE, "30")

@@ -15,17 +15,17 @@ import torch
 import transformers
 from flax import nnx
 
-from flax_bert.config import ModelConfig
-from flax_bert.convert import assign_hf_tensors, save_hf, to_hf_tensors
-from flax_bert.data import DataArgs, build_datasets, make_global_batch, tokenizer_info
-from flax_bert.data_sources import document_streams
-from flax_bert.data_tokenize import tokenize_shards_to_cache
-from flax_bert.masking import mask_tokens
+from flax_bert.models.config import ModelConfig
+from flax_bert.models.convert import assign_hf_tensors, save_hf, to_hf_tensors
+from flax_bert.data.pipeline import DataArgs, build_datasets, make_global_batch, tokenizer_info
+from flax_bert.data.sources import document_streams
+from flax_bert.data.tokenize import tokenize_shards_to_cache
+from flax_bert.training.masking import mask_tokens
 from flax_bert.models import create_model
-from flax_bert.optim import make_optimizer
-from flax_bert.sharding import BATCH_AXES, make_mesh
-from flax_bert.tokenizer_training import train_tokenizer
-from flax_bert.train import MaskingConfig, StepConfig, Trainer
+from flax_bert.training.optim import make_optimizer
+from flax_bert.training.sharding import BATCH_AXES, make_mesh
+from flax_bert.data.tokenizer_training import train_tokenizer
+from flax_bert.training.step import MaskingConfig, StepConfig, Trainer
 from tests.conftest import SHARED_DIR
 from tests.test_cli import cli_env, run_cli
 

@@ -6,9 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
-from flax_bert import optim
-
-
+from flax_bert.training import optim
 class TinyEncoder(nnx.Module):
     """The parameter kinds a BERT has: embeddings, dense layers, LayerNorms, a list of layers."""
 

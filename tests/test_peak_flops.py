@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from flax_bert import peak_flops
-from flax_bert.config import ModelConfig, flops_per_token
-from flax_bert.train import MaskingConfig
+from flax_bert.training import peak_flops
+from flax_bert.models.config import ModelConfig, flops_per_token
+from flax_bert.training.step import MaskingConfig
 
 
 def test_device_names_match_exactly_and_by_dtype():

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from flax_bert import data_tokenize
-from flax_bert.data import build_datasets
-from flax_bert.data_prepare import prepare_data
-from flax_bert.data_sources import DataArgs, training_documents
-from flax_bert.tokenizer_training import train_tokenizer
+from flax_bert.data import tokenize as data_tokenize
+from flax_bert.data.pipeline import build_datasets
+from flax_bert.data.prepare import prepare_data
+from flax_bert.data.sources import DataArgs, training_documents
+from flax_bert.data.tokenizer_training import train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA_FLAGS = ["--max_seq_length", "64", "--max_train_samples", "300", "--validation_split_percentage", "10",
@@ -48,7 +48,7 @@ def test_workers_are_separate_processes_and_a_second_build_tokenizes_nothing(wor
         raise AssertionError("tokenized although the data was prepared")
 
     monkeypatch.setattr(data_tokenize, "encode_group", never)
-    monkeypatch.setattr("flax_bert.data.tokenize_shards_to_cache", never)
+    monkeypatch.setattr("flax_bert.data.pipeline.tokenize_shards_to_cache", never)
     rows, _ = build_datasets(args, tokenizer, process_index=0, process_count=1)
     assert rows.num_tokens == train.tokens
 
@@ -93,7 +93,7 @@ def test_each_host_prepares_only_its_own_shards(workspace, monkeypatch):
                     validation_split_percentage=0, data_shards=4)
     train, = prepare_data(args, tokenizer, seed=0, process_index=1, process_count=2, workers=1)
     assert train.shards == 2 and train.tokenized_tokens > 0  # shards 2 and 3 of 4
-    monkeypatch.setattr("flax_bert.data.tokenize_shards_to_cache",
+    monkeypatch.setattr("flax_bert.data.pipeline.tokenize_shards_to_cache",
                         lambda *a, **k: pytest.fail("process 1 tokenized although its shards were prepared"))
     rows, _ = build_datasets(args, tokenizer, process_index=1, process_count=2)
     assert sorted(rows.shards) == [2, 3] and rows.num_tokens == train.tokens

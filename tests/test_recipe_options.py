@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_bert import optim
-from flax_bert.run_config import RunConfig, parse_run_config
+from flax_bert.training import optim
+from flax_bert.run.config import RunConfig, parse_run_config
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_as_one_minus_sqrt():
@@ -77,8 +77,8 @@ def test_eval_mask_rate_defaults_to_the_training_rate_and_can_differ():
     assert old.eval_mlm_probability is None  # an old command evaluates at its training rate, as the old script did
     recipe = parse_run_config(["--output_dir", "runs/x", "--mlm_probability", "0.3", "--eval_mlm_probability", "0.15"])
     assert (recipe.mlm_probability, recipe.eval_mlm_probability) == (0.3, 0.15)
-    from flax_bert.pretrain import eval_masking
-    from flax_bert.train import MaskingConfig
+    from flax_bert.run.pretrain import eval_masking
+    from flax_bert.training.step import MaskingConfig
 
     train = MaskingConfig(special_ids=(0, 1, 2), mask_token_id=3, random_vocab_size=50, mlm_probability=0.3,
                           max_seq_length=128)
@@ -93,7 +93,7 @@ def test_eval_mask_rate_defaults_to_the_training_rate_and_can_differ():
 
 @pytest.fixture(scope="module")
 def wordpiece_tokenizer(tmp_path_factory):
-    from flax_bert.tokenizer_training import train_tokenizer
+    from flax_bert.data.tokenizer_training import train_tokenizer
 
     texts = [f"the quick brown fox number {i} jumps over the lazy dog" for i in range(200)]
     return train_tokenizer(texts, kind="wordpiece", vocab_size=120, output_dir=tmp_path_factory.mktemp("wp"))
@@ -101,9 +101,9 @@ def wordpiece_tokenizer(tmp_path_factory):
 
 def test_fresh_roberta_takes_special_ids_from_a_wordpiece_tokenizer(wordpiece_tokenizer, tmp_path):
     """RoBERTa's family pads with 1; a WordPiece tokenizer pads with 0: the tokenizer wins."""
-    from flax_bert.convert import save_hf
+    from flax_bert.models.convert import save_hf
     from flax_bert.models import create_model
-    from flax_bert.pretrain import resolve_model_config
+    from flax_bert.run.pretrain import resolve_model_config
 
     tok = wordpiece_tokenizer
     assert tok.pad_token_id == 0
@@ -130,7 +130,7 @@ def test_fresh_bert_and_modernbert_take_special_ids_from_a_bpe_tokenizer():
         def __len__(self):
             return 300
 
-    from flax_bert.pretrain import resolve_model_config
+    from flax_bert.run.pretrain import resolve_model_config
 
     bert = resolve_model_config(RunConfig(model_type="bert"), Bpe())
     assert (bert.pad_token_id, bert.bos_token_id, bert.eos_token_id) == (1, 0, 2)

@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from flax_bert.checkpoint import (CheckpointMismatchError, Checkpointer, DamagedCheckpointError, OutputDirError,
+from flax_bert.run.checkpoint import (CheckpointMismatchError, Checkpointer, DamagedCheckpointError, OutputDirError,
                                   check_output_dir, resolve_start)
-from flax_bert.optim import make_optimizer
-from flax_bert.train import StepConfig, Trainer
+from flax_bert.training.optim import make_optimizer
+from flax_bert.training.step import StepConfig, Trainer
 from tests.test_checkpoint import MASKING, RUN_CONFIG, _truncate_biggest_array_file, make_trainer, save_run, target
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def test_overwrite_refuses_an_output_dir_holding_the_runs_inputs(tmp_path, optio
 # ----------------------------------------------------------------------------- one-line errors
 def test_only_our_errors_are_one_line_others_keep_their_traceback(capsys):
     from flax_bert.cli import run_command
-    from flax_bert.data_sources import DataError
+    from flax_bert.data.sources import DataError
 
     def bad_data(argv):
         raise DataError("--train_file x.txt holds no text: pass a file with text")
@@ -172,13 +172,12 @@ def test_only_our_errors_are_one_line_others_keep_their_traceback(capsys):
 
 def test_project_input_errors_are_project_classes():
     """A user's mistake raised as a bare ValueError would now print a traceback."""
-    from flax_bert.errors import USER_ERRORS
-    from flax_bert.run_config import RunConfig
+    from flax_bert.errors import InputError
+    from flax_bert.run.config import RunConfig
 
-    assert ValueError not in USER_ERRORS and RuntimeError not in USER_ERRORS
-    with pytest.raises(USER_ERRORS):
+    with pytest.raises(InputError):
         RunConfig(max_steps=0, num_train_epochs=0).validate()
-    with pytest.raises(USER_ERRORS):
+    with pytest.raises(InputError):
         make_optimizer(learning_rate=-1.0, warmup_steps=0, total_steps=10)
 
 

@@ -58,8 +58,8 @@ class Workspace:
 
 def new_workspace(root: pathlib.Path) -> Workspace:
     """A 1000-token BPE tokenizer trained once on the built-in corpus (each run would otherwise train its own)."""
-    from flax_bert.data_sources import DataArgs, training_documents
-    from flax_bert.tokenizer_training import train_tokenizer
+    from flax_bert.data.sources import DataArgs, training_documents
+    from flax_bert.data.tokenizer_training import train_tokenizer
 
     ws = Workspace(root)
     documents = training_documents(DataArgs(cache_dir=str(ws.cache), max_train_samples=400))
@@ -197,7 +197,7 @@ def test_a_truncated_latest_checkpoint_is_named_and_the_previous_one_used(worksp
 def test_a_diverging_run_stops_naming_the_step_with_its_last_checkpoint_intact(workspace, tmp_path):
     import jax
 
-    from flax_bert.checkpoint import Checkpointer
+    from flax_bert.run.checkpoint import Checkpointer
 
     out = tmp_path / "run"
     # AdamW moves every weight by ~lr per step whatever the gradient: at 1e6 the logits overflow in a few steps

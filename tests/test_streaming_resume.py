@@ -14,10 +14,12 @@ import sys
 import numpy as np
 import pytest
 
-from flax_bert import corpus, data_streaming
-from flax_bert.data import DataArgs, DataError, build_datasets
-from flax_bert.data_stream_cursor import DatasetCursor, LineFileCursor
-from flax_bert.tokenizer_training import train_tokenizer
+from flax_bert.data import corpus
+
+from flax_bert.data import streaming as data_streaming
+from flax_bert.data.pipeline import DataArgs, DataError, build_datasets
+from flax_bert.data.cursors import DatasetCursor, LineFileCursor
+from flax_bert.data.tokenizer_training import train_tokenizer
 
 GROUP_DOCS = 10  # tiny tokenizer groups, so that a run of ~200 batches has dozens of them to resume into
 BUFFER = 20
@@ -123,7 +125,7 @@ def test_a_resumed_stream_continues_bit_identically_from_its_position(case, file
         reads.clear()
         caplog.clear()
         resumed = train.iterator(batch, seed=5)
-        with caplog.at_level(logging.INFO, logger="flax_bert.data_streaming"):
+        with caplog.at_level(logging.INFO, logger="flax_bert.data.streaming"):
             resumed.load_state_dict(state)
         assert "no replay" in caplog.text
         got = [next(resumed)]
@@ -155,7 +157,7 @@ def test_a_checkpoint_with_a_batch_count_only_replays_and_says_so(files, tokeniz
     iterator = train.iterator(4, seed=2)
     expected = [next(iterator) for _ in range(30)]
     old = train.iterator(4, seed=2)
-    with caplog.at_level(logging.WARNING, logger="flax_bert.data_streaming"):
+    with caplog.at_level(logging.WARNING, logger="flax_bert.data.streaming"):
         old.load_state_dict({"batches": 20, "process_count": 1})  # what earlier versions saved
     assert "holds a batch count only" in caplog.text and "replaying 20 batches" in caplog.text
     for want in expected[20:]:
@@ -172,7 +174,7 @@ def test_another_process_state_replays_and_a_new_batch_size_continues_at_the_sam
     plain = shares[1].iterator(8, seed=1)
     expected = [next(plain) for _ in range(12)]
     other = shares[1].iterator(8, seed=1)
-    with caplog.at_level(logging.WARNING, logger="flax_bert.data_streaming"):
+    with caplog.at_level(logging.WARNING, logger="flax_bert.data.streaming"):
         other.load_state_dict(state)  # only the first process's state is in a checkpoint
     assert "another process's stream position" in caplog.text
     np.testing.assert_array_equal(next(other)["input_ids"], expected[9]["input_ids"])
@@ -189,7 +191,7 @@ import json, sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from flax_bert.data_streaming import states_of_every_process
+from flax_bert.data.streaming import states_of_every_process
 p = jax.process_index()
 state = {"batches": 7, "process_count": 2, "process_index": p, "rows_since_snapshot": p,
          "snapshot": {"buffer": ["\u00e9 process %d" % p] * (1 + 500 * p)}}
@@ -224,7 +226,7 @@ def test_every_process_state_is_gathered_for_the_checkpoint_and_each_resumes_fro
     for share, iterator in zip(shares, iterators, strict=True):
         resumed = share.iterator(8, seed=4)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="flax_bert.data_streaming"):
+        with caplog.at_level(logging.INFO, logger="flax_bert.data.streaming"):
             resumed.load_state_dict(saved)
         assert "no replay" in caplog.text and "replaying" not in caplog.text
         for _ in range(5):

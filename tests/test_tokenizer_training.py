@@ -5,16 +5,15 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from flax_bert.data_sources import DataArgs
-from flax_bert.tokenizer_training import TokenizerTrainingError, train_tokenizer, train_tokenizer_from_args
+from flax_bert.data.sources import DataArgs
+from flax_bert.data.tokenizer_training import TokenizerTrainingError, train_tokenizer, train_tokenizer_from_args
 
 SAMPLE = "The lobster, Homarus gammarus, is blue; it turns red when cooked."
 
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
-    from flax_bert import corpus
-
+    from flax_bert.data import corpus
     documents = corpus.load_builtin_corpus(tmp_path_factory.mktemp("corpus"))
     return documents[::4] + [SAMPLE] * 3  # ~0.5 MB: enough for a 2000-token vocabulary, quick to train
 

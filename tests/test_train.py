@@ -6,11 +6,11 @@ import pytest
 import torch
 import transformers
 
-from flax_bert.config import ModelConfig
-from flax_bert.convert import assign_hf_tensors, to_hf_tensors
-from flax_bert.optim import make_optimizer
-from flax_bert.sharding import batch_sharding, make_mesh, tree_bytes_per_device
-from flax_bert.train import MaskingConfig, NonFiniteLossError, StepConfig, Trainer, check_finite
+from flax_bert.models.config import ModelConfig
+from flax_bert.models.convert import assign_hf_tensors, to_hf_tensors
+from flax_bert.training.optim import make_optimizer
+from flax_bert.training.sharding import batch_sharding, make_mesh, tree_bytes_per_device
+from flax_bert.training.step import MaskingConfig, NonFiniteLossError, StepConfig, Trainer, check_finite
 
 SEQ, ROWS, VOCAB = 32, 16, 1000
 CFG = ModelConfig.for_family("roberta", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

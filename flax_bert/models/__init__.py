@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from flax_bert.bad_input import InputError
+from flax_bert.errors import InputError
 
 _BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_bert.config import ModelConfig
+from flax_bert.models.config import ModelConfig
 from flax_bert.models.layers import Entry, MaskedLMOutput, attend, document_mask, dropout, gather_positions
 from flax_bert.models.layers import activation as _activation
 from flax_bert.models.layers import dtype as _dtype

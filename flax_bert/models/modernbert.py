@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_bert.config import ModelConfig
+from flax_bert.models.config import ModelConfig
 from flax_bert.models.layers import (Entry, MaskedLMOutput, activation, attend, document_mask, dropout, dtype,
                                      gather_positions, position_ids_from_segments, run_stacked, split_key,
                                      stacked_layers, tied_logits, vocab_bias)

@@ -1,0 +1,1 @@
+"""The host data pipeline: sources and their cursors, tokenizing, packing, sentence pairs, iterators, streaming, prepare, the built-in corpus, the shared cache and tokenizer training. Host-side only: it never touches model code."""
