@@ -94,11 +94,10 @@ def newest_bundle_config(path) -> tuple[dict | None, str]:
 
 
 def bundle_config(step_dir) -> dict | None:
-    import orbax.checkpoint as ocp
-    from etils import epath
+    from flax_bert.run.checkpoint_restore import read_json_item
 
     try:
-        return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(epath.Path(step_dir) / "config"))
+        return dict(read_json_item(f"{step_dir}/config"))
     except Exception:  # noqa: BLE001 - an unreadable bundle is the checkpoint reader's to report
         return None
 
