@@ -76,7 +76,7 @@ def prepare_main(argv) -> int:
     from flax_bert.errors import InputError
     from flax_bert.data.pipeline import resolve_data_shards
     from flax_bert.data.prepare import prepare_data
-    from flax_bert.run.pretrain import data_args_from_run, default_max_seq_length, resolve_model_config, resolve_tokenizer
+    from flax_bert.run.build import data_args_from_run, default_max_seq_length, resolve_model_config, resolve_tokenizer
 
     distributed.initialize(run)
     from flax_bert import storage

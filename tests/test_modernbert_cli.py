@@ -67,7 +67,7 @@ def test_the_export_comes_back_through_import_and_config_name(modernbert_run, tm
     from transformers import AutoTokenizer
 
     from flax_bert.models.convert import load_hf, to_hf_tensors
-    from flax_bert.run.pretrain import resolve_model_config
+    from flax_bert.run.build import resolve_model_config
     from flax_bert.run.config import RunConfig
     from flax_bert.run.directory import import_hf_model, load_run_model
 

@@ -77,7 +77,7 @@ def test_eval_mask_rate_defaults_to_the_training_rate_and_can_differ():
     assert old.eval_mlm_probability is None  # an old command evaluates at its training rate, as the old script did
     recipe = parse_run_config(["--output_dir", "runs/x", "--mlm_probability", "0.3", "--eval_mlm_probability", "0.15"])
     assert (recipe.mlm_probability, recipe.eval_mlm_probability) == (0.3, 0.15)
-    from flax_bert.run.pretrain import eval_masking
+    from flax_bert.run.build import eval_masking
     from flax_bert.training.step import MaskingConfig
 
     train = MaskingConfig(special_ids=(0, 1, 2), mask_token_id=3, random_vocab_size=50, mlm_probability=0.3,
@@ -103,7 +103,7 @@ def test_fresh_roberta_takes_special_ids_from_a_wordpiece_tokenizer(wordpiece_to
     """RoBERTa's family pads with 1; a WordPiece tokenizer pads with 0: the tokenizer wins."""
     from flax_bert.models.convert import save_hf
     from flax_bert.models import create_model
-    from flax_bert.run.pretrain import resolve_model_config
+    from flax_bert.run.build import resolve_model_config
 
     tok = wordpiece_tokenizer
     assert tok.pad_token_id == 0
@@ -130,7 +130,7 @@ def test_fresh_bert_and_modernbert_take_special_ids_from_a_bpe_tokenizer():
         def __len__(self):
             return 300
 
-    from flax_bert.run.pretrain import resolve_model_config
+    from flax_bert.run.build import resolve_model_config
 
     bert = resolve_model_config(RunConfig(model_type="bert"), Bpe())
     assert (bert.pad_token_id, bert.bos_token_id, bert.eos_token_id) == (1, 0, 2)

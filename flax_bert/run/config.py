@@ -147,48 +147,54 @@ class RunConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_FIELDS}
 
     def validate(self) -> "RunConfig":
-        checks = [
-            (self.output_dir, "--output_dir is required: the folder for checkpoints, metrics and the exported model"),
-            (self.max_seq_length is None or self.max_seq_length >= 8, "--max_seq_length must be at least 8"),
-            (0 < self.mlm_probability < 1, "--mlm_probability must be between 0 and 1, e.g. 0.15"),
-            (self.eval_mlm_probability is None or 0 < self.eval_mlm_probability < 1,
-             "--eval_mlm_probability must be between 0 and 1, e.g. 0.15"),
-            (0 < self.wsd_decay_fraction <= 1, "--wsd_decay_fraction must be in (0, 1], e.g. 0.1"),
-            (self.model_type == "modernbert" or (self.local_attention is None and self.global_attn_every_n_layers is None),
-             "--local_attention and --global_attn_every_n_layers apply to --model_type modernbert only"),
-            (self.local_attention is None or (self.local_attention >= 2 and self.local_attention % 2 == 0),
-             "--local_attention must be an even number of tokens, at least 2 (e.g. 128)"),
-            (self.global_attn_every_n_layers is None or self.global_attn_every_n_layers >= 1,
-             "--global_attn_every_n_layers must be at least 1"),
-            (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1"),
-            (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be at least 1"),
-            (self.data_shards is None or self.data_shards >= 1, "--data_shards must be at least 1"),
-            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-            (self.learning_rate > 0, "--learning_rate must be positive"),
-            (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
-            (self.logging_steps >= 1, "--logging_steps must be at least 1"),
-            (self.save_steps >= 0, "--save_steps must be >= 0"),
-            (self.save_total_limit >= 1, "--save_total_limit must be at least 1"),
-            (self.max_steps > 0 or self.num_train_epochs > 0, "set --max_steps or a positive --num_train_epochs"),
-            (0 <= self.validation_split_percentage < 100, "--validation_split_percentage must be in [0, 100)"),
-            (self.objective == "mlm" or self.model_type == "bert" or self.model_name_or_path or self.config_name,
-             "--objective mlm+nsp needs --model_type bert"),
-            (not self.push_to_hub or self.hub_model_id, "--push_to_hub needs --hub_model_id"),
-            (self.do_train or self.do_eval, "nothing to do: pass --do_train and/or --do_eval"),
-            (not (self.token and self.use_auth_token), "--token and --use_auth_token both given: pass only --token"),
-            (not (self.adafactor and self.optimizer != "adafactor"),
-             f"--adafactor and --optimizer {self.optimizer} both given: choose one"),
-            (self.use_fast_tokenizer, "--use_fast_tokenizer false is not supported: packing and whole-word masking need "
-                                      "the fast (Rust) tokenizer; drop the flag"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise RunConfigError(message)
-        return self
+        return check_run_config(self)
 
 
 class RunConfigError(InputError):
     """A YAML file or flag that does not describe a valid run."""
+
+
+# ----------------------------------------------------------------------------- validation
+def check_run_config(run: RunConfig) -> RunConfig:
+    """Refuses, in one line naming the flag, a combination of options that does not describe a valid run."""
+    checks = [
+        (run.output_dir, "--output_dir is required: the folder for checkpoints, metrics and the exported model"),
+        (run.max_seq_length is None or run.max_seq_length >= 8, "--max_seq_length must be at least 8"),
+        (0 < run.mlm_probability < 1, "--mlm_probability must be between 0 and 1, e.g. 0.15"),
+        (run.eval_mlm_probability is None or 0 < run.eval_mlm_probability < 1,
+         "--eval_mlm_probability must be between 0 and 1, e.g. 0.15"),
+        (0 < run.wsd_decay_fraction <= 1, "--wsd_decay_fraction must be in (0, 1], e.g. 0.1"),
+        (run.model_type == "modernbert" or (run.local_attention is None and run.global_attn_every_n_layers is None),
+         "--local_attention and --global_attn_every_n_layers apply to --model_type modernbert only"),
+        (run.local_attention is None or (run.local_attention >= 2 and run.local_attention % 2 == 0),
+         "--local_attention must be an even number of tokens, at least 2 (e.g. 128)"),
+        (run.global_attn_every_n_layers is None or run.global_attn_every_n_layers >= 1,
+         "--global_attn_every_n_layers must be at least 1"),
+        (run.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be at least 1"),
+        (run.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be at least 1"),
+        (run.data_shards is None or run.data_shards >= 1, "--data_shards must be at least 1"),
+        (run.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (run.learning_rate > 0, "--learning_rate must be positive"),
+        (run.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+        (run.logging_steps >= 1, "--logging_steps must be at least 1"),
+        (run.save_steps >= 0, "--save_steps must be >= 0"),
+        (run.save_total_limit >= 1, "--save_total_limit must be at least 1"),
+        (run.max_steps > 0 or run.num_train_epochs > 0, "set --max_steps or a positive --num_train_epochs"),
+        (0 <= run.validation_split_percentage < 100, "--validation_split_percentage must be in [0, 100)"),
+        (run.objective == "mlm" or run.model_type == "bert" or run.model_name_or_path or run.config_name,
+         "--objective mlm+nsp needs --model_type bert"),
+        (not run.push_to_hub or run.hub_model_id, "--push_to_hub needs --hub_model_id"),
+        (run.do_train or run.do_eval, "nothing to do: pass --do_train and/or --do_eval"),
+        (not (run.token and run.use_auth_token), "--token and --use_auth_token both given: pass only --token"),
+        (not (run.adafactor and run.optimizer != "adafactor"),
+         f"--adafactor and --optimizer {run.optimizer} both given: choose one"),
+        (run.use_fast_tokenizer, "--use_fast_tokenizer false is not supported: packing and whole-word masking need "
+                                  "the fast (Rust) tokenizer; drop the flag"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RunConfigError(message)
+    return run
 
 
 def _str2bool(value: str) -> bool:

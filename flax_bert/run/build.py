@@ -1,0 +1,210 @@
+"""Building a pretraining run, one function per concern, in the order Run calls them: the processes and the
+mesh, the output directory (where the run starts and whether it is this run's own), the tokenizer, the model
+config and the defaults decided from it, the data, the step count, and the trainer (optimizer, masking, steps)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import jax
+
+from flax_bert.errors import InputError, InputFileNotFoundError
+from flax_bert.run import checkpoint as ckpt_lib
+from flax_bert import storage
+from flax_bert.training import distributed
+from flax_bert.models.config import ModelConfig
+from flax_bert.data.pipeline import (DataArgs, StreamingRows, build_datasets, check_tokenizer_fits,
+                            resolve_data_shards, validation_shards)
+from flax_bert.models import family
+from flax_bert.training.optim import make_optimizer
+from flax_bert.run.config import RunConfig, fresh_model_config, runtime_overrides
+from flax_bert.training.sharding import make_mesh
+from flax_bert.training.step import MaskingConfig, StepConfig, Trainer
+
+log = logging.getLogger("flax_bert")
+
+
+def hub_options(run: RunConfig) -> dict[str, Any]:
+    """What every download from the Hub takes: --token, --cache_dir (as the old script: downloads are cached
+    there), and for tokenizers --trust_remote_code and --use_fast_tokenizer."""
+    cache_dir = str(storage.mirror(run.cache_dir)) if storage.is_url(run.cache_dir) else run.cache_dir  # local
+    return {"token": run.token, "cache_dir": cache_dir}
+
+
+def tokenizer_options(run: RunConfig) -> dict[str, Any]:
+    return {**hub_options(run), "trust_remote_code": run.trust_remote_code, "use_fast": run.use_fast_tokenizer}
+
+
+def data_args_from_run(run: RunConfig) -> DataArgs:
+    names = {f.name for f in dataclasses.fields(DataArgs)}
+    return DataArgs(**{k: v for k, v in dataclasses.asdict(run).items() if k in names})
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+def resolve_tokenizer(run: RunConfig, output_dir, start_dir=None):
+    """--tokenizer_name, else the model's own, else the run's (trained on its data on first start; never
+    when only evaluating). `start_dir`: the run directory of a --resume_from_checkpoint checkpoint. Either
+    directory may be a URL (flax_bert.storage): the tokenizer is read from a downloaded copy."""
+    from transformers import AutoTokenizer
+
+    source = run.tokenizer_name or run.model_name_or_path
+    if source:
+        try:
+            return AutoTokenizer.from_pretrained(source, **tokenizer_options(run))
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}): "
+                             "pass --tokenizer_name with a local tokenizer folder") from None
+    for run_tokenizer in [storage.join(output_dir, "tokenizer")] + ([storage.join(start_dir, "tokenizer")] if start_dir else []):
+        if storage.isfile(storage.join(run_tokenizer, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(str(storage.fetch_folder(run_tokenizer)))
+    run_tokenizer = storage.join(output_dir, "tokenizer")
+    if not run.do_train:
+        raise InputFileNotFoundError(f"no tokenizer to evaluate with: {run_tokenizer} does not exist; pass --tokenizer_name")
+    from flax_bert.data.tokenizer_training import train_tokenizer_from_args
+
+    kind = family(run.model_type or "roberta").tokenizer_kind
+    log.info("no --tokenizer_name: training a %d-token %s tokenizer on the training data", run.tokenizer_vocab_size, kind)
+    if jax.process_index() == 0:
+        stage = storage.local_stage(run_tokenizer)  # the folder itself, or a local one uploaded to the URL
+        train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,
+                                  output_dir=stage, model_max_length=run.max_seq_length or 512)
+        # tokenizer_config.json, which says "the tokenizer is here", goes last
+        storage.publish(stage, run_tokenizer, last=("tokenizer_config.json",))
+    distributed.barrier("tokenizer")
+    return AutoTokenizer.from_pretrained(str(storage.fetch_folder(run_tokenizer)))
+
+
+def resolve_model_config(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint | None = None) -> ModelConfig:
+    """The checkpoint's own model when continuing one; else --model_name_or_path / --config_name; else fresh."""
+    if start is not None and start.kind == "checkpoint":
+        from flax_bert.run.options import bundle_config
+
+        stored = (bundle_config(start.path) or {}).get("model")
+        if stored:
+            return ModelConfig.from_hf_dict(stored, **runtime_overrides(run))
+    if run.model_name_or_path or run.config_name:
+        from flax_bert.models.convert import resolve_model_folder
+
+        folder = resolve_model_folder(run.model_name_or_path or run.config_name, **hub_options(run))
+        return ModelConfig.from_pretrained(folder, **runtime_overrides(run))
+    ids = tokenizer_special_ids(tokenizer)
+    cfg = fresh_model_config(run, len(tokenizer), ids)
+    log.info("fresh %s model: %d layers, hidden %d, intermediate %d, dropout %g / attention dropout %g; special "
+             "token ids from the tokenizer (%s)", cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size,
+             cfg.intermediate_size, cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob,
+             ", ".join(f"{k}={v}" for k, v in ids.items() if k in family(cfg.model_type).hf_fields))
+    return cfg
+
+
+def tokenizer_special_ids(tokenizer) -> dict[str, int | None]:
+    """pad/bos/eos/cls/sep ids of the tokenizer, for a fresh model's config (not the family's defaults)."""
+    return {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "bos", "eos", "cls", "sep")}
+
+
+def eval_masking(train_masking: MaskingConfig, run: RunConfig) -> MaskingConfig | None:
+    """The evaluation's masking when its rate differs from training's; logs the rate either way."""
+    rate = run.eval_mlm_probability if run.eval_mlm_probability is not None else run.mlm_probability
+    source = "--eval_mlm_probability" if run.eval_mlm_probability is not None else "the training rate, --mlm_probability"
+    log.info("masking %.0f%% of tokens in training, %.0f%% in evaluation (%s)", 100 * run.mlm_probability, 100 * rate, source)
+    if abs(rate - 0.15) > 1e-9 and run.do_eval:
+        log.info("evaluation losses at %.0f%% masking are not comparable with published 15%% numbers "
+                 "(pass --eval_mlm_probability 0.15 for those)", 100 * rate)
+    return None if rate == train_masking.mlm_probability else dataclasses.replace(train_masking, mlm_probability=rate)
+
+
+def default_max_seq_length(tokenizer, model_config: ModelConfig) -> int:
+    """The old script's default: the tokenizer's model_max_length, here at most what the positions hold."""
+    limit = getattr(tokenizer, "model_max_length", None) or model_config.max_sequence_length
+    chosen = min(int(limit) if limit < 10**6 else model_config.max_sequence_length, model_config.max_sequence_length)
+    log.info("--max_seq_length unset: %d (the tokenizer's model_max_length %s, the model's %d positions)",
+             chosen, limit if limit < 10**6 else "unset", model_config.max_sequence_length)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- building a run
+def start_processes(run: RunConfig):
+    """Join the other processes (several hosts) and build the mesh: a mesh that does not fit the devices fails
+    before any work. Logs come from process 0; the others speak only of problems."""
+    distributed.initialize(run)
+    mesh = make_mesh(run.mesh)
+    if jax.process_index() != 0:
+        log.setLevel(logging.WARNING)
+    return mesh
+
+
+def claim_output_dir(run: RunConfig, output_dir) -> ckpt_lib.StartPoint:
+    """Where the run starts (resolve_start's order), and the output directory checked to be this run's own."""
+    start = ckpt_lib.resolve_start(run.output_dir, run.resume_from_checkpoint, run.model_name_or_path,
+                                   overwrite_output_dir=run.overwrite_output_dir)
+    if not run.do_train and start.kind == "fresh":
+        raise InputFileNotFoundError(f"nothing to evaluate: {run.output_dir} holds no checkpoint; pass a run's "
+                                     "--output_dir, --resume_from_checkpoint or --model_name_or_path")
+    if jax.process_index() == 0 and run.do_train:  # evaluating alone writes nothing but eval_results.json
+        ckpt_lib.check_output_dir(run.output_dir, run.overwrite_output_dir, run.to_dict(),
+                                  resuming=start.kind == "checkpoint")
+    distributed.barrier("output_dir")
+    storage.makedirs(output_dir)
+    for name in ("train_ref_file", "validation_ref_file"):
+        if getattr(run, name):
+            log.warning("--%s is ignored: the old run_mlm_flax.py accepted it without reading it either", name)
+    return start
+
+
+def decide_model(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint, output_dir) -> tuple[RunConfig, ModelConfig]:
+    """The model config, and the run's defaults that needed the tokenizer or the model (recorded as decided)."""
+    model_config = resolve_model_config(run, tokenizer, start)
+    unset = {}
+    if run.max_seq_length is None:
+        unset["max_seq_length"] = default_max_seq_length(tokenizer, model_config)
+    if run.model_type is None:
+        unset["model_type"] = model_config.model_type
+        log.info("--model_type unset: %s (%s)", model_config.model_type,
+                 "the model's" if start.kind != "fresh" or run.config_name else "a fresh model's default")
+    if unset:
+        run = dataclasses.replace(run, **unset)
+        if jax.process_index() == 0 and run.do_train:
+            ckpt_lib.record_run_config(output_dir, run.to_dict())  # with the defaults now decided
+    check_tokenizer_fits(tokenizer, model_config.vocab_size, model_config.max_position_embeddings,
+                         run.max_seq_length, model_config.model_type, model_config.pad_token_id)
+    return run, model_config
+
+
+def build_data(run: RunConfig, tokenizer, global_batch: int):
+    """(training rows or None, validation rows or None): tokenized, packed and split into logical shards."""
+    data_args = data_args_from_run(run)
+    data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), global_batch)
+    if not run.streaming and run.do_train:
+        log.info("training data in %d logical shards, %d per process (pass --data_shards %d to keep the same "
+                 "batches with another number of processes)", data_args.data_shards,
+                 data_args.data_shards // jax.process_count(), data_args.data_shards)
+    if not run.streaming:
+        log.info("validation data in %d logical shards (for any batch size and --data_shards)",
+                 validation_shards(jax.process_count()))
+    return build_datasets(data_args, tokenizer, seed=run.seed,
+                          splits=("train", "validation") if run.do_train else ("validation",))
+
+
+def count_total_steps(run: RunConfig, train_rows, global_batch: int) -> int:
+    if run.max_steps > 0:
+        return run.max_steps
+    if isinstance(train_rows, StreamingRows):
+        raise InputError("--streaming has no epoch length: set --max_steps")
+    steps_per_epoch = math.ceil(distributed.process_sum(train_rows.local_rows) / global_batch)
+    return max(1, math.ceil(run.num_train_epochs * steps_per_epoch))
+
+
+def build_trainer(run: RunConfig, model_config: ModelConfig, tokenizer, mesh, total_steps: int) -> Trainer:
+    """The optimizer with its schedule, the masking of training and evaluation, and the jitted steps."""
+    tx, schedule = make_optimizer(
+        learning_rate=run.learning_rate, warmup_steps=min(run.warmup_steps, total_steps - 1),
+        total_steps=total_steps, schedule=run.lr_scheduler_type, optimizer=run.optimizer,
+        b1=run.adam_beta1, b2=run.adam_beta2, eps=run.adam_epsilon, weight_decay=run.weight_decay,
+        max_grad_norm=run.max_grad_norm or None, decay_fraction=run.wsd_decay_fraction)
+    masking = MaskingConfig.from_tokenizer(tokenizer, mlm_probability=run.mlm_probability,
+                                           max_seq_length=run.max_seq_length, whole_word_masking=run.whole_word_masking)
+    step_config = StepConfig(masking=masking, seed=run.seed, objective=run.objective,
+                             gradient_accumulation_steps=run.gradient_accumulation_steps,
+                             eval_masking=eval_masking(masking, run))
+    return Trainer(model_config, step_config, tx, mesh, schedule)
