@@ -80,7 +80,7 @@ class DocumentStream:
     # (process_index, process_count) -> that process's documents, or None when it cannot.
     split_by_files: Callable[[int, int], "DocumentStream | None"] | None = None
     # The same documents one at a time from a saved position (None: the start), without reading what
-    # comes before it (data_stream_cursor); None when the source cannot seek.
+    # comes before it (flax_bert.data.cursors); None when the source cannot seek.
     open_cursor: Callable[[dict | None], Cursor] | None = None
 
     def batches(self) -> Iterator[list[str]]:

@@ -3,7 +3,7 @@
 
 The folder holds ``tokenizer.json`` (the full ``tokenizers`` pipeline) and ``tokenizer_config.json``
 (the transformers class and the special tokens); the CLI's ``flax-bert train-tokenizer`` calls
-:func:`train_tokenizer_from_args`, which reads the same sources as training (see ``data_sources``).
+:func:`train_tokenizer_from_args`, which reads the same sources as training (see ``flax_bert.data.sources``).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def train_tokenizer_from_args(data_args, kind: str = "bpe", vocab_size: int | No
                               output_dir: str | os.PathLike = "tokenizer", model_max_length: int = 512,
                               lowercase: bool = True):
     """``flax-bert train-tokenizer``: trains on the training split of the sources in ``data_args``
-    (a ``data_sources.DataArgs``: hub dataset, local files or the built-in corpus)."""
+    (a ``flax_bert.data.pipeline.DataArgs``: hub dataset, local files or the built-in corpus)."""
     from flax_bert.data.sources import training_documents
 
     texts = (text for batch in training_documents(data_args).batches() for text in batch)

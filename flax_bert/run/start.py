@@ -1,9 +1,5 @@
-"""Where a run starts and whose directory it is: the run directory's layout, which checkpoints in it are
-complete, the resume order (resolve_start), and the guard against writing over another run (check_output_dir).
-
-OUTPUT_DIR/checkpoints/STEP is a complete bundle (see flax_bert.run.checkpoint): Orbax writes into
-STEP.orbax-checkpoint-tmp-* and renames the folder once every item is written, so a bare step number is whole.
-"""
+"""Where a run starts and whose directory it is: the resume order (resolve_start) and the guard against writing
+over another run (check_output_dir). The directory's names and its complete checkpoints: flax_bert.run.layout."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +19,7 @@ from flax_bert.run.options import IMMUTABLE, fixed_options, same_setting
 log = logging.getLogger(__name__)
 
 # Settings a run resuming an output_dir must share with the run that wrote it: the options that may not
-# change on resume (run_options.IMMUTABLE, the one list: model shapes, tokenizer, rows and their order,
+# change on resume (run.options.IMMUTABLE, the one list: model shapes, tokenizer, rows and their order,
 # masks, objective, optimizer), less the optimizer when --reset_optimizer starts a fresh optimizer state.
 RUN_IDENTITY_KEYS = tuple(IMMUTABLE)
 
