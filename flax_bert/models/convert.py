@@ -78,6 +78,11 @@ def _read_weight_files(folder: pathlib.Path) -> dict[str, np.ndarray]:
         f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
+def read_hf_tensors(folder: str | os.PathLike, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """A local folder's tensors under the names its family's table uses."""
+    return normalize_names(_read_weight_files(pathlib.Path(folder)), cfg)
+
+
 def _shards(folder: pathlib.Path, single: str) -> Iterator[pathlib.Path]:
     index = folder / f"{single}.index.json"
     if index.is_file():
