@@ -214,3 +214,46 @@ def test_bad_input_is_one_line(made_task, tmp_path, capsys, extra, message):
 def test_a_rerun_with_other_options_is_refused(made_task, classified, capsys):
     assert finetune(made_task, classified[0], "--learning_rate", "2e-3", "--max_seq_length", "24") == 1
     assert "holds fine-tuning results of other options (max_seq_length 32 there, 24 now" in capsys.readouterr().err
+
+
+def test_a_dataset_by_name_reads_its_splits_offline(made_task, tmp_path):
+    """--dataset_name goes through datasets.load_dataset (here a local folder: the Hub is not reachable in tests)."""
+    import pandas as pd
+
+    from flax_bert.finetune.data import DataOptions, read_split
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    rows = pd.read_csv(made_task / "valid.csv")
+    rows[:100].to_csv(folder / "train.csv", index=False)
+    rows[100:].to_csv(folder / "validation.csv", index=False)
+    options = DataOptions(dataset_name=str(folder), text_column="sentence", text_pair_column="second",
+                          cache_dir=str(tmp_path / "cache"))
+    validation = read_split(options, "validation")
+    assert validation.texts == list(rows["sentence"][100:]) and validation.pairs == list(rows["second"][100:])
+    assert validation.labels.tolist() == list(rows["label"][100:])
+    assert read_split(options, "test", required=False) is None  # no --test_split asked
+
+
+def test_a_run_directory_is_read_from_its_checkpoint(made_task, tmp_path):
+    from flax_bert.finetune.source import load_source
+    from flax_bert.run.directory import import_hf_model
+
+    import_hf_model(made_task / "model", tmp_path / "run")
+    from_run, from_folder = load_source(str(tmp_path / "run")), load_source(str(made_task / "model"))
+    assert "of the run" in from_run.description and from_run.config.model_type == "bert"
+    for name, value in from_folder.tensors.items():
+        np.testing.assert_array_equal(from_run.tensors[name], value, err_msg=name)
+    assert from_run.tokenizer("a b")["input_ids"] == from_folder.tokenizer("a b")["input_ids"]
+
+
+def test_pairs_keep_segment_ids_only_for_a_model_with_two_token_types(made_task):
+    """A BERT tokenizer's second-segment 1s would index past a one-row (RoBERTa) token-type table: NaN logits."""
+    from transformers import AutoTokenizer
+
+    from flax_bert.finetune.data import Split, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(made_task / "model")
+    split = Split("train", ["first text"], ["second text"], np.array([1]))
+    assert encode(split, tokenizer, 32, None, token_types=True).token_type_ids[0].max() == 1
+    assert encode(split, tokenizer, 32, None, token_types=False).token_type_ids is None

@@ -179,9 +179,11 @@ def targets(split: Split, task: str, id2label: tuple[str, ...]) -> np.ndarray | 
 
 
 # ----------------------------------------------------------------------------- tokens and batches
-def encode(split: Split, tokenizer, max_seq_length: int, target: np.ndarray | None) -> Encoded:
+def encode(split: Split, tokenizer, max_seq_length: int, target: np.ndarray | None, token_types: bool) -> Encoded:
+    """`token_types`: keep the tokenizer's segment ids (a model with one token type, as RoBERTa, has no row for a
+    second segment: a BERT tokenizer's 1s would index past its table)."""
     out = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_seq_length)
-    types = out.get("token_type_ids")
+    types = out.get("token_type_ids") if token_types else None
     return Encoded([np.asarray(ids, np.int32) for ids in out["input_ids"]],
                    None if types is None else [np.asarray(t, np.int32) for t in types], target)
 

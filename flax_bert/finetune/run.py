@@ -60,7 +60,7 @@ def _classifier_config(args, source: SourceModel, task: str, id2label: tuple[str
     return config.replace(**changes)
 
 
-def _read_task(args, tokenizer) -> tuple[Task, tuple[str, ...]]:
+def _read_task(args, tokenizer, type_vocab_size: int) -> tuple[Task, tuple[str, ...]]:
     options = data_options(args)
     train, validation = labelled.read_split(options, "train"), labelled.read_split(options, "validation")
     test = labelled.read_split(options, "test", required=False)
@@ -73,7 +73,8 @@ def _read_task(args, tokenizer) -> tuple[Task, tuple[str, ...]]:
         raise InputError(f"the labels hold one class only ({id2label[0]!r}): classification needs two or more")
 
     def encode(split):
-        return labelled.encode(split, tokenizer, args.max_seq_length, labelled.targets(split, task, id2label))
+        return labelled.encode(split, tokenizer, args.max_seq_length, labelled.targets(split, task, id2label),
+                               token_types=type_vocab_size > 1)
 
     log.info("%s: %d train, %d validation%s examples%s", task, len(train.texts), len(validation.texts),
              f", {len(test.texts)} test" if test else "", f"; classes {', '.join(id2label)}" if task != "regression" else "")
@@ -90,7 +91,7 @@ def finetune(args) -> dict:
         raise InputError("flax-bert finetune runs on one host (its devices all used); start it on one process")
     mesh = make_mesh(args.mesh)
     source = _source(args)
-    task, id2label = _read_task(args, source.tokenizer)
+    task, id2label = _read_task(args, source.tokenizer, source.config.type_vocab_size)
     config = _classifier_config(args, source, task.name, id2label)
     batch_size = args.per_device_train_batch_size * jax.device_count()
     fixed = {k: v for k, v in vars(args).items() if k not in NOT_FIXED}
