@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import sys
@@ -153,13 +154,10 @@ class ClassifierTrainer:
         init, step = self.compiled.steps(setting.weight_decay)
         state = init(params)
         rng, lengths = np.random.default_rng(seed), data.lengths
-        batches: list = []
+        epochs = (batch for _ in itertools.count() for batch in length_batches(lengths, o.batch_size, rng))
         progress = Progress(total, f"{label} seed {seed}", o.progress_bar)
         for index in range(total):
-            if not batches:
-                batches = length_batches(lengths, o.batch_size, rng)
-            batch = self._device_batch(collate(data, batches.pop(0), o.batch_size, self.pad_token_id,
-                                               o.max_seq_length))
+            batch = self._device_batch(collate(data, next(epochs), o.batch_size, self.pad_token_id, o.max_seq_length))
             key = jax.random.fold_in(jax.random.key(seed), index)
             state, loss = step(state, batch, rates[index], key)
             progress.update(index + 1, loss)
