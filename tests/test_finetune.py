@@ -257,3 +257,28 @@ def test_pairs_keep_segment_ids_only_for_a_model_with_two_token_types(made_task)
     split = Split("train", ["first text"], ["second text"], np.array([1]))
     assert encode(split, tokenizer, 32, None, token_types=True).token_type_ids[0].max() == 1
     assert encode(split, tokenizer, 32, None, token_types=False).token_type_ids is None
+
+
+def test_a_downstream_score_for_a_model_in_memory(made_task, tmp_path):
+    """What a pretraining run's --downstream_eval will log: a copy fine-tuned on a small task from a YAML file."""
+    from flax_bert.errors import InputError
+    from flax_bert.finetune.downstream import downstream_score
+    from flax_bert.models.convert import load_hf
+    from flax_bert.training.sharding import make_mesh
+
+    task = tmp_path / "task.yaml"
+    task.write_text(f"train_file: {made_task / 'train.jsonl'}\nvalidation_file: {made_task / 'valid.csv'}\n"
+                    "text_column: sentence\ntext_pair_column: second\nper_device_train_batch_size: 4\n"
+                    "max_seq_length: 32\nlearning_rate: 4.0e-3\nnum_train_epochs: 8\nseeds: [1]\n")
+    model = load_hf(made_task / "model")  # the masked-LM model a pretraining run holds
+    scores = downstream_score(model, transformers_tokenizer(made_task), task, make_mesh(None))
+    assert set(scores) == {"downstream_accuracy", "downstream_accuracy_std"} and scores["downstream_accuracy"] > 0.8
+    task.write_text("train_file: a.jsonl\nvalidation_file: b.jsonl\nlearning_rat: 1e-3\n")
+    with pytest.raises(InputError, match="unknown option.s. learning_rat"):
+        downstream_score(model, transformers_tokenizer(made_task), task, make_mesh(None))
+
+
+def transformers_tokenizer(made_task):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(made_task / "model")

@@ -82,6 +82,20 @@ def _read_task(args, tokenizer, type_vocab_size: int) -> tuple[Task, tuple[str, 
                 encode(test) if test else None), id2label
 
 
+def build_trainer(args, source: SourceModel, mesh) -> tuple[Task, tuple[str, ...], ClassifierTrainer]:
+    """The labelled data read and tokenized, the classifier config decided, and its trainer on `mesh`."""
+    import jax
+
+    task, id2label = _read_task(args, source.tokenizer, source.config.type_vocab_size)
+    config = _classifier_config(args, source, task.name, id2label)
+    pad = source.tokenizer.pad_token_id if source.tokenizer.pad_token_id is not None else config.pad_token_id
+    options = LoopOptions(batch_size=args.per_device_train_batch_size * jax.device_count(),
+                          max_seq_length=args.max_seq_length, warmup_ratio=args.warmup_ratio,
+                          max_grad_norm=args.max_grad_norm or None, adam_beta1=args.adam_beta1,
+                          adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon, progress_bar=args.progress_bar)
+    return task, id2label, ClassifierTrainer(config, task.name, mesh, options, pad)
+
+
 def finetune(args) -> dict:
     import jax
 
@@ -91,27 +105,19 @@ def finetune(args) -> dict:
         raise InputError("flax-bert finetune runs on one host (its devices all used); start it on one process")
     mesh = make_mesh(args.mesh)
     source = _source(args)
-    task, id2label = _read_task(args, source.tokenizer, source.config.type_vocab_size)
-    config = _classifier_config(args, source, task.name, id2label)
-    batch_size = args.per_device_train_batch_size * jax.device_count()
+    task, id2label, trainer = build_trainer(args, source, mesh)
     fixed = {k: v for k, v in vars(args).items() if k not in NOT_FIXED}
-    fixed.update(task=task.name, metric=task.metric, global_batch=batch_size, id2label=list(id2label))
+    fixed.update(task=task.name, metric=task.metric, global_batch=trainer.options.batch_size, id2label=list(id2label))
     output_dir = pathlib.Path(args.output_dir)
     prepare_output_dir(output_dir, fixed, args.overwrite_output_dir)
     # the exported tokenizer truncates (truncation=True) to the length the classifier was fine-tuned on
     source.tokenizer.model_max_length = args.max_seq_length
-    pad = source.tokenizer.pad_token_id if source.tokenizer.pad_token_id is not None else config.pad_token_id
-    options = LoopOptions(batch_size=batch_size, max_seq_length=args.max_seq_length, warmup_ratio=args.warmup_ratio,
-                          max_grad_norm=args.max_grad_norm or None, adam_beta1=args.adam_beta1,
-                          adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon, progress_bar=args.progress_bar)
-    trainer = ClassifierTrainer(config, task.name, mesh, options, pad)
     settings = [Setting(*cell) for cell in itertools.product(args.learning_rate, args.num_train_epochs, args.weight_decay)]
     log.info("fine-tuning %s from %s: %d setting(s) x %d seed(s), global batch %d on %d devices, %s compute",
-             trainer.model_class.__name__,
-             source.description, len(settings), len(args.seeds), batch_size, jax.device_count(), config.dtype)
+             trainer.model_class.__name__, source.description, len(settings), len(args.seeds),
+             trainer.options.batch_size, jax.device_count(), trainer.config.dtype)
     sweep = Sweep(output_dir, trainer, task, source.tensors, source.tokenizer,
                   fresh_mismatched_heads=bool(args.init_from))
     results = sweep.run(settings, args.seeds)
     sweep.write_test_predictions(id2label)
     return results
-
