@@ -21,7 +21,7 @@ import pathlib
 import numpy as np
 
 from flax_bert.errors import InputError, InputFileNotFoundError
-from flax_bert.finetune.command import build_parser
+from flax_bert.finetune.command import build_parser, check_options
 from flax_bert.finetune.metrics import score
 from flax_bert.finetune.run import build_trainer
 from flax_bert.finetune.source import SourceModel
@@ -29,8 +29,9 @@ from flax_bert.finetune.trainer import Setting
 
 log = logging.getLogger("flax_bert")
 
+# the running job decides these; a token does not belong in a file
 NOT_IN_A_TASK_FILE = ("model", "output_dir", "overwrite_output_dir", "init_from", "test_file", "test_split", "mesh",
-                      "dataset_name", "dataset_config_name", "token")  # the running job decides these (or the Hub)
+                      "token", "progress_bar")
 
 
 def load_task(task_file) -> object:
@@ -50,16 +51,12 @@ def load_task(task_file) -> object:
         raise InputError(f"{path}: unknown option(s) {', '.join(unknown)}; a task file takes {', '.join(sorted(known))}")
     argv = ["-", "--output_dir", "-"]
     for name, value in options.items():
-        if isinstance(value, bool):
-            argv += [f"--{name}" if value else f"--no-{name}"] if name == "progress_bar" else []
-        else:
-            argv += [f"--{name}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        argv += [f"--{name}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     try:
         args = parser.parse_args(argv)
     except SystemExit:
         raise InputError(f"{path}: an option's value is not valid (the line above says which)") from None
-    if not (args.train_file and args.validation_file):
-        raise InputError(f"{path} needs train_file and validation_file")
+    check_options(args)
     if max(len(args.learning_rate), len(args.num_train_epochs), len(args.weight_decay)) > 1:
         raise InputError(f"{path}: a downstream task runs one setting; give single values, not lists")
     return args
@@ -71,7 +68,7 @@ def downstream_score(model, tokenizer, task_file, mesh) -> dict[str, float]:
     from flax_bert.models.convert import to_hf_tensors
 
     args = load_task(task_file)
-    args.progress_bar = False
+    args.progress_bar = False  # a line per tenth of the steps inside another run's log would drown it
     source = SourceModel(model.config, to_hf_tensors(model), tokenizer, "the model being pretrained")
     task, _, trainer = build_trainer(args, source, mesh)
     setting = Setting(args.learning_rate[0], args.num_train_epochs[0], args.weight_decay[0])
