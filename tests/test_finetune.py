@@ -158,7 +158,8 @@ def test_float_labels_make_a_regression_started_from_another_tasks_model(made_ta
                      "--text_column", "sentence", "--text_pair_column", "second", "--label_column", "score",
                      "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--learning_rate", "4e-3",
                      "--num_train_epochs", "8", "--seeds", "1", "--output_dir", str(output_dir), "--no-progress_bar"]) == 0
-    assert "task: regression (inferred" in caplog.text and "classifier" in caplog.text  # the 2-class head left behind
+    assert "task: regression (inferred" in caplog.text
+    assert "initialized from each seed: classifier (" in caplog.text  # the 2-class head left behind, the pooler kept
     results = json.loads((output_dir / "results.json").read_text())
     assert results["metric"] == "pearson" and results["mean"] > 0.7, results
     assert json.loads((output_dir / "best" / "config.json").read_text())["problem_type"] == "regression"
@@ -282,3 +283,11 @@ def transformers_tokenizer(made_task):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(made_task / "model")
+
+
+def test_a_folder_holding_something_else_is_refused_untouched(made_task, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert finetune(made_task, tmp_path / "out") == 1
+    assert "is not empty and holds no fine-tuning results" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
