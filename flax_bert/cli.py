@@ -1,4 +1,4 @@
-"""The `flax-bert` command: train, eval, prepare, export, import, train-tokenizer, fill-mask, plot, bench."""
+"""The `flax-bert` command: train, eval, prepare, export, import, train-tokenizer, fill-mask, plot, bench, finetune."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +26,7 @@ commands:
   fill-mask        top-k predictions for a sentence with the mask token
   plot             draw a run's curves to a PNG
   bench            time the train step (and PyTorch's) on this machine
+  finetune         fine-tune for classification or regression over settings x seeds; export the best to transformers
 
 `flax-bert COMMAND --help` documents each command."""
 
@@ -232,9 +233,14 @@ def bench_main(argv) -> int:
     return bench.main(argv)
 
 
+def finetune_main(argv) -> int:
+    from flax_bert.finetune.command import main
+    return main(argv)
+
+
 COMMANDS = {"train": train_command, "eval": eval_main, "prepare": prepare_main, "export": export_main,
             "import": import_main, "train-tokenizer": train_tokenizer_main, "fill-mask": fill_mask_main,
-            "plot": plot_main, "bench": bench_main}
+            "plot": plot_main, "bench": bench_main, "finetune": finetune_main}
 
 
 def run_command(function, argv) -> int:

@@ -17,7 +17,7 @@ from flax_bert.errors import InputError
 _BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
                 "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "bos_token_id",
-                "eos_token_id")
+                "eos_token_id", "classifier_dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +33,16 @@ class Family:
     hf_extra_write: Callable[[Any], dict] | None = None   # ModelConfig -> extra config.json keys
     hf_static: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys always written
     nsp_architecture: str | None = None  # the architecture with a next-sentence head, if any
+    classifier_architecture: str | None = None  # its *ForSequenceClassification (fine-tuning, not pretraining)
+
+    @property
+    def all_architectures(self) -> tuple[str, ...]:
+        """What it pretrains (`architectures`) and what it fine-tunes (the classifier)."""
+        return self.architectures + ((self.classifier_architecture,) if self.classifier_architecture else ())
 
     def classes(self) -> dict[str, type]:
         module = importlib.import_module(self.module)
-        return {name: getattr(module, name) for name in self.architectures}
+        return {name: getattr(module, name) for name in self.all_architectures}
 
     def module_ref(self):
         return importlib.import_module(self.module)
@@ -87,13 +93,14 @@ FAMILIES: dict[str, Family] = {
         "roberta", "flax_bert.models.bert", ("RobertaForMaskedLM",), {f: f for f in _BERT_FIELDS},
         {**_BERT_COMMON, "vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1,
          "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
-        tokenizer_kind="bpe", positions_after_padding=True, hf_static={"position_embedding_type": "absolute"}),
+        tokenizer_kind="bpe", positions_after_padding=True, hf_static={"position_embedding_type": "absolute"},
+        classifier_architecture="RobertaForSequenceClassification"),
     "bert": Family(
         "bert", "flax_bert.models.bert", ("BertForMaskedLM", "BertForPreTraining"), {f: f for f in _BERT_FIELDS},
         {**_BERT_COMMON, "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
          "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None},
         tokenizer_kind="wordpiece", hf_static={"position_embedding_type": "absolute"},
-        nsp_architecture="BertForPreTraining"),
+        nsp_architecture="BertForPreTraining", classifier_architecture="BertForSequenceClassification"),
     # transformers' ModernBertConfig defaults (ModernBERT-base); dropout is off in the recipe.
     "modernbert": Family(
         "modernbert", "flax_bert.models.modernbert", ("ModernBertForMaskedLM",),
@@ -106,7 +113,8 @@ FAMILIES: dict[str, Family] = {
          "classifier_activation": "classifier_activation", "local_attention": "local_attention",
          "hidden_dropout_prob": "mlp_dropout", "attention_probs_dropout_prob": "attention_dropout",
          "embedding_dropout": "embedding_dropout", "pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id",
-         "eos_token_id": "eos_token_id", "cls_token_id": "cls_token_id", "sep_token_id": "sep_token_id"},
+         "eos_token_id": "eos_token_id", "cls_token_id": "cls_token_id", "sep_token_id": "sep_token_id",
+         "classifier_dropout": "classifier_dropout", "classifier_pooling": "classifier_pooling"},
         {"vocab_size": 50368, "hidden_size": 768, "num_hidden_layers": 22, "num_attention_heads": 12,
          "intermediate_size": 1152, "hidden_act": "gelu", "max_position_embeddings": 8192, "initializer_range": 0.02,
          "initializer_cutoff_factor": 2.0, "layer_norm_eps": 1e-5, "norm_bias": False, "attention_bias": False,
@@ -114,8 +122,9 @@ FAMILIES: dict[str, Family] = {
          "local_attention": 128, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
          "embedding_dropout": 0.0, "type_vocab_size": 1, "pad_token_id": 50283, "bos_token_id": 50281,
          "eos_token_id": 50282, "cls_token_id": 50281, "sep_token_id": 50282, "global_rope_theta": 160000.0,
-         "local_rope_theta": 10000.0},
-        tokenizer_kind="bpe", hf_extra_read=_modernbert_read, hf_extra_write=_modernbert_write),
+         "local_rope_theta": 10000.0, "classifier_dropout": 0.0, "classifier_pooling": "cls"},
+        tokenizer_kind="bpe", hf_extra_read=_modernbert_read, hf_extra_write=_modernbert_write,
+        classifier_architecture="ModernBertForSequenceClassification"),
 }
 
 
@@ -145,6 +154,12 @@ def model_class_for(cfg, objective: str = "mlm") -> type:
             raise InputError(f"objective 'mlm+nsp' needs a BERT model (--model_type bert); {cfg.model_type} has no NSP head")
         return fam.classes()[fam.nsp_architecture]
     return fam.classes()[fam.architectures[0]]
+
+
+def classifier_class_for(cfg) -> type:
+    """The family's *ForSequenceClassification NNX class."""
+    fam = family(cfg.model_type)
+    return fam.classes()[fam.classifier_architecture]
 
 
 def architecture_of(model) -> str:

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_bert.models.config import ModelConfig
-from flax_bert.models.layers import Entry, MaskedLMOutput, attend, document_mask, dropout, gather_positions
+from flax_bert.models.layers import (Entry, MaskedLMOutput, SequenceClassifierOutput, attend, document_mask, dropout,
+                                     gather_positions)
 from flax_bert.models.layers import activation as _activation
 from flax_bert.models.layers import dtype as _dtype
 from flax_bert.models.layers import position_ids_from_segments, run_stacked, split_key as _split_key, stacked_layers
@@ -282,6 +283,57 @@ class BertForPreTraining(BertForMaskedLM):
         return out.replace(seq_relationship_logits=self.cls.seq_relationship(pooled).astype(jnp.float32))
 
 
+# ----------------------------------------------------------------------------- sequence classification
+def _classifier_dropout(cfg: ModelConfig) -> float:
+    """transformers' rule: `classifier_dropout`, or the hidden dropout when it is unset."""
+    return cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+
+
+class BertForSequenceClassification(nnx.Module):
+    """transformers' BertForSequenceClassification: the pooler (dense + tanh on [CLS]) -> dropout -> `classifier`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.bert = EncoderModel(cfg, rngs, add_pooling_layer=True)
+        self.classifier = _linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", None), rngs)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 dropout_key=None) -> SequenceClassifierOutput:
+        key_encoder, key_head = _split_key(dropout_key, 2)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, None, position_ids, key_encoder)
+        pooled = dropout(self.bert.pooler(hidden), _classifier_dropout(self.config), key_head)
+        return SequenceClassifierOutput(logits=self.classifier(pooled).astype(jnp.float32), last_hidden_state=hidden)
+
+
+class RobertaClassificationHead(nnx.Module):
+    """`classifier`: [CLS] -> dropout -> dense -> tanh -> dropout -> out_proj (no pooler in RoBERTa)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
+        self.out_proj = _linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", None), rngs)
+
+    def __call__(self, hidden_BxLxD, dropout_key):
+        rate = _classifier_dropout(self.cfg)
+        key_in, key_out = _split_key(dropout_key, 2)
+        x = jnp.tanh(self.dense(dropout(hidden_BxLxD[:, 0], rate, key_in)))
+        return self.out_proj(dropout(x, rate, key_out))
+
+
+class RobertaForSequenceClassification(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.roberta = EncoderModel(cfg, rngs)
+        self.classifier = RobertaClassificationHead(cfg, rngs)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 dropout_key=None) -> SequenceClassifierOutput:
+        key_encoder, key_head = _split_key(dropout_key, 2)
+        hidden = self.roberta(input_ids, attention_mask, token_type_ids, None, position_ids, key_encoder)
+        return SequenceClassifierOutput(logits=self.classifier(hidden, key_head).astype(jnp.float32),
+                                        last_hidden_state=hidden)
+
+
 # ----------------------------------------------------------------------------- Hugging Face names
 _LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
                   "attention.output.dense", "intermediate.dense", "output.dense")
@@ -289,7 +341,8 @@ _LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
 
 
 def name_table(cfg: ModelConfig, architecture: str) -> list[Entry]:
-    """Every tensor of `architecture` (RobertaForMaskedLM, BertForMaskedLM or BertForPreTraining) as Hugging Face names it."""
+    """Every tensor of `architecture` (Roberta/Bert ForMaskedLM, ForSequenceClassification, BertForPreTraining)
+    as Hugging Face names it."""
     p = cfg.model_type  # backbone prefix: "bert" or "roberta"
     entries: list[Entry] = []
 
@@ -313,13 +366,19 @@ def name_table(cfg: ModelConfig, architecture: str) -> list[Entry]:
         linear("lm_head.dense", "lm_head.dense", head=True)
         norm("lm_head.layer_norm", "lm_head.layer_norm", head=True)
         entries.append(Entry("lm_head.bias", ("lm_head", "bias"), "copy", head=True))
-    else:
+    elif architecture in ("BertForMaskedLM", "BertForPreTraining"):
         linear("cls.predictions.transform.dense", "cls.predictions.transform.dense", head=True)
         norm("cls.predictions.transform.LayerNorm", "cls.predictions.transform.LayerNorm", head=True)
         entries.append(Entry("cls.predictions.bias", ("cls", "predictions", "bias"), "copy", head=True))
+    if architecture in ("BertForPreTraining", "BertForSequenceClassification"):
+        linear(f"{p}.pooler.dense", f"{p}.pooler.dense", head=True)  # fresh when the checkpoint has no pooler
     if architecture == "BertForPreTraining":
-        linear(f"{p}.pooler.dense", f"{p}.pooler.dense", head=True)
         linear("cls.seq_relationship", "cls.seq_relationship", head=True)
+    elif architecture == "BertForSequenceClassification":
+        linear("classifier", "classifier", head=True)
+    elif architecture == "RobertaForSequenceClassification":
+        linear("classifier.dense", "classifier.dense", head=True)
+        linear("classifier.out_proj", "classifier.out_proj", head=True)
     return entries
 
 

@@ -13,6 +13,7 @@ from flax_bert.models import FAMILIES, family, global_every
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+PROBLEM_TYPES = (None, "single_label_classification", "regression")
 
 
 class ConfigError(InputError):
@@ -57,6 +58,11 @@ class ModelConfig:
     classifier_activation: str = "gelu"
     embedding_dropout: float = 0.0
     initializer_cutoff_factor: float = 2.0
+    classifier_pooling: str = "cls"       # ModernBERT's sequence classifier: "cls" | "mean" over the attention mask
+    # Sequence classification (any family): transformers' id2label (one name per output), problem_type, dropout
+    id2label: tuple[str, ...] = ("LABEL_0", "LABEL_1")
+    problem_type: str | None = None       # None | "single_label_classification" | "regression"
+    classifier_dropout: float | None = None  # BERT/RoBERTa: None = hidden_dropout_prob; ModernBERT: 0.0
     # How the model runs; not part of the Hugging Face config.
     dtype: str = "float32"        # compute dtype: float32 | bfloat16 | float16
     param_dtype: str = "float32"  # parameters (and so optimizer state) stay fp32 by default
@@ -79,6 +85,14 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name} must be float32, bfloat16 or float16, not {getattr(self, name)!r}")
+        object.__setattr__(self, "id2label", tuple(self.id2label))
+        if not self.id2label:
+            raise ConfigError("id2label is empty: a classifier needs at least one output")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"problem_type {self.problem_type!r} is not supported; use one of "
+                              f"{', '.join(str(p) for p in PROBLEM_TYPES)}")
+        if self.classifier_pooling not in ("cls", "mean"):
+            raise ConfigError(f"classifier_pooling must be 'cls' or 'mean', not {self.classifier_pooling!r}")
 
     def _check_modernbert(self):
         if self.layer_types is None:  # transformers' default: every third layer global, from layer 0
@@ -95,10 +109,16 @@ class ModelConfig:
             raise ConfigError(f"rotary positions need an even head size; hidden_size/num_attention_heads = {self.head_dim}")
         if self.classifier_activation not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"unsupported classifier_activation {self.classifier_activation!r}")
+        if self.classifier_dropout is None:  # ModernBertConfig's default; it has no fallback to another rate
+            object.__setattr__(self, "classifier_dropout", 0.0)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
 
     @property
     def first_position_id(self) -> int:
@@ -135,6 +155,7 @@ class ModelConfig:
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         fixed = {k: v for k, v in fam.defaults.items() if k not in fam.hf_fields}  # not in this family's config.json
+        values.update(_classifier_fields(hf))
         return cls(model_type=model_type, **{**fixed, **values, **overrides})
 
     @classmethod
@@ -159,6 +180,9 @@ class ModelConfig:
             hf.update(fam.hf_extra_write(self))
         hf.update(model_type=self.model_type, architectures=[architecture or fam.architectures[0]],
                   tie_word_embeddings=True)
+        if architecture is not None and architecture == fam.classifier_architecture:
+            hf.update(id2label={str(i): name for i, name in enumerate(self.id2label)},
+                      label2id={name: i for i, name in enumerate(self.id2label)}, problem_type=self.problem_type)
         return hf
 
     def to_hf_config(self, architecture: str | None = None):
@@ -167,6 +191,18 @@ class ModelConfig:
 
         hf = self.to_hf_dict(architecture)
         return transformers.AutoConfig.for_model(**hf)
+
+
+def _classifier_fields(hf: dict) -> dict:
+    """transformers' id2label (string keys in config.json) and problem_type, common to every family."""
+    values = {}
+    if hf.get("id2label"):
+        values["id2label"] = tuple(hf["id2label"][key] for key in sorted(hf["id2label"], key=int))
+    elif hf.get("num_labels"):
+        values["id2label"] = tuple(f"LABEL_{i}" for i in range(int(hf["num_labels"])))
+    if hf.get("problem_type") is not None:
+        values["problem_type"] = hf["problem_type"]
+    return values
 
 
 def flops_per_token(cfg: "ModelConfig", seq_len: int, head_fraction: float) -> float:

@@ -78,6 +78,11 @@ def _read_weight_files(folder: pathlib.Path) -> dict[str, np.ndarray]:
         f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
+def read_hf_tensors(folder: str | os.PathLike, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """A local folder's tensors under the names its family's table uses."""
+    return normalize_names(_read_weight_files(pathlib.Path(folder)), cfg)
+
+
 def _shards(folder: pathlib.Path, single: str) -> Iterator[pathlib.Path]:
     index = folder / f"{single}.index.json"
     if index.is_file():
@@ -111,12 +116,14 @@ def _msgpack_to_hf_names(file: pathlib.Path) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- load / save
 def load_hf(path: str | os.PathLike, dtype: str | None = None, architecture: str | None = None,
-            **config_overrides: Any):
+            fresh_mismatched_heads: bool = False, **config_overrides: Any):
     """Load a Hugging Face folder (or hub id) of a registered family into our model.
 
     `dtype` is the compute dtype; parameters stay in `param_dtype` (fp32 by default).
-    `architecture`: "RobertaForMaskedLM" | "BertForMaskedLM" | "BertForPreTraining"; by default the
-    config's, falling back to the masked-LM model of the family.
+    `architecture`: "RobertaForMaskedLM" | "BertForMaskedLM" | "BertForPreTraining" or a family's
+    *ForSequenceClassification; by default the config's, falling back to the masked-LM model of the family.
+    `fresh_mismatched_heads`: a head tensor of another shape (another task's classifier, other
+    `id2label`) is left freshly initialized instead of refused.
     """
     folder = resolve_model_folder(path)
     if dtype is not None:
@@ -124,22 +131,23 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, architecture: str
     cfg = ModelConfig.from_pretrained(folder, **config_overrides)
     hf_archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     if architecture is None:
-        nsp = family(cfg.model_type).nsp_architecture
+        nsp, classifier = family(cfg.model_type).nsp_architecture, family(cfg.model_type).classifier_architecture
         objective = "mlm+nsp" if nsp and nsp in hf_archs else "mlm"
-        architecture = model_class_for(cfg, objective).__name__
-    if architecture not in family(cfg.model_type).architectures:
+        architecture = classifier if classifier in hf_archs else model_class_for(cfg, objective).__name__
+    if architecture not in family(cfg.model_type).all_architectures:
         raise ConfigError(f"architecture {architecture!r} is not a {cfg.model_type} model; use one of "
-                          f"{', '.join(family(cfg.model_type).architectures)}")
+                          f"{', '.join(family(cfg.model_type).all_architectures)}")
     tensors = normalize_names(_read_weight_files(folder), cfg)
     model = all_architectures()[architecture](cfg, rngs=nnx.Rngs(0))
-    fresh = assign_hf_tensors(model, tensors, source=str(folder))
+    fresh = assign_hf_tensors(model, tensors, source=str(folder), fresh_mismatched_heads=fresh_mismatched_heads)
     if fresh:
         log.warning("%s has no %s weights: %s freshly initialized (fine-tune or pretrain before use)",
                     folder, architecture, ", ".join(sorted(fresh)))
     return model
 
 
-def assign_hf_tensors(model, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> set[str]:
+def assign_hf_tensors(model, tensors: dict[str, np.ndarray], source: str = "checkpoint",
+                      fresh_mismatched_heads: bool = False) -> set[str]:
     """Copy Hugging Face-named tensors into `model` in place; return the head modules left fresh."""
     cfg: ModelConfig = model.config
     state = nnx.state(model, nnx.Param)
@@ -156,6 +164,9 @@ def assign_hf_tensors(model, tensors: dict[str, np.ndarray], source: str = "chec
             raise WeightsError(f"{source} is missing the tensor {entry.hf_name}")
         value = tensors[entry.hf_name]
         value = value.T if entry.transform == "linear" else value
+        if value.shape != tuple(expected) and entry.head and fresh_mismatched_heads:
+            fresh_heads.add(entry.hf_name.rsplit(".", 1)[0])
+            continue
         if value.shape != tuple(expected):
             raise WeightsError(
                 f"{entry.hf_name} in {source} has shape {tuple(tensors[entry.hf_name].shape)} but the config needs "

@@ -21,6 +21,12 @@ class MaskedLMOutput:
     seq_relationship_logits: Array | None = None  # [batch, 2], BertForPreTraining only
 
 
+@flax.struct.dataclass
+class SequenceClassifierOutput:
+    logits: Array                      # [batch, num_labels], float32 (one column for regression)
+    last_hidden_state: Array           # [batch, length, hidden]
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One row of a family's name table: a Hugging Face tensor and where it lives in our state."""

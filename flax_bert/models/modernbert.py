@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from flax_bert.models.config import ModelConfig
-from flax_bert.models.layers import (Entry, MaskedLMOutput, activation, attend, document_mask, dropout, dtype,
+from flax_bert.models.layers import (Entry, MaskedLMOutput, SequenceClassifierOutput, activation, attend, document_mask, dropout, dtype,
                                      gather_positions, position_ids_from_segments, run_stacked, split_key,
                                      stacked_layers, tied_logits, vocab_bias)
 
@@ -218,9 +218,34 @@ class ModernBertForMaskedLM(nnx.Module):
         return MaskedLMOutput(logits=self.mlm_logits(head_input), last_hidden_state=hidden)
 
 
+class ModernBertForSequenceClassification(nnx.Module):
+    """transformers' ModernBertForSequenceClassification: pool (`classifier_pooling`: the [CLS] row, or the mean
+    over the attention mask) -> `head` (as the masked LM's) -> dropout -> `classifier` (with a bias)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = ModernBertModel(cfg, rngs)
+        self.head = PredictionHead(cfg, rngs)
+        self.classifier = _linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", None), True, cfg.initializer_range,
+                                  rngs)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 dropout_key=None) -> SequenceClassifierOutput:
+        key_encoder, key_head = split_key(dropout_key, 2)
+        hidden = self.model(input_ids, attention_mask, token_type_ids, None, position_ids, key_encoder)
+        if self.config.classifier_pooling == "mean":
+            weights = (jnp.ones(input_ids.shape) if attention_mask is None else attention_mask).astype(hidden.dtype)
+            pooled = jnp.sum(hidden * weights[..., None], axis=1) / jnp.sum(weights, axis=1, keepdims=True)
+        else:
+            pooled = hidden[:, 0]
+        pooled = dropout(self.head(pooled), self.config.classifier_dropout or 0.0, key_head)
+        return SequenceClassifierOutput(logits=self.classifier(pooled).astype(jnp.float32), last_hidden_state=hidden)
+
+
 # ----------------------------------------------------------------------------- Hugging Face names
 def name_table(cfg: ModelConfig, architecture: str = "ModernBertForMaskedLM") -> list[Entry]:
-    """Every tensor of transformers' ModernBertForMaskedLM (the tied `decoder.weight` is not stored)."""
+    """Every tensor of transformers' ModernBertForMaskedLM (the tied `decoder.weight` is not stored) or
+    ModernBertForSequenceClassification (whose `head` is the masked LM's: a pretrained one carries over)."""
     entries: list[Entry] = []
 
     def linear(hf: str, ours: str, bias: bool, layer=None, head=False):
@@ -246,7 +271,9 @@ def name_table(cfg: ModelConfig, architecture: str = "ModernBertForMaskedLM") ->
     norm("model.final_norm", "model.final_norm")
     linear("head.dense", "head.dense", cfg.classifier_bias, head=True)
     norm("head.norm", "head.norm", head=True)
-    if cfg.decoder_bias:
+    if architecture == "ModernBertForSequenceClassification":
+        linear("classifier", "classifier", True, head=True)
+    elif cfg.decoder_bias:
         entries.append(Entry("decoder.bias", ("decoder", "bias"), "copy", head=True))
     return entries
 

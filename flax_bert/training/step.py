@@ -69,6 +69,16 @@ class StepConfig:
     eval_masking: MaskingConfig | None = None  # evaluation's own mask rate (default: the training masking)
 
 
+def train_state_layout(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh: Mesh):
+    """(shardings, abstract shapes) of a TrainState: the optimizer's moments lie as their parameters do."""
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: sharding.replicated(mesh))
+    shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
+    return shardings, abstract
+
+
 class Trainer:
     """Holds the static pieces (graph, optimizer, mesh, shardings) and the jitted steps."""
 
@@ -81,14 +91,7 @@ class Trainer:
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         abstract_params = abstract_params.to_pure_dict()
         param_shardings = sharding.param_shardings(abstract_model, abstract_params, mesh)
-        abstract_opt = jax.eval_shape(tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(
-            tx, lambda _, s: s, abstract_opt, param_shardings,
-            transform_non_params=lambda _: sharding.replicated(mesh))
-        self.state_shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings,
-                                          opt_state=opt_shardings)
-        self.abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                                         opt_state=abstract_opt)
+        self.state_shardings, self.abstract_state = train_state_layout(tx, abstract_params, param_shardings, mesh)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
                                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
         self.eval_step = jax.jit(self._eval_step, in_shardings=(param_shardings, None, None))
