@@ -102,7 +102,10 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
                                 eval_results, overwrite=True)
     log.info("exported the final model (step %d) to %s", step, folder)
     if job.run.push_to_hub:
-        push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo)
+        # the final checkpoint is the exported step: exporting it again in place gives the same folder
+        retry = (f"flax-bert export {job.run.output_dir} --to {job.run.output_dir} --overwrite --push_to_hub "
+                 f"--hub_model_id {job.run.hub_model_id}" + (" --hub_private_repo" if job.run.hub_private_repo else ""))
+        push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo, retry=retry)
     return folder
 
 
@@ -132,8 +135,9 @@ class HubUploadError(InputError, RuntimeError):
     """The local export is complete, but the upload failed."""
 
 
-def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Upload an exported folder; the token comes from the argument or $HF_TOKEN and is never printed."""
+def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False, retry: str | None = None) -> str:
+    """Upload an exported folder; the token comes from the argument or $HF_TOKEN and is never printed.
+    `retry`: the command that exports and uploads again, named in the error when the upload fails."""
     import huggingface_hub
 
     token = token or os.environ.get("HF_TOKEN")
@@ -149,7 +153,9 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
         message = str(err).replace(token, "***") if token else str(err)
         raise HubUploadError(f"the model is exported to {folder}, but uploading it to {repo_id} failed "
                              f"({type(err).__name__}: {message.splitlines()[0][:200] if message else 'no details'}); "
-                             f"check the network and token, then run: flax-bert export {folder} --push_to_hub") from None
+                             f"check the network and token (--hub_token or $HF_TOKEN), then run: "
+                             f"{retry or 'flax-bert export RUN_DIR --to ' + str(folder) + ' --overwrite --push_to_hub --hub_model_id ' + repo_id}"
+                             ) from None
     url = f"https://huggingface.co/{repo_id}"
     log.info("uploaded to %s", url)
     return url

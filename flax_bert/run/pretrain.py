@@ -59,6 +59,14 @@ def resolve_tokenizer(run: RunConfig, output_dir, start_dir=None):
     from transformers import AutoTokenizer
 
     source = run.tokenizer_name or run.model_name_or_path
+    if source and not run.tokenizer_name:
+        from flax_bert.models.convert import is_local_path, resolve_model_folder
+        from flax_bert.models.config import read_config_json
+
+        if is_local_path(source):  # a missing or broken model folder is named as such, not as a tokenizer problem
+            folder = resolve_model_folder(source)
+            if (folder / "config.json").is_file():
+                read_config_json(folder / "config.json")
     if source:
         try:
             return AutoTokenizer.from_pretrained(source, **tokenizer_options(run))
@@ -445,7 +453,7 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
                  job.start.path, step)
     if run.do_eval:
         eval_results = job.evaluate(params, results.get("step", 0))
-        if eval_results and run.do_train:
+        if eval_results:
             eval_results.update(_against_unigram_baseline(job, eval_results))
         if eval_results and job.is_main:
             record = {"step": results.get("step", 0), **eval_results}
@@ -460,16 +468,31 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
 
 def _against_unigram_baseline(job: Run, eval_results: dict) -> dict:
     """Held-out masked accuracy beside always guessing the most frequent training token: whether it learned."""
-    from flax_bert.training.eval_baseline import unigram_baseline
+    from flax_bert.training.eval_baseline import token_share, unigram_baseline
 
     if "eval_accuracy" not in eval_results:  # the same keys on every process: the collective below is skipped by all
         return {}
-    baseline = unigram_baseline(job.train_rows, job.eval_rows, job.model_config.vocab_size,
-                                job.trainer.step_config.masking.special_ids)
+    special_ids = job.trainer.step_config.masking.special_ids
+    if job.run.do_train:
+        baseline = unigram_baseline(job.train_rows, job.eval_rows, job.model_config.vocab_size, special_ids)
+    else:  # evaluating only: the training data is not read, its most frequent token is in the last eval_results.json
+        token = _stored_baseline_token(job.output_dir)
+        share = None if token is None else token_share(job.eval_rows, token, job.model_config.vocab_size, special_ids)
+        baseline = None if share is None else (token, share)
     if baseline is None:
         return {}
     token, accuracy = baseline
     log.info("held-out masked-token accuracy %.3f; always guessing the most frequent token %r would score %.3f",
-             eval_results["eval_accuracy"], job.tokenizer.convert_ids_to_tokens(token), accuracy)
-    return {"unigram_baseline_accuracy": accuracy}
+             eval_results["eval_accuracy"], job.tokenizer.decode([token]), accuracy)  # '\n', not 'Ċ'
+    return {"unigram_baseline_accuracy": accuracy, "unigram_baseline_token": token}
+
+
+def _stored_baseline_token(output_dir) -> int | None:
+    """The most frequent training token a previous evaluation of this run recorded (None: none recorded)."""
+    path = storage.join(output_dir, "eval_results.json")
+    try:
+        token = json.loads(storage.read_text(path)).get("unigram_baseline_token") if storage.isfile(path) else None
+    except ValueError:
+        return None
+    return token if isinstance(token, int) else None
 
