@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from flax_bert.errors import InputError
+from flax_bert.errors import InputError, InputFileNotFoundError
 
 SECRET_FIELDS = ("hub_token", "token", "use_auth_token")
 
@@ -191,6 +191,10 @@ class RunConfigError(InputError):
     """A YAML file or flag that does not describe a valid run."""
 
 
+class RunConfigFileNotFoundError(RunConfigError, InputFileNotFoundError):
+    """The YAML run config named is not there."""
+
+
 def _str2bool(value: str) -> bool:
     lowered = str(value).lower()
     if lowered in ("1", "true", "yes", "y", "on"):
@@ -258,7 +262,7 @@ def resolve_config_file(config: str) -> pathlib.Path:
     if named.is_file() and not path.parent.name:  # a bare name; a path to a missing file stays missing
         return named
     names = ", ".join(sorted(f.stem for f in CONFIGS_DIR.glob("*.yaml"))) or "none here"
-    raise RunConfigError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml or a name from "
+    raise RunConfigFileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml or a name from "
                          f"configs/ ({names})")
 
 
