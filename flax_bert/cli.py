@@ -314,6 +314,7 @@ def main(argv=None) -> int:
         return 2
     if command in REEXEC_COMMANDS and from_command_line:
         _ensure_hugepages()
+        _ignore_signals_at_the_end_of_shutdown()
     code = run_command(COMMANDS[command], rest, resumes=command == "train")
     if command in ("train", "eval") and from_command_line:
         _exit_at_once_on_a_further_signal(code)
@@ -323,6 +324,7 @@ def main(argv=None) -> int:
 def run_mlm_flax_main(argv=None) -> int:
     if argv is None:  # the real command line, not a call from Python
         _ensure_hugepages()
+        _ignore_signals_at_the_end_of_shutdown()
     code = run_command(train_main, sys.argv[1:] if argv is None else argv, resumes=True)
     if argv is None:
         _exit_at_once_on_a_further_signal(code)
@@ -340,6 +342,16 @@ def _exit_at_once_on_a_further_signal(code: int) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, exit_now)
+
+
+def _ignore_signals_at_the_end_of_shutdown() -> None:
+    """Registered first, so it runs after the exit hooks registered later (JAX, Orbax): from there on the
+    interpreter only tears down, and Python would reset the handler above to the default, which would end an
+    exit-0 run with SIGINT's status."""
+    import atexit
+    import signal
+
+    atexit.register(lambda: [signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)])
 
 
 REEXEC_COMMANDS = ("train", "eval")  # the ones that run train/eval steps on the host allocator
