@@ -227,7 +227,10 @@ class Checkpointer:
         return [s for s in reversed(steps) if step is None or s <= step]
 
     def _first_intact(self, step: int | None, restore_one: Callable[[int], Restored]) -> Restored:
+        from flax_bert.run import restore_log
+
         self.damaged = []
+        restore_log.start_capture()  # the tracebacks of a damaged checkpoint's reads go to a debug log file
         for s in self._candidates(step):
             path = self.directory / str(s)
             try:
@@ -237,6 +240,8 @@ class Checkpointer:
             except Exception as err:  # noqa: BLE001 - classified below: damage, or a failure to re-raise
                 restored, error = None, err
             if all_processes(error is None):
+                if not self.damaged:
+                    restore_log.end_capture()
                 return restored
             # damage shows again when the bundle is read on the host alone; a failure that does not (out of
             # device memory, a passing I/O error) is not the checkpoint's fault: it stays where it is
@@ -247,7 +252,9 @@ class Checkpointer:
                 raise RuntimeError(f"another process failed to restore {path}: see its log; {path} is kept")
             reason = _one_line(error) if error is not None else "another process could not read it"
             self.damaged.append((str(path), reason))
-            log.warning("checkpoint %s is damaged (%s); trying the previous one", path, reason)
+            details = restore_log.record(restore_log.debug_log_path(
+                self.directory.parent, not self.read_only, jax.process_index()), path, error)
+            log.warning("checkpoint %s is damaged (%s); trying the previous one (details in %s)", path, reason, details)
             if not self.read_only:
                 self._move_aside(s, DAMAGED, "it is damaged")
                 self._manager.reload()
