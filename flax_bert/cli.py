@@ -49,7 +49,10 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
             from flax_bert.run.config import parse_run_config
 
             run = parse_run_config(argv, prog=prog, defaults=defaults)
+            from flax_bert.models.convert import check_local_model_folder
             from flax_bert.run.options import reconcile_with_stored
+
+            check_local_model_folder(run.model_name_or_path)
 
             run = reconcile_with_stored(run)  # before any tokenizer, data or compile
             from flax_bert.run.pretrain import run_pretraining
@@ -69,7 +72,10 @@ def prepare_main(argv) -> int:
     from flax_bert.run.config import parse_run_config
 
     run = parse_run_config(argv, prog="flax-bert prepare", defaults={"do_train": True, "do_eval": True})
+    from flax_bert.models.convert import check_local_model_folder
     from flax_bert.run.options import reconcile_with_stored
+
+    check_local_model_folder(run.model_name_or_path)
 
     run = reconcile_with_stored(run)  # as train: a run directory's stored options are the ones to prepare for
 

@@ -39,6 +39,17 @@ def is_local_path(path) -> bool:
     return pathlib.Path(path).exists() or str(path).count("/") > 1 or str(path).startswith((".", "/", "~"))
 
 
+def check_local_model_folder(path) -> None:
+    """A --model_name_or_path on this machine is a folder with a readable config.json: said before a run writes
+    anything, and as itself (not as a tokenizer that cannot be loaded from it)."""
+    if path and is_local_path(path):
+        from flax_bert.models.config import read_config_json
+
+        folder = resolve_model_folder(path)
+        if (folder / "config.json").is_file():
+            read_config_json(folder / "config.json")
+
+
 def resolve_model_folder(path: str | os.PathLike, token: str | None = None, cache_dir: str | None = None) -> pathlib.Path:
     """A local folder as is; a hub id downloaded (with `token` for private models) into `cache_dir`."""
     folder = pathlib.Path(path)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from typing import Any
 
@@ -59,14 +60,6 @@ def resolve_tokenizer(run: RunConfig, output_dir, start_dir=None):
     from transformers import AutoTokenizer
 
     source = run.tokenizer_name or run.model_name_or_path
-    if source and not run.tokenizer_name:
-        from flax_bert.models.convert import is_local_path, resolve_model_folder
-        from flax_bert.models.config import read_config_json
-
-        if is_local_path(source):  # a missing or broken model folder is named as such, not as a tokenizer problem
-            folder = resolve_model_folder(source)
-            if (folder / "config.json").is_file():
-                read_config_json(folder / "config.json")
     if source:
         try:
             return AutoTokenizer.from_pretrained(source, **tokenizer_options(run))
@@ -401,9 +394,11 @@ class _Window:
 
     def reset(self):
         self.values, self.tokens, self.wait, self.steps, self.start = {}, 0, 0.0, 0, time.perf_counter()
+        self.last_learning_rate = float("nan")
         self.cpu_start = time.process_time()  # this process's CPU seconds, all threads: host work + XLA:CPU
 
     def add(self, metrics, tokens, wait):
+        self.last_learning_rate = float(metrics.get("learning_rate", float("nan")))  # the rate at the logged step
         for name, value in metrics.items():
             self.values[name] = self.values.get(name, 0.0) + float(value)
         self.tokens += tokens
@@ -419,7 +414,7 @@ class _Window:
         mean = {name: value / steps for name, value in self.values.items()}
         tokens_per_second = self.tokens / elapsed
         record = {"train_loss": mean.get("loss", float("nan")), "mlm_accuracy": mean.get("mlm_accuracy", float("nan")),
-                  "learning_rate": mean.get("learning_rate", float("nan")), "grad_norm": mean.get("grad_norm", float("nan")),
+                  "learning_rate": self.last_learning_rate, "grad_norm": mean.get("grad_norm", float("nan")),
                   "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_per_token / peak_flops,
                   "step_seconds": elapsed / steps, "input_wait_seconds": self.wait / steps,
                   "cpu_seconds_per_step": (time.process_time() - self.cpu_start) / steps}
@@ -429,10 +424,42 @@ class _Window:
         return record
 
 
-def _progress_bar(enabled: bool, initial: int, total: int):
+def _progress_bar(enabled: bool, initial: int, total: int, stream=None):
+    """tqdm's bar on a terminal; elsewhere (a log file, a pipe) plain lines, without the bar's \\r frames."""
+    stream = stream or sys.stderr
+    if enabled and not stream.isatty():
+        return PlainProgress(initial, total, stream)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+class PlainProgress:
+    """The progress bar's calls (update, set_postfix, close), written as one line every `interval` seconds."""
+
+    def __init__(self, initial: int, total: int, stream, interval: float = 30.0):
+        self.step, self.total, self.stream, self.interval = initial, total, stream, interval
+        self.start_step, self.start = initial, time.monotonic()
+        self.last_line, self.postfix = self.start, ""
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        if time.monotonic() - self.last_line >= self.interval:
+            self._line()
+
+    def close(self) -> None:
+        if self.step > self.start_step:
+            self._line()
+
+    def _line(self) -> None:
+        self.last_line = time.monotonic()
+        rate = (self.step - self.start_step) / max(self.last_line - self.start, 1e-9)
+        self.stream.write(f"train: step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%), "
+                          f"{rate:.2f} steps/s" + (f", {self.postfix}" if self.postfix else "") + "\n")
+        self.stream.flush()
 
 
 def run_pretraining(run: RunConfig) -> dict[str, Any]:
