@@ -152,7 +152,7 @@ def export_main(argv) -> int:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
-    from flax_bert.run.export import push_to_hub, write_model_folder
+    from flax_bert.run.export import export_command, push_to_hub, write_model_folder
     from flax_bert.run.directory import load_run_model
 
     model, tokenizer, run, step = load_run_model(args.run_dir, args.step)
@@ -163,9 +163,7 @@ def export_main(argv) -> int:
                                 architecture=args.architecture)
     print(f"exported step {step} of {args.run_dir} to {folder}")
     if args.push_to_hub:
-        retry = (f"flax-bert export {args.run_dir}{f' --step {args.step}' if args.step is not None else ''} "
-                 f"--to {args.to} --overwrite --push_to_hub --hub_model_id {args.hub_model_id}"
-                 + (" --hub_private_repo" if args.hub_private_repo else ""))
+        retry = export_command(args.run_dir, args.to, args.hub_model_id, args.hub_private_repo, args.step)
         print(push_to_hub(folder, args.hub_model_id, args.hub_token, args.hub_private_repo, retry=retry))
     return 0
 

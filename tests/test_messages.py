@@ -194,3 +194,28 @@ def test_fill_mask_predicts_every_mask_with_readable_probabilities(run_dir):
     assert "  mask 1 of 2:" in lines and "  mask 2 of 2:" in lines
     ranked = [line for line in lines if line.lstrip()[:2] in ("1.", "2.", "3.")]
     assert len(ranked) == 6 and not any(line.rstrip().endswith(" 0.000") for line in ranked), done.stdout
+
+
+def test_a_failed_upload_after_training_names_an_export_that_runs(monkeypatch, tmp_path):
+    """train's own upload failure: the retry re-exports the run into its own folder (which holds the export,
+    not a checkpoint to export from) with the Hub repository named."""
+    import huggingface_hub
+
+    from flax_bert.run.export import HubUploadError, export_command, push_to_hub
+
+    class Offline:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            raise ConnectionError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    retry = export_command("runs/tiny", "runs/tiny", "you/tiny-roberta", private=True)
+    assert retry == "flax-bert export runs/tiny --to runs/tiny --overwrite --push_to_hub --hub_model_id you/tiny-roberta " \
+                    "--hub_private_repo"
+    with pytest.raises(HubUploadError, match="then run: " + retry.replace("-", "\\-")):
+        push_to_hub(tmp_path, "you/tiny-roberta", retry=retry)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit, match="0"):  # it parses: --help after every flag of it
+        cli.export_main([*retry.split()[2:], "--help"])

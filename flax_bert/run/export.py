@@ -103,8 +103,7 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
     log.info("exported the final model (step %d) to %s", step, folder)
     if job.run.push_to_hub:
         # the final checkpoint is the exported step: exporting it again in place gives the same folder
-        retry = (f"flax-bert export {job.run.output_dir} --to {job.run.output_dir} --overwrite --push_to_hub "
-                 f"--hub_model_id {job.run.hub_model_id}" + (" --hub_private_repo" if job.run.hub_private_repo else ""))
+        retry = export_command(job.run.output_dir, job.run.output_dir, job.run.hub_model_id, job.run.hub_private_repo)
         push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo, retry=retry)
     return folder
 
@@ -131,6 +130,14 @@ def gathered_on_every_process(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def export_command(run_dir, to, hub_model_id: str, private: bool = False, step: int | None = None) -> str:
+    """The `flax-bert export` command that exports `run_dir` into `to` again and uploads it: what to run after a
+    failed upload (the exported folder holds no checkpoint to export from)."""
+    return (f"flax-bert export {run_dir}" + (f" --step {step}" if step is not None else "")
+            + f" --to {to} --overwrite --push_to_hub --hub_model_id {hub_model_id}"
+            + (" --hub_private_repo" if private else ""))
+
+
 class HubUploadError(InputError, RuntimeError):
     """The local export is complete, but the upload failed."""
 
@@ -154,8 +161,7 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
         raise HubUploadError(f"the model is exported to {folder}, but uploading it to {repo_id} failed "
                              f"({type(err).__name__}: {message.splitlines()[0][:200] if message else 'no details'}); "
                              f"check the network and token (--hub_token or $HF_TOKEN), then run: "
-                             f"{retry or 'flax-bert export RUN_DIR --to ' + str(folder) + ' --overwrite --push_to_hub --hub_model_id ' + repo_id}"
-                             ) from None
+                             f"{retry or export_command('RUN_DIR', folder, repo_id, private)}") from None
     url = f"https://huggingface.co/{repo_id}"
     log.info("uploaded to %s", url)
     return url
