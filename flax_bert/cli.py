@@ -114,7 +114,7 @@ def eval_main(argv) -> int:
     from flax_bert import storage
     from flax_bert.errors import InputError, InputFileNotFoundError
 
-    if argv and not argv[0].startswith("-") and not storage.isdir(argv[0]) and not argv[0].endswith((".yaml", ".yml")):
+    if argv and not argv[0].startswith("-") and not storage.isdir(argv[0]) and not _is_run_config(argv[0]):
         raise InputFileNotFoundError(f"no run directory {argv[0]}: `flax-bert eval RUN_DIR` takes a train run's "
                                      "--output_dir or an exported model folder")
     if not (argv and not argv[0].startswith("-")) and not {"-h", "--help", "--version", "--output_dir"} & set(argv):
@@ -127,6 +127,16 @@ def eval_main(argv) -> int:
         # an exported (Hugging Face) folder has no checkpoint: its weights are the model to evaluate
         argv = ["--output_dir", folder, *(["--model_name_or_path", folder] if exported else []), *argv[1:]]
     return train_main(argv, prog="flax-bert eval", defaults={"do_train": False, "do_eval": True})
+
+
+def _is_run_config(name: str) -> bool:
+    """A YAML run config, by path or by a name from configs/ (as train, prepare and bench take it)."""
+    from flax_bert.run.config import RunConfigFileNotFoundError, resolve_config_file
+
+    try:
+        return resolve_config_file(name).suffix in (".yaml", ".yml")
+    except RunConfigFileNotFoundError:
+        return False
 
 
 def train_command(argv) -> int:

@@ -219,3 +219,18 @@ def test_a_failed_upload_after_training_names_an_export_that_runs(monkeypatch, t
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit, match="0"):  # it parses: --help after every flag of it
         cli.export_main([*retry.split()[2:], "--help"])
+
+
+def test_eval_takes_a_config_by_bare_name_too(capsys, monkeypatch, tmp_path):
+    """`flax-bert eval tiny` reads configs/tiny.yaml as train does (its run directory then has no checkpoint)."""
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["eval", "tiny", "--output_dir", str(tmp_path / "none")])
+    assert "no run directory" not in err and "no run config" not in err
+
+
+def test_an_eval_option_that_differs_from_the_run_says_how_to_evaluate(run_dir):
+    out, _ = run_dir
+    done = command("eval", str(out), "--hidden_size", "64")
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "evaluate with --hidden_size 32 or leave it out" in last, last
+    assert "--output_dir" not in last and "--reset_optimizer" not in last
