@@ -204,6 +204,17 @@ def _str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def integer(value: str) -> int:
+    """An integer flag, also written as 1e3 (as in a YAML file)."""
+    try:
+        return int(value)
+    except ValueError:
+        number = float(value)  # a ValueError here: argparse says "invalid integer value"
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
 def _parser_type(hint) -> Any:
     """bool / int / float / str, looking through `X | None`."""
     kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
@@ -243,7 +254,7 @@ def build_parser(prog: str = "run_mlm_flax.py") -> argparse.ArgumentParser:
     hints = get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         kind = _parser_type(hints[field.name])
-        kwargs = dict(type=kind, default=argparse.SUPPRESS, help=field.metadata["help"], choices=field.metadata["choices"])
+        kwargs = dict(type=integer if kind is int else kind, default=argparse.SUPPRESS, help=field.metadata["help"], choices=field.metadata["choices"])
         if kind is _str2bool:  # `--flag` alone means true, `--flag false` turns it off
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(f"--{field.name}", **kwargs)
