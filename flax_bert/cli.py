@@ -117,7 +117,8 @@ def eval_main(argv) -> int:
     if argv and not argv[0].startswith("-") and not storage.isdir(argv[0]) and not _is_run_config(argv[0]):
         raise InputFileNotFoundError(f"no run directory {argv[0]}: `flax-bert eval RUN_DIR` takes a train run's "
                                      "--output_dir or an exported model folder")
-    if not (argv and not argv[0].startswith("-")) and not {"-h", "--help", "--version", "--output_dir"} & set(argv):
+    if not (argv and not argv[0].startswith("-")) and not {"-h", "--help", "--version", "--output_dir"} & {
+            arg.split("=")[0] for arg in argv}:
         raise InputError("nothing to evaluate: pass a run directory (`flax-bert eval runs/tiny`), or "
                          "--model_name_or_path MODEL --validation_file FILE --output_dir DIR")
     if argv and not argv[0].startswith("-") and storage.isdir(argv[0]):  # `flax-bert eval RUN_DIR`
