@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a BERT/RoBERTa masked-language model with flax-bert, with the flags of Hugging Face's
+"""Pretrain a BERT, RoBERTa or ModernBERT masked-language model with flax-bert, with the flags of Hugging Face's
 old `run_mlm_flax.py` example (and more: see --help). Same as `flax-bert train`."""
 import sys
 

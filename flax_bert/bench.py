@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from flax_bert.errors import InputError, InputFileNotFoundError, MissingDependencyError
+from flax_bert.errors import InputError, MissingDependencyError
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -35,30 +35,24 @@ class BenchError(InputError):
 
 
 # ----------------------------------------------------------------------------- configuration
-def resolve_config_path(config: str) -> pathlib.Path:
-    """A YAML path, or a name from configs/ (e.g. `roberta-base`)."""
-    path = pathlib.Path(config)
-    if path.is_file():
-        return path
-    named = PROJECT_ROOT / "configs" / f"{config.removesuffix('.yaml')}.yaml"
-    if named.is_file():
-        return named
-    raise InputFileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml "
-                                 "or a name in configs/")
-
-
 def load_setup(args, overrides: dict | None = None):
     """(RunConfig, ModelConfig) from the YAML plus the bench's overrides (and any other RunConfig
     values in `overrides`, e.g. tiny sizes for a test)."""
     from flax_bert.run.config import RunConfig, fresh_model_config, load_yaml
 
-    values = {**load_yaml(resolve_config_path(args.config)), **(overrides or {})}
+    values = {**load_yaml(args.config), **(overrides or {})}  # a path or a name from configs/
     for name in ("per_device_train_batch_size", "max_seq_length", "dtype", "scan_layers", "remat_policy"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values["gradient_accumulation_steps"] = 1
     run = RunConfig(**values)
-    model_config = fresh_model_config(run, run.vocab_size or run.tokenizer_vocab_size)
+    # the special ids of the tokenizer the run would train, so both frameworks build the model that run builds
+    # (the family's defaults, e.g. ModernBERT's pad id 50283, lie outside a small vocabulary)
+    from flax_bert.data.tokenizer_training import trained_special_ids
+    from flax_bert.models import family
+
+    ids = trained_special_ids(family(run.model_type or "roberta").tokenizer_kind)
+    model_config = fresh_model_config(run, run.vocab_size or run.tokenizer_vocab_size, ids)
     if run.max_seq_length > model_config.max_sequence_length:
         raise BenchError(f"--max_seq_length {run.max_seq_length} exceeds the position table "
                          f"({model_config.max_sequence_length}); lower it or raise max_position_embeddings")
@@ -291,18 +285,24 @@ def measure_torch_matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
     return best
 
 
-def run_torch(args) -> dict:
-    import torch
+def torch_model(model_config, nsp: bool = False):
+    """transformers' model of the family (with the NSP head for mlm+nsp), built from the same config as ours."""
     import transformers
 
-    run, model_config = load_setup(args)  # main() has checked that the dtype is float32
-    torch.manual_seed(run.seed)
-    nsp = run.objective == "mlm+nsp"
     from flax_bert.models import family
 
     model_family = family(model_config.model_type)
     model_class = getattr(transformers, model_family.nsp_architecture if nsp else model_family.architectures[0])
-    model = model_class(model_config.to_hf_config(model_class.__name__)).train()
+    return model_class(model_config.to_hf_config(model_class.__name__))
+
+
+def run_torch(args) -> dict:
+    import torch
+
+    run, model_config = load_setup(args)  # main() has checked that the dtype is float32
+    torch.manual_seed(run.seed)
+    nsp = run.objective == "mlm+nsp"
+    model = torch_model(model_config, nsp).train()
     no_decay = [p for n, p in model.named_parameters() if "bias" in n or "LayerNorm.weight" in n or "layer_norm.weight" in n]
     decay = [p for p in model.parameters() if all(p is not q for q in no_decay)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},

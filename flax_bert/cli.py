@@ -16,7 +16,7 @@ USAGE = """usage: flax-bert COMMAND [options]
 
 commands:
   train            pretrain and evaluate at the end (run_mlm_flax.py's options, with --do_train and --do_eval
-                   on by default; a YAML run config may come first)
+                   on by default; a YAML run config may come first: a path or a name from configs/)
   eval             evaluate a run's latest checkpoint (`flax-bert eval RUN_DIR`) or a Hugging Face model
                    (--model_name_or_path); writes nothing but eval_results.json
   prepare          tokenize and pack train's data into the cache ahead of the run (train's options)
@@ -28,7 +28,7 @@ commands:
   bench            time the train step (and PyTorch's) on this machine
   finetune         fine-tune for classification or regression over settings x seeds; export the best to transformers
 
-`flax-bert COMMAND --help` documents each command."""
+`flax-bert COMMAND --help` documents each command; `flax-bert --version` prints the version."""
 
 
 def _setup_logging() -> None:
@@ -41,17 +41,23 @@ def _setup_logging() -> None:
 
 # ----------------------------------------------------------------------------- train / eval
 def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) -> int:
-    from flax_bert.run.config import parse_run_config
-
-    run = parse_run_config(argv, prog=prog, defaults=defaults)
-    from flax_bert.run.options import reconcile_with_stored
-
-    run = reconcile_with_stored(run)  # before any tokenizer, data or compile
+    """SIGINT (ctrl-C) and SIGTERM alike: in the train loop the run saves and exits 0; before and after it
+    (tokenizer, data, compile, final evaluation and export) it stops where it is and exits 0 too."""
     from flax_bert.training.preemption import Preempted, stop_outside_the_loop
-    from flax_bert.run.pretrain import run_pretraining
 
     try:
         with stop_outside_the_loop():
+            from flax_bert.run.config import parse_run_config
+
+            run = parse_run_config(argv, prog=prog, defaults=defaults)
+            from flax_bert.models.convert import check_local_model_folder
+            from flax_bert.run.options import reconcile_with_stored
+
+            check_local_model_folder(run.model_name_or_path)
+
+            run = reconcile_with_stored(run)  # before any tokenizer, data or compile
+            from flax_bert.run.pretrain import run_pretraining
+
             results = run_pretraining(run)
     except Preempted as signal_name:
         print(f"stopped by {signal_name} outside the train loop; the checkpoints written are complete — rerun the "
@@ -67,7 +73,10 @@ def prepare_main(argv) -> int:
     from flax_bert.run.config import parse_run_config
 
     run = parse_run_config(argv, prog="flax-bert prepare", defaults={"do_train": True, "do_eval": True})
+    from flax_bert.models.convert import check_local_model_folder
     from flax_bert.run.options import reconcile_with_stored
+
+    check_local_model_folder(run.model_name_or_path)
 
     run = reconcile_with_stored(run)  # as train: a run directory's stored options are the ones to prepare for
 
@@ -104,6 +113,15 @@ def prepare_main(argv) -> int:
 def eval_main(argv) -> int:
     argv = list(argv)
     from flax_bert import storage
+    from flax_bert.errors import InputError, InputFileNotFoundError
+
+    if argv and not argv[0].startswith("-") and not storage.isdir(argv[0]) and not _is_run_config(argv[0]):
+        raise InputFileNotFoundError(f"no run directory {argv[0]}: `flax-bert eval RUN_DIR` takes a train run's "
+                                     "--output_dir or an exported model folder")
+    if not (argv and not argv[0].startswith("-")) and not {"-h", "--help", "--version", "--output_dir"} & {
+            arg.split("=")[0] for arg in argv}:
+        raise InputError("nothing to evaluate: pass a run directory (`flax-bert eval runs/tiny`), or "
+                         "--model_name_or_path MODEL --validation_file FILE --output_dir DIR")
     if argv and not argv[0].startswith("-") and storage.isdir(argv[0]):  # `flax-bert eval RUN_DIR`
         folder = argv[0]
         exported = (not storage.isdir(storage.join(folder, "checkpoints"))
@@ -111,6 +129,16 @@ def eval_main(argv) -> int:
         # an exported (Hugging Face) folder has no checkpoint: its weights are the model to evaluate
         argv = ["--output_dir", folder, *(["--model_name_or_path", folder] if exported else []), *argv[1:]]
     return train_main(argv, prog="flax-bert eval", defaults={"do_train": False, "do_eval": True})
+
+
+def _is_run_config(name: str) -> bool:
+    """A YAML run config, by path or by a name from configs/ (as train, prepare and bench take it)."""
+    from flax_bert.run.config import RunConfigFileNotFoundError, resolve_config_file
+
+    try:
+        return resolve_config_file(name).suffix in (".yaml", ".yml")
+    except RunConfigFileNotFoundError:
+        return False
 
 
 def train_command(argv) -> int:
@@ -136,23 +164,37 @@ def export_main(argv) -> int:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
-    from flax_bert.run.export import push_to_hub, write_model_folder
+    from flax_bert.run.export import export_command, push_to_hub, write_model_folder
     from flax_bert.run.directory import load_run_model
 
     model, tokenizer, run, step = load_run_model(args.run_dir, args.step)
     global_batch = (run.get("per_device_train_batch_size", 0) * run.get("gradient_accumulation_steps", 1)
                     * run.get("device_count", 1))
-    folder = write_model_folder(model, args.to, tokenizer, run, step, global_batch, None, overwrite=args.overwrite,
+    folder = write_model_folder(model, args.to, tokenizer, run, step, global_batch,
+                                final_evaluation(args.run_dir, step), overwrite=args.overwrite,
                                 architecture=args.architecture)
     print(f"exported step {step} of {args.run_dir} to {folder}")
     if args.push_to_hub:
-        print(push_to_hub(folder, args.hub_model_id, args.hub_token, args.hub_private_repo))
+        retry = export_command(args.run_dir, args.to, args.hub_model_id, args.hub_private_repo, args.step)
+        print(push_to_hub(folder, args.hub_model_id, args.hub_token, args.hub_private_repo, retry=retry))
     return 0
+
+
+def final_evaluation(run_dir, step: int) -> dict | None:
+    """The run's eval_results.json when it scored the exported step (the model card reports it)."""
+    import json
+
+    from flax_bert import storage
+    path = storage.join(str(run_dir), "eval_results.json")
+    if not storage.isfile(path):
+        return None
+    results = json.loads(storage.read_text(path))
+    return results if results.get("step") == step else None
 
 
 def import_main(argv) -> int:
     parser = OneLineErrorParser(prog="flax-bert import",
-                     description="Turn a Hugging Face BERT/RoBERTa folder into a run directory to continue pretraining: "
+                     description="Turn a Hugging Face BERT, RoBERTa or ModernBERT folder into a run directory to continue pretraining: "
                                  "then `flax-bert train --output_dir RUN_DIR ...` resumes from it.")
     parser.add_argument("hf_folder", help="Hugging Face model folder (or hub id when online)")
     parser.add_argument("--to", required=True, help="the run directory to create")
@@ -206,13 +248,17 @@ def fill_mask_main(argv) -> int:
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--step", type=int, help="run directory: this checkpoint instead of the latest")
     args = parser.parse_args(argv)
-    from flax_bert.fill_mask import fill_mask, load_for_inference
+    from flax_bert.fill_mask import fill_mask, format_probability, load_for_inference
 
     model, tokenizer = load_for_inference(args.model, args.step)
     for text in args.text:
         print(text)
-        for rank, (token, score) in enumerate(fill_mask(model, tokenizer, text, args.top_k), 1):
-            print(f"  {rank}. {token!r:20} {score:.3f}")
+        predictions = fill_mask(model, tokenizer, text, args.top_k)
+        for number, ranked in enumerate(predictions, 1):
+            if len(predictions) > 1:
+                print(f"  mask {number} of {len(predictions)}:")
+            for rank, (token, score) in enumerate(ranked, 1):
+                print(f"  {rank}. {token!r:20} {format_probability(score)}")
     return 0
 
 
@@ -243,9 +289,10 @@ COMMANDS = {"train": train_command, "eval": eval_main, "prepare": prepare_main, 
             "plot": plot_main, "bench": bench_main, "finetune": finetune_main}
 
 
-def run_command(function, argv) -> int:
+def run_command(function, argv, resumes: bool = False) -> int:
     """One-line errors with a nonzero exit for the project's own input errors (errors.InputError and its
-    subclasses); anything else prints its traceback and a last line saying that the run can be resumed."""
+    subclasses); anything else prints its traceback and a last line naming it an internal failure, which
+    for a command that `resumes` (train) says that the same command goes on from the latest checkpoint."""
     _setup_logging()
     from flax_bert.errors import InputError
 
@@ -265,9 +312,9 @@ def run_command(function, argv) -> int:
             raise
         traceback.print_exc()
         first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        resume = ("; completed checkpoints are kept: the same command resumes the run from the latest" if resumes else "")
         print(f"error: {type(err).__name__}: {first_line} -- an internal failure, not a problem with the options "
-              "(traceback above); completed checkpoints are kept: the same command resumes the run from the latest",
-              file=sys.stderr)
+              f"(traceback above){resume}", file=sys.stderr)
         return 1
 
 
@@ -277,19 +324,55 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from flax_bert import __version__
+
+        print(f"flax-bert {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"flax-bert: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if command in REEXEC_COMMANDS and from_command_line:
         _ensure_hugepages()
-    return run_command(COMMANDS[command], rest)
+        _ignore_signals_at_the_end_of_shutdown()
+    code = run_command(COMMANDS[command], rest, resumes=command == "train")
+    if command in ("train", "eval") and from_command_line:
+        _exit_at_once_on_a_further_signal(code)
+    return code
 
 
 def run_mlm_flax_main(argv=None) -> int:
     if argv is None:  # the real command line, not a call from Python
         _ensure_hugepages()
-    return run_command(train_main, sys.argv[1:] if argv is None else argv)
+        _ignore_signals_at_the_end_of_shutdown()
+    code = run_command(train_main, sys.argv[1:] if argv is None else argv, resumes=True)
+    if argv is None:
+        _exit_at_once_on_a_further_signal(code)
+    return code
+
+
+def _exit_at_once_on_a_further_signal(code: int) -> None:
+    """The run is over (checkpoint saved, or stopped): a ctrl-C or SIGTERM while the interpreter shuts down
+    (Orbax and JAX's exit hooks) exits at once with the run's status instead of a traceback from those hooks."""
+    import signal
+
+    def exit_now(signum, frame):
+        os.write(2, f"\n{signal.Signals(signum).name}: the run has already stopped; exiting now\n".encode())
+        os._exit(code)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, exit_now)
+
+
+def _ignore_signals_at_the_end_of_shutdown() -> None:
+    """Registered first, so it runs after the exit hooks registered later (JAX, Orbax): from there on the
+    interpreter only tears down, and Python would reset the handler above to the default, which would end an
+    exit-0 run with SIGINT's status."""
+    import atexit
+    import signal
+
+    atexit.register(lambda: [signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)])
 
 
 REEXEC_COMMANDS = ("train", "eval")  # the ones that run train/eval steps on the host allocator

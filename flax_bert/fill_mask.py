@@ -27,20 +27,27 @@ def load_for_inference(path: str, step: int | None = None):
     return model, tokenizer
 
 
-def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[tuple[str, float]]:
-    """Predictions for the first mask token in `text`, best first: (token text, probability)."""
+def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """For every mask token in `text`, in order, its top-k predictions, best first: (token text, probability).
+    The masks are predicted together, each seeing the others as masks (as transformers' fill-mask pipeline)."""
     mask = tokenizer.mask_token
     if mask is None or mask not in text:
         raise InputError(f"the text has no mask token: write {mask!r} where the missing word goes")
     encoded = tokenizer(text, return_tensors="np")
     ids = jnp.asarray(encoded["input_ids"])
-    position = int(jnp.argmax(ids[0] == tokenizer.mask_token_id))
+    positions = [int(i) for i in jnp.flatnonzero(ids[0] == tokenizer.mask_token_id)]
     logits = model(ids, attention_mask=jnp.asarray(encoded["attention_mask"]),
-                   masked_positions=jnp.array([[position]])).logits[0, 0]
-    probs = jax.nn.softmax(logits)
-    top = jnp.argsort(-probs)[:top_k]
+                   masked_positions=jnp.array([positions])).logits[0]
+    probs = jax.nn.softmax(logits, axis=-1)
+    top = jnp.argsort(-probs, axis=-1)[:, :top_k]
     # a whitespace-only token (a newline) keeps its text, so it does not print as ''
-    return [(_shown(tokenizer.decode([int(i)])), float(probs[i])) for i in top]
+    return [[(_shown(tokenizer.decode([int(i)])), float(row_probs[i])) for i in row_top]
+            for row_top, row_probs in zip(top, probs)]
+
+
+def format_probability(probability: float) -> str:
+    """Enough digits that a small probability (an untrained model's 1/vocabulary) does not print as 0.000."""
+    return f"{probability:.3f}" if probability >= 0.01 else f"{probability:.2e}"
 
 
 def _shown(token_text: str) -> str:

@@ -29,3 +29,18 @@ def test_bench_worker_runs_every_config(config):
     assert result["loss"] > 0 and result["tokens_per_second"] > 0
     assert result["global_batch_size"] * 16 == pytest.approx(result["tokens_per_second"] * result["step_seconds"])
     assert 0 < result["mfu"] <= 1.0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_the_pytorch_side_builds_every_config_with_its_own_vocabulary(config):
+    """--compare torch builds transformers' model from the config's own vocabulary and the special ids of the
+    tokenizer a run would train (ModernBERT's default pad id 50283 lay outside modernbert-tiny's 8192)."""
+    torch = pytest.importorskip("torch")
+    args = bench.build_parser().parse_args([config.stem])  # a bare name, as `flax-bert bench roberta-base`
+    run, model_config = bench.load_setup(args, overrides={k: v for k, v in TINY.items() if k != "vocab_size"})
+    assert model_config.pad_token_id < model_config.vocab_size
+    batch = bench.random_batch(2, 16, model_config, nsp=run.objective == "mlm+nsp")
+    model = bench.torch_model(model_config, nsp=run.objective == "mlm+nsp")
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(batch["input_ids"]).long())
+    assert out[0].shape[-1] == model_config.vocab_size or run.objective == "mlm+nsp"

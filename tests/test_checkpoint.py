@@ -172,6 +172,48 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_restored(tmp_
     assert checkpointer.all_steps() == [1, 2]
 
 
+def _abandoned_read_traceback():
+    """What TensorStore's callbacks print after Orbax closed its event loop: an asyncio RuntimeError passed to
+    sys.unraisablehook, hundreds of times for a damaged checkpoint."""
+    import asyncio
+    import types
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as err:
+        sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=err, exc_traceback=err.__traceback__,
+                                                 err_msg=None, object=None))
+
+
+def test_a_damaged_checkpoint_leaves_one_warning_and_its_tracebacks_in_a_debug_log(tmp_path, single, monkeypatch,
+                                                                                 capfd, caplog):
+    save_run(single, tmp_path, [1, 2])
+    _truncate_biggest_array_file(tmp_path / "checkpoints" / "2")
+    original = Checkpointer._restore_step
+
+    def restore_step_with_abandoned_reads(self, *args, **kwargs):
+        _abandoned_read_traceback()  # during the restore, before the damage is known
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "_restore_step", restore_step_with_abandoned_reads)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="flax_bert.run.checkpoint"):
+        assert Checkpointer(tmp_path, save_steps=1).restore(target(single), step=2).step == 1
+    _abandoned_read_traceback()  # after it: abandoned reads finish late
+    debug_log = tmp_path / "checkpoints_damaged" / "restore-debug.log"
+    assert f"(details in {debug_log})" in caplog.text
+    assert "Event loop is closed" not in capfd.readouterr().err
+    details = debug_log.read_text()
+    assert "OUT_OF_RANGE" in details, details[-2000:]
+    assert details.count("in _abandoned_read_traceback") == 3, details[-3000:]  # with the real ones, if any
+    # an intact restore prints what it held, as Python would have, and stops capturing
+    assert Checkpointer(tmp_path, save_steps=1).restore(target(single)).step == 1
+    _abandoned_read_traceback()
+    assert "Event loop is closed" in capfd.readouterr().err
+
+
 def test_no_intact_checkpoint_left_is_one_clear_error(tmp_path, single):
     save_run(single, tmp_path, [1])
     _truncate_biggest_array_file(tmp_path / "checkpoints" / "1")

@@ -243,7 +243,7 @@ def test_export_command_writes_to_a_url_and_fill_mask_reads_it(url_runs, monkeyp
     assert not (root / "exported" / "config.json").exists()
     write_model_folder(model, target, tokenizer, run, step, 4, None, overwrite=True)
     loaded, loaded_tokenizer = load_for_inference(target)
-    predictions = fill_mask(loaded, loaded_tokenizer, f"def open{loaded_tokenizer.mask_token} return the file")
+    (predictions,) = fill_mask(loaded, loaded_tokenizer, f"def open{loaded_tokenizer.mask_token} return the file")
     assert len(predictions) == 5 and all(0 <= p <= 1 for _, p in predictions)
 
 

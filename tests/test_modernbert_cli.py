@@ -57,7 +57,7 @@ def test_trains_evaluates_at_15_percent_and_exports_a_transformers_modernbert(mo
     # our JAX fill-mask on the same folder ranks the same tokens first
     from flax_bert.fill_mask import fill_mask, load_for_inference
 
-    ours = fill_mask(*load_for_inference(str(out)), text, top_k=3)
+    (ours,) = fill_mask(*load_for_inference(str(out)), text, top_k=3)  # one list: one mask
     assert [t for t, _ in ours] == [a["token_str"].strip() or a["token_str"] for a in answers]
     np.testing.assert_allclose([p for _, p in ours], [a["score"] for a in answers], atol=1e-4)
 

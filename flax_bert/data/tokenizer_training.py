@@ -26,6 +26,16 @@ WORDPIECE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DEFAULT_VOCAB_SIZE = {"bpe": 50265, "wordpiece": 30522}
 
 
+def trained_special_ids(kind: str) -> dict[str, int | None]:
+    """pad/bos/eos/cls/sep ids of a tokenizer trained here (the special tokens come first, in the order above),
+    for a model built before or without one (the benchmark)."""
+    if kind == "bpe":
+        bos, pad, eos = (BPE_SPECIAL_TOKENS.index(t) for t in ("<s>", "<pad>", "</s>"))
+        return {"pad_token_id": pad, "bos_token_id": bos, "eos_token_id": eos, "cls_token_id": bos, "sep_token_id": eos}
+    pad, cls, sep = (WORDPIECE_SPECIAL_TOKENS.index(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
+    return {"pad_token_id": pad, "bos_token_id": None, "eos_token_id": None, "cls_token_id": cls, "sep_token_id": sep}
+
+
 class TokenizerTrainingError(InputError):
     """Bad input to tokenizer training; the message names the problem and the fix."""
 

@@ -165,7 +165,7 @@ class ModelConfig:
             file = file / "config.json"
         if not file.is_file():
             raise InputFileNotFoundError(f"no config.json at {file}: point to a Hugging Face model folder")
-        return cls.from_hf_dict(json.loads(file.read_text()), **overrides)
+        return cls.from_hf_dict(read_config_json(file), **overrides)
 
     @classmethod
     def for_family(cls, model_type: str, **sizes) -> "ModelConfig":
@@ -219,3 +219,17 @@ def flops_per_token(cfg: "ModelConfig", seq_len: int, head_fraction: float) -> f
     else:
         attended = layers * seq_len
     return 6 * encoder_weights + 12 * attended * d + head_fraction * (6 * d * vocab + 6 * d * d)
+
+
+def read_config_json(file: pathlib.Path) -> dict[str, Any]:
+    """A model folder's config.json; a file that is not a JSON object is one line naming the file, line and problem."""
+    try:
+        values = json.loads(pathlib.Path(file).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}); fix the file or "
+                          "export the model again") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not a UTF-8 text file; a model folder's config.json is JSON text") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file}: holds {type(values).__name__}, not a JSON object of config fields")
+    return values

@@ -34,6 +34,22 @@ class WeightsError(InputError):
 
 
 # ----------------------------------------------------------------------------- reading files
+def is_local_path(path) -> bool:
+    """`path` names a folder on this machine (./x, /x, ~/x, a/b/c), not a hub id (roberta-base, user/model)."""
+    return pathlib.Path(path).exists() or str(path).count("/") > 1 or str(path).startswith((".", "/", "~"))
+
+
+def check_local_model_folder(path) -> None:
+    """A --model_name_or_path on this machine is a folder with a readable config.json: said before a run writes
+    anything, and as itself (not as a tokenizer that cannot be loaded from it)."""
+    if path and is_local_path(path):
+        from flax_bert.models.config import read_config_json
+
+        folder = resolve_model_folder(path)
+        if (folder / "config.json").is_file():
+            read_config_json(folder / "config.json")
+
+
 def resolve_model_folder(path: str | os.PathLike, token: str | None = None, cache_dir: str | None = None) -> pathlib.Path:
     """A local folder as is; a hub id downloaded (with `token` for private models) into `cache_dir`."""
     folder = pathlib.Path(path)
@@ -42,8 +58,9 @@ def resolve_model_folder(path: str | os.PathLike, token: str | None = None, cach
     if folder.exists():
         raise InputFileNotFoundError(f"{folder} is a file: pass the Hugging Face model folder that holds "
                                      "config.json")
-    if str(path).count("/") > 1 or str(path).startswith((".", "/", "~")):
-        raise InputFileNotFoundError(f"no model folder at {folder}")
+    if is_local_path(path):
+        raise InputFileNotFoundError(f"no model folder at {path}: pass a Hugging Face model folder (config.json, "
+                                     "weights, tokenizer) or a hub id such as roberta-base")
     try:  # a hub model id such as "roberta-base"
         import huggingface_hub
 
@@ -129,7 +146,9 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, architecture: str
     if dtype is not None:
         config_overrides["dtype"] = dtype
     cfg = ModelConfig.from_pretrained(folder, **config_overrides)
-    hf_archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    from flax_bert.models.config import read_config_json
+
+    hf_archs = read_config_json(folder / "config.json").get("architectures") or []
     if architecture is None:
         nsp, classifier = family(cfg.model_type).nsp_architecture, family(cfg.model_type).classifier_architecture
         objective = "mlm+nsp" if nsp and nsp in hf_archs else "mlm"
@@ -210,9 +229,10 @@ def save_hf(model, path: str | os.PathLike, tokenizer=None, architecture: str | 
         raise ConfigError(f"a {architecture_of(model)} cannot be exported as {architecture}"
                           " (only a model trained with the NSP head can be exported as BertForPreTraining)")
     if not overwrite and any((folder / name).exists() for name in ("config.json", "model.safetensors")):
-        raise InputFileExistsError(f"{folder} already holds a model; pass overwrite=True (--overwrite_output_dir) "
-                                   "to replace it")
+        raise InputFileExistsError(f"{folder} already holds a model; pass overwrite=True (flax-bert export: "
+                                   "--overwrite) to replace it")
     folder.mkdir(parents=True, exist_ok=True)
+    mode = _new_file_mode()
     files = {
         "model.safetensors": lambda f: save_file(to_hf_tensors(model, architecture), f, metadata={"format": "pt"}),
         "config.json": lambda f: pathlib.Path(f).write_text(
@@ -225,6 +245,7 @@ def save_hf(model, path: str | os.PathLike, tokenizer=None, architecture: str | 
             pass
         try:
             write(tmp.name)
+            os.chmod(tmp.name, mode)  # a temporary file is created 0600; the model's files are as any other
             os.replace(tmp.name, folder / name)
         finally:
             if os.path.exists(tmp.name):
@@ -232,3 +253,10 @@ def save_hf(model, path: str | os.PathLike, tokenizer=None, architecture: str | 
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask

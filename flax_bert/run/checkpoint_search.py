@@ -12,6 +12,7 @@ import jax
 from etils import epath
 
 from flax_bert.errors import InputFileNotFoundError
+from flax_bert.run import restore_log
 from flax_bert.run.checkpoint_restore import CheckpointMismatchError, read_arrays_on_host, read_json_item, tree_metadata
 from flax_bert.run.layout import DAMAGED, complete_steps
 from flax_bert.run.start import DamagedCheckpointError
@@ -37,6 +38,7 @@ def first_intact(directory: epath.Path, steps: list[int], restore_one: Callable[
     A damaged one (it does not read back on the host either) is recorded in `damaged`, moved to
     checkpoints_damaged/ unless `read_only` (then `reload()` the manager) and skipped; a failure that is not
     the checkpoint's fault (out of device memory, a passing I/O error) is re-raised and the checkpoint stays."""
+    restore_log.start_capture()  # the tracebacks of a damaged checkpoint's reads go to a debug log file
     for s in steps:
         path = directory / str(s)
         try:
@@ -46,6 +48,8 @@ def first_intact(directory: epath.Path, steps: list[int], restore_one: Callable[
         except Exception as err:  # noqa: BLE001 - classified below: damage, or a failure to re-raise
             restored, error = None, err
         if all_processes(error is None):
+            if not damaged:
+                restore_log.end_capture()
             return restored
         # damage shows again when the bundle is read on the host alone; a failure that does not (out of
         # device memory, a passing I/O error) is not the checkpoint's fault: it stays where it is
@@ -56,7 +60,9 @@ def first_intact(directory: epath.Path, steps: list[int], restore_one: Callable[
             raise RuntimeError(f"another process failed to restore {path}: see its log; {path} is kept")
         reason = _one_line(error) if error is not None else "another process could not read it"
         damaged.append((str(path), reason))
-        log.warning("checkpoint %s is damaged (%s); trying the previous one", path, reason)
+        details = restore_log.record(restore_log.debug_log_path(directory.parent, not read_only, jax.process_index()),
+                                     path, error)
+        log.warning("checkpoint %s is damaged (%s); trying the previous one (details in %s)", path, reason, details)
         if not read_only:
             move_aside(directory, s, DAMAGED, "it is damaged")
             reload()

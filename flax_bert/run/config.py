@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from flax_bert.errors import InputError
+from flax_bert.errors import InputError, InputFileNotFoundError
 
 SECRET_FIELDS = ("hub_token", "token", "use_auth_token")
 
@@ -154,6 +154,10 @@ class RunConfigError(InputError):
     """A YAML file or flag that does not describe a valid run."""
 
 
+class RunConfigFileNotFoundError(RunConfigError, InputFileNotFoundError):
+    """The YAML run config named is not there."""
+
+
 # ----------------------------------------------------------------------------- validation
 def check_run_config(run: RunConfig) -> RunConfig:
     """Refuses, in one line naming the flag, a combination of options that does not describe a valid run."""
@@ -206,6 +210,17 @@ def _str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def integer(value: str) -> int:
+    """An integer flag, also written as 1e3 (as in a YAML file)."""
+    try:
+        return int(value)
+    except ValueError:
+        number = float(value)  # a ValueError here: argparse says "invalid integer value"
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
 def _parser_type(hint) -> Any:
     """bool / int / float / str, looking through `X | None`."""
     kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
@@ -216,49 +231,105 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """Bad flags end in one line naming the problem, not the whole usage block."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        hint = "" if "--help" in message else " (see --help)"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
 def build_parser(prog: str = "run_mlm_flax.py") -> argparse.ArgumentParser:
-    actions = {"flax-bert train": " Training is what this command does (--do_train and --do_eval default to true).",
-               "flax-bert eval": " Evaluates only: `flax-bert eval RUN_DIR` scores the run's latest checkpoint with its "
-                                 "own options and writes nothing but eval_results.json.",
-               }.get(prog, " As in the old script, --do_train and --do_eval default to false; it trains unless "
-                           "--do_train false or --do_eval alone is given (the old script trained whatever "
-                           "--do_train said).")
-    parser = OneLineErrorParser(
-        prog=prog, description="Pretrain a BERT/RoBERTa masked-language model in JAX/Flax. "
-        "An optional YAML run config comes first; flags override it." + actions,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("config_file", nargs="?", help="YAML run config (e.g. configs/tiny.yaml)")
+    pretrain = "Pretrain a BERT, RoBERTa or ModernBERT masked-language model in JAX/Flax. "
+    yaml_first = "An optional YAML run config comes first (a path or a name from configs/, e.g. tiny); flags override it."
+    description = {
+        "flax-bert train": pretrain + yaml_first + " Training is what this command does (--do_train and --do_eval "
+                           "default to true).",
+        "flax-bert eval": "Evaluate a run's latest checkpoint (`flax-bert eval RUN_DIR`, with the run's own options), "
+                          "an exported Hugging Face folder (`flax-bert eval FOLDER`) or --model_name_or_path with "
+                          "--validation_file; writes nothing but eval_results.json. Flags override the run's options.",
+        "flax-bert prepare": "Tokenize and pack the data of `flax-bert train` into the cache ahead of the run, and "
+                             "nothing else: pass the same YAML run config and options as train. " + yaml_first,
+    }.get(prog, pretrain + yaml_first + " As in the old script, --do_train and --do_eval default to false; it trains "
+          "unless --do_train false or --do_eval alone is given (the old script trained whatever --do_train said).")
+    parser = OneLineErrorParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if prog == "flax-bert eval":
+        parser.add_argument("config_file", nargs="?", metavar="RUN_DIR",
+                            help="the run directory (a train run's --output_dir) or exported folder to evaluate")
+    else:
+        parser.add_argument("config_file", nargs="?", help="YAML run config: a path, or a name from configs/ (e.g. tiny)")
+    from flax_bert import __version__
+
+    parser.add_argument("--version", action="version", version=f"flax-bert {__version__}")
     hints = get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         kind = _parser_type(hints[field.name])
-        kwargs = dict(type=kind, default=argparse.SUPPRESS, help=field.metadata["help"], choices=field.metadata["choices"])
+        kwargs = dict(type=integer if kind is int else kind, default=argparse.SUPPRESS, help=field.metadata["help"], choices=field.metadata["choices"])
         if kind is _str2bool:  # `--flag` alone means true, `--flag false` turns it off
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(f"--{field.name}", **kwargs)
     return parser
 
 
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"  # the configs/ of a checkout
+
+
+def resolve_config_file(config: str) -> pathlib.Path:
+    """A YAML path, or the name of a file in configs/ (`roberta-base`, `tiny.yaml`): the same for every command."""
+    path = pathlib.Path(config)
+    if path.is_file():
+        return path
+    named = CONFIGS_DIR / f"{config.removesuffix('.yaml')}.yaml"
+    if named.is_file() and not path.parent.name:  # a bare name; a path to a missing file stays missing
+        return named
+    names = ", ".join(sorted(f.stem for f in CONFIGS_DIR.glob("*.yaml"))) or "none here"
+    raise RunConfigFileNotFoundError(f"no run config {config!r}: pass a YAML file such as configs/tiny.yaml or a name from "
+                         f"configs/ ({names})")
+
+
+def _yaml_values(file: pathlib.Path) -> Any:
+    """The parsed file; a YAML syntax error becomes one line naming the file, the line and the problem."""
+    try:
+        return yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        # where the unfinished construct began (an unclosed `[`), else where the parser stopped
+        mark = getattr(err, "context_mark", None) or getattr(err, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark is not None else str(file)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise RunConfigError(f"{where}: not valid YAML ({f'{context}: ' if context else ''}{problem}); "
+                             "write one `option: value` per line") from None
+
+
+def _yaml_number(value: Any, kind) -> Any:
+    """A number PyYAML left as text (YAML 1.1 reads `1e3` and `2e-3` as strings): the number it spells."""
+    if not isinstance(value, str) or kind not in (int, float):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if kind is int:
+        return int(number) if number.is_integer() else value
+    return number
+
+
+_TYPE_NAMES = {_str2bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise RunConfigError(f"run config {file} does not exist; pass a YAML file such as configs/tiny.yaml")
-    values = yaml.safe_load(file.read_text()) or {}
+    file = resolve_config_file(str(path))
+    values = _yaml_values(file) or {}
     if not isinstance(values, dict):
         raise RunConfigError(f"{file} must hold a mapping of option: value")
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise RunConfigError(f"{file}: unknown option(s) {', '.join(unknown)}; see --help for the valid names")
+        raise RunConfigError(f"{file}: unknown option(s) {', '.join(unknown)}; the valid names are the flags of --help")
     hints = get_type_hints(RunConfig)
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    for name, value in values.items():
+    for name, value in list(values.items()):
         kind = _parser_type(hints[name])
+        value = values[name] = _yaml_number(value, kind)
         expected = {_str2bool: bool, int: int, float: (int, float), str: str}[kind]
         if value is not None and (not isinstance(value, expected) or (kind is not _str2bool and isinstance(value, bool))):
-            raise RunConfigError(f"{file}: {name} must be a {getattr(kind, '__name__', 'bool').replace('_str2bool', 'bool')}, got {value!r}")
+            raise RunConfigError(f"{file}: {name} must be {_TYPE_NAMES[kind]}, got {value!r}")
         choices = fields[name].metadata["choices"]
         if choices and value not in choices:
             raise RunConfigError(f"{file}: {name} must be one of {', '.join(choices)}, got {value!r}")

@@ -102,7 +102,9 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
                                 eval_results, overwrite=True)
     log.info("exported the final model (step %d) to %s", step, folder)
     if job.run.push_to_hub:
-        push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo)
+        # the final checkpoint is the exported step: exporting it again in place gives the same folder
+        retry = export_command(job.run.output_dir, job.run.output_dir, job.run.hub_model_id, job.run.hub_private_repo)
+        push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo, retry=retry)
     return folder
 
 
@@ -128,12 +130,21 @@ def gathered_on_every_process(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def export_command(run_dir, to, hub_model_id: str, private: bool = False, step: int | None = None) -> str:
+    """The `flax-bert export` command that exports `run_dir` into `to` again and uploads it: what to run after a
+    failed upload (the exported folder holds no checkpoint to export from)."""
+    return (f"flax-bert export {run_dir}" + (f" --step {step}" if step is not None else "")
+            + f" --to {to} --overwrite --push_to_hub --hub_model_id {hub_model_id}"
+            + (" --hub_private_repo" if private else ""))
+
+
 class HubUploadError(InputError, RuntimeError):
     """The local export is complete, but the upload failed."""
 
 
-def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Upload an exported folder; the token comes from the argument or $HF_TOKEN and is never printed."""
+def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False, retry: str | None = None) -> str:
+    """Upload an exported folder; the token comes from the argument or $HF_TOKEN and is never printed.
+    `retry`: the command that exports and uploads again, named in the error when the upload fails."""
     import huggingface_hub
 
     token = token or os.environ.get("HF_TOKEN")
@@ -149,7 +160,8 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
         message = str(err).replace(token, "***") if token else str(err)
         raise HubUploadError(f"the model is exported to {folder}, but uploading it to {repo_id} failed "
                              f"({type(err).__name__}: {message.splitlines()[0][:200] if message else 'no details'}); "
-                             f"check the network and token, then run: flax-bert export {folder} --push_to_hub") from None
+                             f"check the network and token (--hub_token or $HF_TOKEN), then run: "
+                             f"{retry or export_command('RUN_DIR', folder, repo_id, private)}") from None
     url = f"https://huggingface.co/{repo_id}"
     log.info("uploaded to %s", url)
     return url

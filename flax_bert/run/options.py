@@ -139,6 +139,9 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
         clipping_switched = name == "max_grad_norm" and bool(old) != bool(new)  # the optimizer state's structure
         if name in fixed_options(reset_optimizer) or (clipping_switched and not reset_optimizer):
             what = IMMUTABLE.get(name, "the optimizer state in the checkpoint")
+            if not run.do_train:  # evaluating: there is nothing to continue or start over
+                raise StoredOptionError(f"--{name} {new!r} differs from the run's {old!r} ({source}); it fixes "
+                                        f"{what}: evaluate with --{name} {old!r} or leave it out")
             raise StoredOptionError(
                 f"--{name} {new!r} differs from the run's {old!r} ({source}); it fixes {what}: continue with "
                 f"--{name} {old!r} (or leave it out), "

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from typing import Any
 
@@ -281,9 +282,11 @@ class _Window:
 
     def reset(self):
         self.values, self.tokens, self.wait, self.steps, self.start = {}, 0, 0.0, 0, time.perf_counter()
+        self.last_learning_rate = float("nan")
         self.cpu_start = time.process_time()  # this process's CPU seconds, all threads: host work + XLA:CPU
 
     def add(self, metrics, tokens, wait):
+        self.last_learning_rate = float(metrics.get("learning_rate", float("nan")))  # the rate at the logged step
         for name, value in metrics.items():
             self.values[name] = self.values.get(name, 0.0) + float(value)
         self.tokens += tokens
@@ -299,7 +302,7 @@ class _Window:
         mean = {name: value / steps for name, value in self.values.items()}
         tokens_per_second = self.tokens / elapsed
         record = {"train_loss": mean.get("loss", float("nan")), "mlm_accuracy": mean.get("mlm_accuracy", float("nan")),
-                  "learning_rate": mean.get("learning_rate", float("nan")), "grad_norm": mean.get("grad_norm", float("nan")),
+                  "learning_rate": self.last_learning_rate, "grad_norm": mean.get("grad_norm", float("nan")),
                   "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_per_token / peak_flops,
                   "step_seconds": elapsed / steps, "input_wait_seconds": self.wait / steps,
                   "cpu_seconds_per_step": (time.process_time() - self.cpu_start) / steps}
@@ -309,10 +312,42 @@ class _Window:
         return record
 
 
-def _progress_bar(enabled: bool, initial: int, total: int):
+def _progress_bar(enabled: bool, initial: int, total: int, stream=None):
+    """tqdm's bar on a terminal; elsewhere (a log file, a pipe) plain lines, without the bar's \\r frames."""
+    stream = stream or sys.stderr
+    if enabled and not stream.isatty():
+        return PlainProgress(initial, total, stream)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+class PlainProgress:
+    """The progress bar's calls (update, set_postfix, close), written as one line every `interval` seconds."""
+
+    def __init__(self, initial: int, total: int, stream, interval: float = 30.0):
+        self.step, self.total, self.stream, self.interval = initial, total, stream, interval
+        self.start_step, self.start = initial, time.monotonic()
+        self.last_line, self.postfix = self.start, ""
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        if time.monotonic() - self.last_line >= self.interval:
+            self._line()
+
+    def close(self) -> None:
+        if self.step > self.start_step:
+            self._line()
+
+    def _line(self) -> None:
+        self.last_line = time.monotonic()
+        rate = (self.step - self.start_step) / max(self.last_line - self.start, 1e-9)
+        self.stream.write(f"train: step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%), "
+                          f"{rate:.2f} steps/s" + (f", {self.postfix}" if self.postfix else "") + "\n")
+        self.stream.flush()
 
 
 def run_pretraining(run: RunConfig) -> dict[str, Any]:
@@ -333,7 +368,7 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
                  job.start.path, step)
     if run.do_eval:
         eval_results = job.evaluate(params, results.get("step", 0))
-        if eval_results and run.do_train:
+        if eval_results:
             eval_results.update(_against_unigram_baseline(job, eval_results))
         if eval_results and job.is_main:
             record = {"step": results.get("step", 0), **eval_results}
@@ -348,16 +383,31 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
 
 def _against_unigram_baseline(job: Run, eval_results: dict) -> dict:
     """Held-out masked accuracy beside always guessing the most frequent training token: whether it learned."""
-    from flax_bert.training.eval_baseline import unigram_baseline
+    from flax_bert.training.eval_baseline import token_share, unigram_baseline
 
     if "eval_accuracy" not in eval_results:  # the same keys on every process: the collective below is skipped by all
         return {}
-    baseline = unigram_baseline(job.train_rows, job.eval_rows, job.model_config.vocab_size,
-                                job.trainer.step_config.masking.special_ids)
+    special_ids = job.trainer.step_config.masking.special_ids
+    if job.run.do_train:
+        baseline = unigram_baseline(job.train_rows, job.eval_rows, job.model_config.vocab_size, special_ids)
+    else:  # evaluating only: the training data is not read, its most frequent token is in the last eval_results.json
+        token = _stored_baseline_token(job.output_dir)
+        share = None if token is None else token_share(job.eval_rows, token, job.model_config.vocab_size, special_ids)
+        baseline = None if share is None else (token, share)
     if baseline is None:
         return {}
     token, accuracy = baseline
     log.info("held-out masked-token accuracy %.3f; always guessing the most frequent token %r would score %.3f",
-             eval_results["eval_accuracy"], job.tokenizer.convert_ids_to_tokens(token), accuracy)
-    return {"unigram_baseline_accuracy": accuracy}
+             eval_results["eval_accuracy"], job.tokenizer.decode([token]), accuracy)  # '\n', not 'Ċ'
+    return {"unigram_baseline_accuracy": accuracy, "unigram_baseline_token": token}
+
+
+def _stored_baseline_token(output_dir) -> int | None:
+    """The most frequent training token a previous evaluation of this run recorded (None: none recorded)."""
+    path = storage.join(output_dir, "eval_results.json")
+    try:
+        token = json.loads(storage.read_text(path)).get("unigram_baseline_token") if storage.isfile(path) else None
+    except ValueError:
+        return None
+    return token if isinstance(token, int) else None
 

@@ -31,3 +31,12 @@ def unigram_baseline(train_rows, eval_rows, vocab_size: int, special_ids) -> tup
         return None
     token = int(train.argmax())
     return token, float(evaluation[token] / evaluation.sum())
+
+
+def token_share(eval_rows, token: int, vocab_size: int, special_ids) -> float | None:
+    """`token`'s share of the evaluation rows' non-special tokens (None without cached rows): the baseline of
+    an evaluation that does not read the training data, with the token a training run found most frequent."""
+    evaluation = _token_counts(eval_rows, vocab_size, special_ids)
+    if evaluation is None or not evaluation.sum() or not 0 <= token < vocab_size:
+        return None
+    return float(evaluation[token] / evaluation.sum())

@@ -1,5 +1,5 @@
 """Preemption: SIGTERM / SIGINT stop the train loop after the current step (PreemptionGuard); outside the
-loop SIGTERM stops the run at once (stop_outside_the_loop); and the helpers that make every process of a
+loop either stops the run at once (stop_outside_the_loop), exit status 0 both ways; and the helpers that make every process of a
 multi-host run take the same decision at the same step."""
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ class PreemptionGuard:
         self._agree = AnyProcess()
 
     def __enter__(self) -> PreemptionGuard:
+        if _lost_signals:  # a signal before the loop whose Preempted a cleanup callback swallowed: stop here
+            self.requested, self.signal_name = True, _lost_signals[-1]
+            log.warning("%s arrived before the train loop: stopping at its first step", self.signal_name)
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
@@ -77,28 +80,60 @@ class PreemptionGuard:
 
 
 class Preempted(BaseException):
-    """SIGTERM arrived outside the train loop. A BaseException, as KeyboardInterrupt is, so that no
+    """SIGTERM or SIGINT arrived outside the train loop. A BaseException, as KeyboardInterrupt is, so that no
     `except Exception` on the way (a data source, a restore) mistakes it for a failure of its own."""
 
 
 @contextlib.contextmanager
-def stop_outside_the_loop(signals=(signal.SIGTERM,)):
-    """Before the train loop (data preparation, building the model, restoring) and after it (final
-    evaluation, export), SIGTERM raises Preempted where the program is: nothing these phases leave is used
+def stop_outside_the_loop(signals=(signal.SIGTERM, signal.SIGINT)):
+    """Before the train loop (tokenizer training, data preparation, building the model, restoring) and after
+    it (final evaluation, export), SIGTERM and SIGINT (ctrl-C) alike raise Preempted where the program is: nothing these phases leave is used
     half-done (the tokenized cache is published atomically, checkpoints are complete or ignored, the export
     is written again), so the same command goes on. Inside the loop PreemptionGuard takes the signal over
-    and hands it back on leaving. SIGINT stays Python's KeyboardInterrupt."""
+    and hands it back on leaving."""
     def on_signal(signum, frame):
-        raise Preempted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        _lost_signals.append(name)  # cleared when Preempted reaches the block's end
+        if _in_a_callback_that_drops_exceptions(frame):  # Python would print the exception and go on
+            threading.Timer(0.05, _deliver_again, (signum, on_signal)).start()
+            return
+        raise Preempted(name)
 
+    _lost_signals.clear()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, on_signal) for signum in signals}
     try:
         yield
+    except Preempted:
+        _lost_signals.clear()
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _in_a_callback_that_drops_exceptions(frame) -> bool:
+    """Whether `frame` runs inside a garbage-collection callback (JAX has one) or a __del__."""
+    import gc
+
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deliver_again(signum, handler) -> None:
+    """The signal once more, unless the train loop's guard has taken it over (it reads _lost_signals)."""
+    if signal.getsignal(signum) is handler:
+        os.kill(os.getpid(), signum)
+
+
+# Signals stop_outside_the_loop raised Preempted for that did not (yet) end the block: an exception raised in a
+# garbage-collection callback or a __del__ is printed and dropped by Python, so the train loop checks here too.
+_lost_signals: list[str] = []
 
 
 # ----------------------------------------------------------------------------- several processes
