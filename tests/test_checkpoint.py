@@ -191,13 +191,15 @@ def test_a_damaged_checkpoint_leaves_one_warning_and_its_tracebacks_in_a_debug_l
                                                                                  capfd, caplog):
     save_run(single, tmp_path, [1, 2])
     _truncate_biggest_array_file(tmp_path / "checkpoints" / "2")
-    original = Checkpointer._restore_step
+    from flax_bert.run import checkpoint as checkpoint_module
 
-    def restore_step_with_abandoned_reads(self, *args, **kwargs):
+    original = checkpoint_module.restore_bundle
+
+    def restore_bundle_with_abandoned_reads(*args, **kwargs):
         _abandoned_read_traceback()  # during the restore, before the damage is known
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(Checkpointer, "_restore_step", restore_step_with_abandoned_reads)
+    monkeypatch.setattr(checkpoint_module, "restore_bundle", restore_bundle_with_abandoned_reads)
     capfd.readouterr()
     with caplog.at_level(logging.WARNING, logger="flax_bert.run.checkpoint"):
         assert Checkpointer(tmp_path, save_steps=1).restore(target(single), step=2).step == 1
