@@ -7,10 +7,16 @@ Local paths (no `scheme://`) go through the OS exactly as before. URLs (`gs://bu
 What cannot write to a URL itself writes to a local folder that is then uploaded (`local_stage`, `publish`):
 the tokenizer training, TensorBoard's event files, transformers' `save_pretrained`. What can only read a local
 folder reads a downloaded copy (`fetch_folder`). Checkpoints are Orbax's: `checkpoint_path` says where it writes.
+
+Local copies appear whole or not at all: each writer builds its own temporary file or folder and renames it
+into place (`replaced_atomically`), so several processes of one host (one per GPU) or a shared cache never
+delete or read each other's partial files, and a kill leaves no truncated copy under the name readers use.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -136,7 +142,11 @@ def stat(path) -> tuple[int, int | str]:
         info = os.stat(path)
         return info.st_size, info.st_mtime_ns
     fs, p = _fs(path)
-    info = fs.info(p)
+    return _size_and_version(fs.info(p))
+
+
+def _size_and_version(info: dict) -> tuple[int, str]:
+    """(size, version token) from an fsspec info record, whichever version field the store reports."""
     for key in ("ETag", "etag", "generation", "md5Hash", "crc32c", "mtime", "LastModified", "last_modified",
                 "updated", "created"):
         if info.get(key) is not None:
@@ -206,6 +216,22 @@ def remove(path) -> None:
 
 
 # ----------------------------------------------------------------------------- local copies
+@contextlib.contextmanager
+def replaced_atomically(target):
+    """A temporary path of this writer's own next to `target`, renamed to `target` when the block ends
+    without error and deleted when it does not: readers see the old file or the new one, never a part."""
+    target = pathlib.Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(descriptor)
+    temporary = pathlib.Path(name)
+    try:
+        yield temporary
+        temporary.replace(target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def default_cache_dir() -> pathlib.Path:
     """flax-bert's local cache ($FLAX_BERT_CACHE, else ~/.cache/flax_bert): the built-in corpus, URL mirrors."""
     return pathlib.Path(os.environ.get("FLAX_BERT_CACHE") or pathlib.Path.home() / ".cache" / "flax_bert")
@@ -261,14 +287,28 @@ def publish(stage, path, last: tuple[str, ...] = ()) -> None:
     shutil.rmtree(stage, ignore_errors=True)
 
 
+class UnsafeKeyError(InputError):
+    """A remote object whose key would land outside the folder it is downloaded into."""
+
+
+def _inside(local_folder: pathlib.Path, relative: str, url: str) -> pathlib.Path:
+    """`local_folder / relative`, refused when the key leaves the folder (`..`, an absolute name)."""
+    target = (local_folder / relative).resolve()
+    if not target.is_relative_to(local_folder.resolve()) or target == local_folder.resolve():
+        raise UnsafeKeyError(f"{url} holds an object named {relative!r}, which would be written outside "
+                             f"{local_folder}: refusing to download it (rename or delete that object)")
+    return target
+
+
 def download(url: str, local_folder, names: list[str] | None = None) -> pathlib.Path:
-    """Copy the files under `url` (or only `names`, relative to it) into `local_folder`."""
+    """Copy the files under `url` (or only `names`, relative to it) into `local_folder`, which the caller
+    owns alone (a staging folder). Every name is checked before anything is copied."""
     fs, p = _fs(url)
     local_folder = pathlib.Path(local_folder)
     root = p.rstrip("/")
     wanted = names if names is not None else [f[len(root) + 1:] for f in fs.find(root)]
-    for relative in wanted:
-        target = local_folder / relative
+    targets = {relative: _inside(local_folder, relative, url) for relative in wanted}
+    for relative, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(f"{root}/{relative}", str(target))
     return local_folder
@@ -281,26 +321,45 @@ def local_copy(url: str, folder) -> pathlib.Path:
     target = pathlib.Path(folder) / (hashlib.sha256(f"{url}|{size}|{version}".encode()).hexdigest()[:24] + suffix(url))
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     fs, p = _fs(url)
-    temporary = target.parent / f".{target.name}.tmp"
-    fs.get_file(p, str(temporary))
-    temporary.replace(target)
+    with replaced_atomically(target) as temporary:
+        fs.get_file(p, str(temporary))
     log.info("downloaded %s (%d bytes) to %s", url, size, target)
     return target
 
 
 def fetch_folder(path) -> pathlib.Path:
-    """A local folder holding what `path` holds: `path` itself when local, else a fresh download into its
-    mirror (for readers that take only local folders, like transformers' from_pretrained)."""
+    """A local folder holding what `path` holds (for readers that take only local folders, like transformers'
+    from_pretrained): `path` itself when local, else a copy in its mirror named by the remote files' names,
+    sizes and versions, downloaded once per version. Each process downloads into a staging folder of its own
+    and renames it into place; one that finds the version already placed (by another process of this host)
+    takes that. Older versions of the same URL are removed."""
     if not is_url(path):
         return pathlib.Path(path)
     if local_path(path) is not None:
         return local_path(path)
-    target = mirror(path)
-    shutil.rmtree(target, ignore_errors=True)
-    download(path, target)
-    log.info("downloaded %s to %s", path, target)
+    fs, p = _fs(path)
+    root = p.rstrip("/")
+    files = {name[len(root) + 1:]: _size_and_version(info) for name, info in fs.find(root, detail=True).items()}
+    version = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()[:16]
+    folder = mirror(path)
+    target = folder / version
+    if not target.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(tempfile.mkdtemp(dir=folder, prefix=".download-"))
+        try:
+            download(path, staging, names=sorted(files))
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():  # not "another process placed it first"
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("downloaded %s to %s", path, target)
+    for old in folder.iterdir():  # earlier versions (and copies from before versions were kept apart)
+        if old.name != version and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return target
 
 

@@ -64,6 +64,25 @@ def test_pytorch_bin_checkpoint_loads_like_safetensors(tmp_path):
     np.testing.assert_array_equal(load_hf(tmp_path / "bin")(ids).logits, load_hf(tmp_path / "st")(ids).logits)
 
 
+def test_bfloat16_safetensors_load_without_torch(tmp_path, monkeypatch):
+    """Many hub checkpoints are bfloat16, which safetensors.numpy cannot read: ours reads them with torch
+    unimportable, and every tensor equals what torch stored."""
+    from flax_bert.models.convert import to_hf_tensors
+
+    torch_model = make_torch_model("RobertaForMaskedLM").to(torch.bfloat16)
+    torch_model.save_pretrained(tmp_path / "bf16")
+    header = (tmp_path / "bf16" / "model.safetensors").read_bytes()[:4096]
+    assert b'"BF16"' in header
+    stored = {name: value.float().numpy() for name, value in torch_model.state_dict().items()}
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(ImportError):
+        import torch as _  # noqa: F401
+    loaded = to_hf_tensors(load_hf(tmp_path / "bf16"))
+    for name, value in loaded.items():
+        np.testing.assert_array_equal(value, stored[name], err_msg=name)
+    assert len(loaded) > 10
+
+
 @pytest.mark.parametrize("name", ["flax_roberta_tiny", "flax_bert_tiny"])
 def test_transformers4_flax_msgpack_matches_the_logits_that_library_produced(name):
     folder = FIXTURES / name

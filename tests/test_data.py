@@ -531,6 +531,35 @@ def test_invalid_utf8_names_file_and_offset_or_is_skipped(bpe, tmp_path, caplog)
         train_file=str(tmp_path / "bad.txt"), skip_invalid_utf8=True, validation_split_percentage=0))).size
 
 
+def test_a_utf8_cleaning_cut_short_leaves_no_truncated_copy_to_resume_from(tmp_path, monkeypatch):
+    """--skip_invalid_utf8 reads a json file through a cleaned copy, and a resumed stream reads that copy
+    as the data. A write cut short (a kill, a full disk) must leave no part of it under the copy's name:
+    the resumed stream then reads every document, not the first half."""
+    import pathlib
+
+    from flax_bert.data import sources
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join(b'{"text": "document %d \xff %s"}\n' % (i, b"words " * 20) for i in range(200)))
+    args = DataArgs(train_file=str(path), skip_invalid_utf8=True, streaming=True, cache_dir=str(tmp_path / "cache"))
+    stream = sources.file_documents(path, args)
+    cleaned = sources._cleaned_copy_path(path, sources.resolve_cache_dir(args))
+    write_text = pathlib.Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        next(stream.cursor())
+    monkeypatch.undo()
+    assert not cleaned.exists() and not list(cleaned.parent.iterdir())  # nothing half-written, no temporary left
+    resumed = list(stream.cursor({"dataset": None, "rows": 0}))
+    assert len(resumed) == 200 and resumed[-1].startswith("document 199 ") and "\ufffd" not in resumed[-1]
+    assert cleaned.is_file()
+
+
 def test_missing_text_column(bpe, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"content": "a document"}\n')
     with pytest.raises(DataError, match="has no column 'text' \\(columns: content\\): pass --text_column"):

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import uuid
 
 import jax
@@ -88,6 +89,121 @@ def test_folders_go_up_and_come_back(memory_root, tmp_path, local_cache):
     copy = storage.fetch_folder(storage.join(memory_root, "tokenizer"))
     assert copy.is_relative_to(local_cache / "remote")
     assert (copy / "nested" / "x.bin").read_bytes() == b"123" and (copy / "vocab.json").read_text() == '{"a": 0}'
+
+
+def _copies_paced_by(monkeypatch, before=None, after=None):
+    """The memory filesystem's file copy (what every download makes) calls before[thread name]() and
+    after[thread name]() around each copy: two downloaders interleave exactly as a test lays out."""
+    import fsspec.implementations.memory as memory
+
+    copy = memory.MemoryFileSystem.get_file
+
+    def paced(self, *args, **kwargs):
+        name = threading.current_thread().name
+        (before or {}).get(name, lambda: None)()
+        copy(self, *args, **kwargs)
+        (after or {}).get(name, lambda: None)()
+
+    monkeypatch.setattr(memory.MemoryFileSystem, "get_file", paced)
+
+
+def _in_threads(first, second, second_may_start: threading.Event, finished: dict[str, threading.Event]) -> dict:
+    """Runs first() and second() (the second once `second_may_start` is set) in threads of those names;
+    returns name -> result or the exception raised."""
+    results = {}
+
+    def run(name, work):
+        try:
+            results[name] = work()
+        except Exception as err:  # reported by the test, not lost in the thread
+            results[name] = err
+        finally:
+            finished[name].set()
+
+    threads = [threading.Thread(target=run, args=("first", first), name="first")]
+    threads[0].start()
+    assert second_may_start.wait(30)
+    threads.append(threading.Thread(target=run, args=("second", second), name="second"))
+    threads[1].start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_two_downloaders_of_one_folder_never_delete_each_others_files(memory_root, monkeypatch, local_cache):
+    """Two processes of one host fetch the same remote folder; the second starts while the first has
+    copied one of three files. Each gets the whole folder, and one copy is left."""
+    url = storage.join(memory_root, "tokenizer")
+    files = {f"file{i}.json": f'{{"n": {i}}}' for i in range(3)}
+    for name, text in files.items():
+        storage.write_text(storage.join(url, name), text)
+    first_copied_one, second_copying = threading.Event(), threading.Event()
+    finished = {"first": threading.Event(), "second": threading.Event()}
+
+    def first_pauses():  # after its first file, until the second has begun copying
+        if not first_copied_one.is_set():
+            first_copied_one.set()
+            assert second_copying.wait(30)
+
+    def second_waits():  # the second copies only once the first has read its folder
+        second_copying.set()
+        assert finished["first"].wait(30)
+
+    _copies_paced_by(monkeypatch, before={"second": second_waits}, after={"first": first_pauses})
+
+    def fetch_and_read():
+        folder = storage.fetch_folder(url)
+        return folder, {name: (folder / name).read_text() for name in files}
+
+    results = _in_threads(fetch_and_read, fetch_and_read, first_copied_one, finished)
+    for name in ("first", "second"):
+        assert not isinstance(results[name], Exception), f"{name}: {results[name]!r}"
+        assert results[name][1] == files, name
+    assert results["first"][0] == results["second"][0]  # the same version: one copy on disk
+    assert [p.name for p in results["first"][0].parent.iterdir()] == [results["first"][0].name]
+    # a new version of the folder replaces the old copy
+    storage.write_text(storage.join(url, "file0.json"), '{"n": 10}')
+    monkeypatch.undo()
+    again = storage.fetch_folder(url)
+    assert (again / "file0.json").read_text() == '{"n": 10}'
+    assert [p.name for p in again.parent.iterdir()] == [again.name]
+
+
+def test_two_downloaders_of_one_file_use_their_own_temporaries(memory_root, monkeypatch, tmp_path):
+    """local_copy from two processes at once: the first pauses between copying and renaming while the
+    second copies and renames; neither loses its temporary file to the other."""
+    url = storage.join(memory_root, "data.jsonl")
+    storage.write_text(url, '{"text": "a document"}\n' * 100)
+    first_copied, finished = threading.Event(), {"first": threading.Event(), "second": threading.Event()}
+
+    def first_pauses():
+        first_copied.set()
+        assert finished["second"].wait(30)
+
+    _copies_paced_by(monkeypatch, after={"first": first_pauses})
+    results = _in_threads(lambda: storage.local_copy(url, tmp_path / "downloads"),
+                          lambda: storage.local_copy(url, tmp_path / "downloads"), first_copied, finished)
+    for name in ("first", "second"):
+        assert not isinstance(results[name], Exception), f"{name}: {results[name]!r}"
+        assert results[name].read_text() == storage.read_text(url)
+    assert [p.name for p in (tmp_path / "downloads").iterdir()] == [results["first"].name]  # no temporaries left
+
+
+def test_a_remote_key_that_leaves_the_folder_is_refused(memory_root, tmp_path):
+    """An object key such as run/tokenizer/../../../x would be written outside the local folder: refused in
+    one line, before any file is copied."""
+    url = storage.join(memory_root, "run", "tokenizer")
+    storage.write_text(storage.join(url, "tokenizer_config.json"), "{}")
+    storage.write_text(f"{url}/../../../escaped.txt", "not yours")
+    fs, root = storage._fs(url)
+    assert f"{root}/../../../escaped.txt" in fs.find(root)  # the store keeps the key as written
+    local = tmp_path / "a" / "b" / "c"
+    for fetch in (lambda: storage.download(url, local), lambda: storage.fetch_folder(url),
+                  lambda: storage.download(url, local, names=["/tmp/escaped.txt"])):
+        with pytest.raises(InputError, match=r"escaped.txt'?, which would be written outside .*: refusing") as err:
+            fetch()
+        assert "\n" not in str(err.value)
+    assert not list(tmp_path.rglob("escaped.txt")) and not list(local.rglob("*"))
 
 
 def test_where_checkpoints_go_and_url_errors(tmp_path):

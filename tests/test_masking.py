@@ -236,3 +236,37 @@ def test_whole_word_overflow_drops_whole_words():
         chosen = out.positions[row][out.weights[row] > 0]
         for word in np.unique(word_of[row][chosen]):
             assert np.isin(np.flatnonzero(word_of[row] == word), chosen).all(), "word cut by the budget"
+
+
+def tokenizer_with_added_tokens(added: int = 40):
+    """A 25-token word-level tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK] w0..w19) plus `added` tokens
+    [unused0].. added as ModernBERT's are: special to the tokenizer, yet not in all_special_ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(20)]
+    backend = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer.add_tokens([f"[unused{i}]" for i in range(added)], special_tokens=True)
+    return tokenizer
+
+
+def test_random_replacements_come_from_the_ordinary_vocabulary_not_added_tokens():
+    """The masking the trainer builds from a tokenizer never puts an added token ([unused*]) in as a random
+    replacement: 40 of its 65 ids are added tokens, so a draw over [0, len(tokenizer)) would hit them often."""
+    from types import SimpleNamespace
+
+    from flax_bert.training.step import MaskingConfig, Trainer
+
+    tokenizer = tokenizer_with_added_tokens()
+    assert len(tokenizer) == 65 and set(tokenizer.all_special_ids) == set(range(5))
+    config = MaskingConfig.from_tokenizer(tokenizer, mlm_probability=1.0, max_seq_length=32)
+    ordinary = np.arange(5, 25)
+    ids = np.random.default_rng(0).choice(ordinary, size=(64, 32)).astype(np.int32)
+    trainer = SimpleNamespace(step_config=SimpleNamespace(masking=config))  # what Trainer._mask reads
+    out = jax.device_get(Trainer._mask(trainer, SEED_KEY, 0, {"input_ids": jnp.asarray(ids)}))
+    replaced = out.input_ids[(out.input_ids != ids) & (out.input_ids != tokenizer.mask_token_id)]
+    assert replaced.size > 100  # ~10% of 2048 selected tokens
+    assert np.isin(replaced, ordinary).all(), sorted(set(replaced.tolist()) - set(ordinary.tolist()))

@@ -308,6 +308,40 @@ def test_a_streamed_two_process_run_resumes_each_process_at_its_own_position(wor
     assert_same_parameters(cut, reference.out, rtol=0)
 
 
+def test_a_process_without_validation_rows_ends_the_run_with_the_others(work):
+    """--max_eval_samples 4: the 4 validation documents fall in shards 0-3 (document i in shard i % 16), all of
+    them process 0's, so process 1 holds no validation row. It still takes every collective of the final
+    evaluation (the unigram baseline's token counts): the run evaluates, exports and ends instead of hanging."""
+    run = Launch(work, "no_validation_rows_on_process_1", 2, ["--max_steps", "2", "--max_eval_samples", "4"]).succeed()
+    results = json.loads((run.out / "eval_results.json").read_text())
+    assert results["eval_loss"] > 0 and 0 < results["unigram_baseline_accuracy"] < 1
+    assert "exported the final model (step 2)" in run.log(0), run.log_tail()
+
+
+def test_every_process_takes_the_tokenizer_barrier(tmp_path, monkeypatch):
+    """Process 0 finds no tokenizer and trains one; process 1 starts late and finds it already published.
+    Both take barrier("tokenizer"), or process 1's next collective would pair with process 0's barrier."""
+    import jax
+
+    from flax_bert.data import tokenizer_training
+    from flax_bert.run import build
+    from flax_bert.run.config import RunConfig
+    from flax_bert.training import distributed
+    from tests.test_masking import tokenizer_with_added_tokens
+
+    out = tmp_path / "run"
+    run = RunConfig(output_dir=str(out), do_train=True)
+    monkeypatch.setattr(tokenizer_training, "train_tokenizer_from_args",  # what training writes, quickly
+                        lambda *args, output_dir, **kwargs: tokenizer_with_added_tokens(0).save_pretrained(output_dir))
+    barriers = {0: [], 1: []}
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        monkeypatch.setattr(distributed, "barrier", barriers[index].append)
+        tokenizer = build.resolve_tokenizer(run, out)
+        assert len(tokenizer) == 25 and (out / "tokenizer" / "tokenizer_config.json").is_file()
+    assert barriers == {0: ["tokenizer"], 1: ["tokenizer"]}
+
+
 def test_the_heartbeat_timeout_comes_from_the_environment(monkeypatch):
     from flax_bert.training import distributed
     monkeypatch.delenv(distributed.HEARTBEAT_TIMEOUT_VARIABLE, raising=False)

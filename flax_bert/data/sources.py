@@ -139,13 +139,16 @@ def _cleaned_copy_path(path, cache_dir: pathlib.Path) -> pathlib.Path:
 
 
 def _cleaned_copy(path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
-    """A UTF-8-clean copy of a json/csv file (bad bytes dropped), for --skip_invalid_utf8."""
+    """A UTF-8-clean copy of a json/csv file (bad bytes dropped), for --skip_invalid_utf8. It appears whole
+    or not at all (a resumed stream reads it as the data), so one already there is complete and kept."""
     target = _cleaned_copy_path(path, cache_dir)
+    if target.is_file():
+        return target
     raw = storage.read_bytes(path)
     text, skipped = _decode_line(raw, path, 0, skip=True)
     logger.warning("skipped %d invalid UTF-8 bytes in %s (--skip_invalid_utf8)", skipped, path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text, encoding="utf-8")
+    with storage.replaced_atomically(target) as temporary:
+        temporary.write_text(text, encoding="utf-8")
     return target
 
 
@@ -200,10 +203,12 @@ def file_documents(path: str | os.PathLike, args: DataArgs) -> DocumentStream:
         source = path
         if storage.is_url(path) and not args.streaming:  # datasets would download it too; this works offline
             source = storage.local_copy(path, resolve_cache_dir(args) / "downloads")
-        if resumed and args.skip_invalid_utf8 and suffix != ".parquet":  # the copy made when the run started, if any
-            cleaned = _cleaned_copy_path(path, resolve_cache_dir(args))
-            source = cleaned if cleaned.is_file() else source
-        elif suffix != ".parquet" and not resumed:  # a resumed stream's file was checked when the run started
+        cleaned = _cleaned_copy_path(path, resolve_cache_dir(args)) if args.skip_invalid_utf8 else None
+        if suffix != ".parquet" and cleaned is not None and cleaned.is_file():  # whole: written atomically
+            source = cleaned
+        elif suffix != ".parquet" and (not resumed or args.skip_invalid_utf8):
+            # a resumed stream's file was checked when the run started; with --skip_invalid_utf8 a copy
+            # that is missing (never made, or lost to a kill) is made again, not replaced by the raw file
             bad_offset = _check_utf8_stream(source)
             if bad_offset is not None:
                 if not args.skip_invalid_utf8:

@@ -75,6 +75,7 @@ def resolve_model_folder(path: str | os.PathLike, token: str | None = None, cach
 def _read_weight_files(folder: pathlib.Path) -> dict[str, np.ndarray]:
     """Tensors by Hugging Face name, as numpy arrays, from the best weight file present."""
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy: how safetensors.numpy reads BF16 without torch)
         from safetensors.numpy import load_file
 
         return {k: v for f in _shards(folder, "model.safetensors") for k, v in load_file(f).items()}

@@ -56,24 +56,34 @@ def resolve_tokenizer(run: RunConfig, output_dir, start_dir=None):
         except (OSError, ValueError) as err:
             raise InputError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}): "
                              "pass --tokenizer_name with a local tokenizer folder") from None
-    for run_tokenizer in [storage.join(output_dir, "tokenizer")] + ([storage.join(start_dir, "tokenizer")] if start_dir else []):
-        if storage.isfile(storage.join(run_tokenizer, "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(str(storage.fetch_folder(run_tokenizer)))
     run_tokenizer = storage.join(output_dir, "tokenizer")
-    if not run.do_train:
+    candidates = [run_tokenizer] + ([storage.join(start_dir, "tokenizer")] if start_dir else [])
+
+    def published():  # tokenizer_config.json, which says "the tokenizer is here", is written last
+        return next((c for c in candidates if storage.isfile(storage.join(c, "tokenizer_config.json"))), None)
+
+    found = published()
+    if found is None and not run.do_train:
         raise InputFileNotFoundError(f"no tokenizer to evaluate with: {run_tokenizer} does not exist; pass --tokenizer_name")
+    if run.do_train:
+        # Process 0 trains one when it finds none, and every process takes this barrier whatever it found:
+        # one that skipped it (having seen process 0's tokenizer appear) would pair its next collective with it.
+        if found is None and jax.process_index() == 0:
+            _train_run_tokenizer(run, run_tokenizer)
+        distributed.barrier("tokenizer")
+        found = found or published() or run_tokenizer  # none visible here: the load below says so
+    return AutoTokenizer.from_pretrained(str(storage.fetch_folder(found)))
+
+
+def _train_run_tokenizer(run: RunConfig, run_tokenizer) -> None:
     from flax_bert.data.tokenizer_training import train_tokenizer_from_args
 
     kind = family(run.model_type or "roberta").tokenizer_kind
     log.info("no --tokenizer_name: training a %d-token %s tokenizer on the training data", run.tokenizer_vocab_size, kind)
-    if jax.process_index() == 0:
-        stage = storage.local_stage(run_tokenizer)  # the folder itself, or a local one uploaded to the URL
-        train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,
-                                  output_dir=stage, model_max_length=run.max_seq_length or 512)
-        # tokenizer_config.json, which says "the tokenizer is here", goes last
-        storage.publish(stage, run_tokenizer, last=("tokenizer_config.json",))
-    distributed.barrier("tokenizer")
-    return AutoTokenizer.from_pretrained(str(storage.fetch_folder(run_tokenizer)))
+    stage = storage.local_stage(run_tokenizer)  # the folder itself, or a local one uploaded to the URL
+    train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,
+                              output_dir=stage, model_max_length=run.max_seq_length or 512)
+    storage.publish(stage, run_tokenizer, last=("tokenizer_config.json",))
 
 
 def resolve_model_config(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint | None = None) -> ModelConfig:

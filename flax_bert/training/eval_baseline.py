@@ -9,11 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from flax_bert.training import distributed
+
+
 def _token_counts(rows, vocab_size: int, special_ids) -> np.ndarray | None:
     """Counts of every token id over the cached rows of `rows`, all processes' shards together (a collective;
-    None for streamed data)."""
+    None for streamed data). A process that holds no shard (few documents, many hosts) still takes part
+    with zeros: whether to gather depends only on the kind of rows, the same on every process."""
     shards = getattr(rows, "shards", None)
-    if not shards:
+    if shards is None:
         return None
     counts = np.zeros(vocab_size, np.int64)
     for shard in shards.values():

@@ -8,8 +8,8 @@ nor on whether the run was resumed.
 Selection follows the BERT reference (``create_pretraining_data.py``): exactly
 ``round(mlm_probability * n)`` units per row (at least one when the row has any), where a unit is
 a maskable token, or with whole-word masking a maskable word, chosen uniformly without
-replacement. Of the selected units 80% become the mask token, 10% a random non-special token,
-10% stay unchanged. The selected token positions are gathered into a fixed budget of
+replacement. Of the selected units 80% become the mask token, 10% a random token of the ordinary
+vocabulary (neither special nor added, such as ModernBERT's ``[unused*]``), 10% stay unchanged. The selected token positions are gathered into a fixed budget of
 ``num_slots`` prediction slots so the vocabulary head only runs on them (static shapes).
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _mask_row(
     word_starts_L,
     *,
     special_ids,
-    sorted_specials,
+    sorted_not_drawn,
     mask_token_id,
     random_vocab_size,
     mlm_probability,
@@ -148,7 +148,7 @@ def _mask_row(
     decision_L = word_decision_W[word_id_L]
     to_mask_L = selected_L & (decision_L < MASK_FRACTION)
     to_random_L = selected_L & (decision_L >= MASK_FRACTION) & (decision_L < MASK_FRACTION + RANDOM_FRACTION)
-    random_ids_L = _random_non_special(random_key, (seq_len,), random_vocab_size, sorted_specials)
+    random_ids_L = _random_non_special(random_key, (seq_len,), random_vocab_size, sorted_not_drawn)
     corrupted_L = jnp.where(to_mask_L, jnp.asarray(mask_token_id, ids_L.dtype), ids_L)
     corrupted_L = jnp.where(to_random_L, random_ids_L.astype(ids_L.dtype), corrupted_L)
 
@@ -195,6 +195,7 @@ def mask_tokens(
     example_offset=0,
     word_starts_BxL: jax.Array | None = None,
     whole_word_masking: bool = False,
+    never_drawn_ids: tuple[int, ...] = (),
 ) -> MaskedBatch:
     """Dynamically mask a batch; see the module docstring for the scheme.
 
@@ -202,13 +203,15 @@ def mask_tokens(
     example_offset: global index of row 0, so any slice of the global batch masks exactly as it
     would inside the whole batch (may be traced). special_ids: never selected nor drawn as random
     replacements; must include the pad id. random_vocab_size: replacements are drawn from
-    [0, random_vocab_size) minus special_ids. num_slots: static slot budget, see
+    [0, random_vocab_size) minus special_ids and never_drawn_ids (tokens that may be masked but are not
+    ordinary vocabulary: a tokenizer's added tokens). num_slots: static slot budget, see
     ``num_prediction_slots``.
     """
     special_ids = tuple(int(s) for s in special_ids)
     if not special_ids:
         raise ValueError("special_ids is empty; pass at least the pad id (tokenizer.all_special_ids)")
-    sorted_specials = _check_args(special_ids, mask_token_id, random_vocab_size, mlm_probability, num_slots)
+    sorted_not_drawn = _check_args(special_ids + tuple(int(i) for i in never_drawn_ids), mask_token_id,
+                                   random_vocab_size, mlm_probability, num_slots)
     if input_ids_BxL.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids_BxL.shape}")
     batch, seq_len = input_ids_BxL.shape
@@ -231,7 +234,7 @@ def mask_tokens(
         ids,
         starts,
         special_ids=special_ids,
-        sorted_specials=sorted_specials,
+        sorted_not_drawn=sorted_not_drawn,
         mask_token_id=mask_token_id,
         random_vocab_size=random_vocab_size,
         mlm_probability=mlm_probability,

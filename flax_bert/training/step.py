@@ -46,6 +46,7 @@ class MaskingConfig:
     mlm_probability: float = 0.15
     max_seq_length: int = 128
     whole_word_masking: bool = False
+    never_drawn_ids: tuple[int, ...] = ()  # nor these: added tokens, which are not ordinary vocabulary
 
     @property
     def num_slots(self) -> int:
@@ -55,8 +56,11 @@ class MaskingConfig:
     def from_tokenizer(cls, tokenizer, **kwargs) -> "MaskingConfig":
         if tokenizer.mask_token_id is None:
             raise InputError("the tokenizer has no mask token; masked-LM pretraining needs one")
-        return cls(special_ids=tuple(sorted(set(tokenizer.all_special_ids))), mask_token_id=tokenizer.mask_token_id,
-                   random_vocab_size=len(tokenizer), **kwargs)
+        special_ids = tuple(sorted(set(tokenizer.all_special_ids)))
+        # added tokens (ModernBERT's [unused*], placeholders) are no ordinary vocabulary: never a random replacement
+        added = tuple(sorted(set(getattr(tokenizer, "added_tokens_decoder", {})) - set(special_ids)))
+        return cls(special_ids=special_ids, mask_token_id=tokenizer.mask_token_id, random_vocab_size=len(tokenizer),
+                   never_drawn_ids=added, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +136,8 @@ class Trainer:
         return mask_tokens(seed_key, step, batch["input_ids"], special_ids=m.special_ids,
                            mask_token_id=m.mask_token_id, random_vocab_size=m.random_vocab_size,
                            mlm_probability=m.mlm_probability, num_slots=m.num_slots,
-                           word_starts_BxL=batch.get("word_starts"), whole_word_masking=m.whole_word_masking)
+                           word_starts_BxL=batch.get("word_starts"), whole_word_masking=m.whole_word_masking,
+                           never_drawn_ids=m.never_drawn_ids)
 
     def _loss_sums(self, params, inputs: Batch, masked: MaskedBatch, dropout_key, mlm_count, nsp_count):
         """Sums over the (micro-)batch, pre-divided by the global counts so micro-batch grads add up."""
