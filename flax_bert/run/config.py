@@ -352,3 +352,13 @@ def fresh_model_config(run: RunConfig, vocab_size: int, special_token_ids: dict[
 def runtime_overrides(run: RunConfig) -> dict:
     """How to run any model (fresh or loaded): dtype, scan, remat."""
     return dict(dtype=run.dtype, scan_layers=run.scan_layers, remat_policy=run.remat_policy)
+
+
+DROPOUT_OPTIONS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def model_overrides(run: RunConfig) -> dict:
+    """What the run sets on any model it trains, also one it continues (a checkpoint, --model_name_or_path, an
+    import): how it runs (runtime_overrides) and the dropout rates the command set (unset: the model's own)."""
+    rates = {name: getattr(run, name) for name in DROPOUT_OPTIONS if getattr(run, name) is not None}
+    return {**runtime_overrides(run), **rates}
