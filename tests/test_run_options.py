@@ -221,3 +221,28 @@ def test_the_data_shards_a_message_asks_for_are_accepted_and_a_new_run_records_i
     assert run.data_shards == 16
     decided = decide_data_shards(parse_run_config(["--output_dir", str(tmp_path)]), global_batch=64)
     assert decided.data_shards == 16 and decided.to_dict()["data_shards"] == 16  # recorded with the run's options
+
+
+# ----------------------------------------------------------------------------- 8. the old README's flow
+def test_the_old_readme_flow_config_and_tokenizer_in_the_output_dir_then_overwrite_trains(imported, capsys):
+    """The old README saved a config and a tokenizer into the output dir, then trained there with
+    --overwrite_output_dir: they are the run's inputs, so they survive, and the run trains and exports."""
+    import shutil
+
+    from flax_bert.cli import run_mlm_flax_main
+
+    out = imported / "norwegian-roberta-base"
+    out.mkdir()
+    saved = [p.name for p in (imported / "hf").iterdir() if p.name != "model.safetensors"]
+    for name in saved:
+        shutil.copy(imported / "hf" / name, out / name)
+    code = run_mlm_flax_main(["--output_dir", str(out), "--model_type", "roberta", "--config_name", str(out),
+                              "--tokenizer_name", str(out), "--overwrite_output_dir", "--max_seq_length", "32",
+                              "--max_train_samples", "200", "--max_eval_samples", "20", "--max_steps", "2",
+                              "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1",
+                              "--do_train", "--do_eval", "--progress_bar", "false"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert {"config.json", "tokenizer_config.json", "model.safetensors", "eval_results.json"} <= set(
+        p.name for p in out.iterdir())
+    written = json.loads((out / ".flax-bert-written.json").read_text())["written"]
+    assert "model.safetensors" in written and "checkpoints" in written and "run_config.json" in written
