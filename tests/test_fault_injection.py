@@ -26,7 +26,7 @@ FAST = ["--max_steps", str(STEPS), "--save_steps", "4", "--logging_steps", str(L
 # where each phase starts: (module, dotted name inside it), patched to send SIGTERM on its first call. Training
 # itself is interrupted by the SIGTERM at a random step below.
 PHASES = {
-    "data preparation": ("flax_bert.run.pretrain", "build_datasets"),
+    "data preparation": ("flax_bert.run.build", "build_datasets"),
     "compile": ("flax_bert.run.pretrain", "Run._global"),           # the first batch goes to the first (compiling) step
     "evaluation": ("flax_bert.run.pretrain", "Run.evaluate"),        # the final one: --eval_steps is unset
     "export": ("flax_bert.run.export", "write_model_folder"),
