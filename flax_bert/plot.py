@@ -39,5 +39,9 @@ def plot_run(run_dir: str, output: str | None = None):
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
+    if output is None:
+        from flax_bert.run.start import claim_written
+
+        claim_written(run_dir, "curves.png")
     storage.write_bytes(path, png.getvalue())  # a local path or a URL
     return pathlib.Path(path) if not storage.is_url(path) else path

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from flax_bert.run.checkpoint import claim_written
 from flax_bert.run.checkpoint import (CheckpointMismatchError, Checkpointer, DamagedCheckpointError, OutputDirError,
                                   PreemptionGuard, check_output_dir, resolve_start)
 from flax_bert.models.config import ModelConfig
@@ -296,6 +297,7 @@ def test_check_output_dir(tmp_path, single):
     assert check_output_dir(run, False, RUN_CONFIG) == []
     assert json.loads((run / "run_config.json").read_text()) == RUN_CONFIG
     save_run(single, run, [1])
+    claim_written(run, "metrics.jsonl")  # as a run records each name it writes
     (run / "metrics.jsonl").write_text("{}\n")
 
     check_output_dir(run, False, {**RUN_CONFIG, "max_steps": 20})  # the same run, resumed with more steps

@@ -167,7 +167,9 @@ def test_fill_mask_shows_a_whitespace_token_instead_of_an_empty_string():
 
 
 def test_eval_of_an_exported_folder_scores_what_the_run_scored(trained_run, tmp_path):
-    """`flax-bert eval FOLDER` on an exported model (no checkpoints) evaluates its weights."""
+    """`flax-bert eval FOLDER` on an exported model (no checkpoints) evaluates its weights on what its run
+    evaluated (the export carries the run's evaluation settings: --max_eval_samples, --max_seq_length, the
+    mask rate), at any eval batch size."""
     import shutil
 
     out, _ = trained_run
@@ -177,10 +179,11 @@ def test_eval_of_an_exported_folder_scores_what_the_run_scored(trained_run, tmp_
         if file.is_file() and file.name not in ("eval_results.json", "run_config.json", ".flax-bert-written.json"):
             shutil.copy(file, exported / file.name)
     cache = out.parent / "cache"
-    result = run_cli(["-m", "flax_bert.cli", "eval", str(exported), "--max_seq_length", "64",
-                      "--per_device_eval_batch_size", "32", "--max_eval_samples", "200", "--cache_dir", str(cache),
+    result = run_cli(["-m", "flax_bert.cli", "eval", str(exported), "--per_device_eval_batch_size", "8",
+                      "--cache_dir", str(cache),
                       # the default train batch (8, not the run's 16) must not change the validation rows
                       "--progress_bar", "false"], env=cli_env(FLAX_BERT_CACHE=str(cache)))
+    assert "max_eval_samples 200" in result.stderr, result.stderr[-3000:]
     assert result.returncode == 0, result.stderr[-3000:]
     ours = json.loads((exported / "eval_results.json").read_text())
     trained = json.loads((out / "eval_results.json").read_text())

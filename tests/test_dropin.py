@@ -235,7 +235,8 @@ TINY = ["--model_type", "roberta", "--hidden_size", "32", "--num_hidden_layers",
         "--intermediate_size", "64", "--max_position_embeddings", "66", "--max_seq_length", "64",
         "--tokenizer_vocab_size", "1000", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
         "--learning_rate", "2e-3", "--warmup_steps", "5", "--logging_steps", "5", "--save_steps", "10",
-        "--max_steps", "20", "--max_train_samples", "600", "--max_eval_samples", "100", "--progress_bar", "false"]
+        "--max_steps", "20", "--max_train_samples", "600", "--max_eval_samples", "100", "--progress_bar", "false",
+        "--eval_steps", "6", "--keep_best"]  # evaluations at 6, 12, 18 and the last step, 20; saves at 10 and 20
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +280,45 @@ def test_do_eval_alone_evaluates_the_run_and_changes_nothing_else(trained, works
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads((trained / "eval_results.json").read_text())
     assert again["eval_loss"] == pytest.approx(trained_results["eval_loss"], rel=1e-6)
+
+
+def test_with_keep_best_every_evaluation_is_in_a_checkpoint_and_the_last_step_is_evaluated_once(trained):
+    """--eval_steps 6 --save_steps 10 --keep_best: each evaluation saves its checkpoint with its metrics (else
+    best-N has nothing to keep); the last step is evaluated inside the loop, and --do_eval does not repeat it."""
+    from flax_bert.run.checkpoint_restore import read_json_item
+
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [6, 12, 18, 20]
+    kept = sorted(int(p.name) for p in (trained / "checkpoints").iterdir() if p.name.isdigit())
+    assert {12, 18, 20} <= set(kept), kept  # the last three saves (6, 10, 12, 18, 20) and the best
+    for step in (12, 18, 20):
+        metrics = read_json_item(str(trained / "checkpoints" / str(step) / "meta"))["metrics"]
+        assert metrics and metrics["eval_loss"] > 0, (step, metrics)
+    best = min((r["eval_loss"], r["step"]) for r in records if "eval_loss" in r)[1]
+    assert best in kept
+    final = json.loads((trained / "eval_results.json").read_text())
+    assert final["eval_loss"] == [r for r in records if "eval_loss" in r][-1]["eval_loss"]
+
+
+def test_eval_is_the_same_at_any_eval_batch_size_and_device_count(trained, workspace):
+    """Each eval mask is keyed by its row's place in the validation set: `flax-bert eval RUN` gives one figure
+    at --per_device_eval_batch_size 8, 16 (the run's) and 32, on one device or two."""
+    root, env = workspace
+    original = (trained / "eval_results.json").read_text()
+    scores = {}
+    try:
+        for batch, devices in ((8, 1), (32, 1), (8, 2)):
+            run_env = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            result = run_cli(["-m", "flax_bert.cli", "eval", "run", "--per_device_eval_batch_size", str(batch)],
+                             env=run_env, cwd=root)
+            assert result.returncode == 0, result.stderr[-3000:]
+            scores[batch, devices] = json.loads((trained / "eval_results.json").read_text())
+    finally:
+        (trained / "eval_results.json").write_text(original)
+    trained_results = json.loads(original)
+    for key, results in scores.items():
+        for name in ("eval_loss", "eval_accuracy"):
+            assert results[name] == pytest.approx(trained_results[name], rel=1e-5), (key, name, results[name])
 
 
 def test_import_then_the_printed_command_continues_the_run(trained, workspace):
@@ -339,13 +379,13 @@ def test_our_eval_of_one_example_per_line_equals_pytorch_on_the_same_masks(train
                              process_count=1, splits=("validation",))
     masking = MaskingConfig.from_tokenizer(roberta_tokenizer, mlm_probability=0.15, max_seq_length=64)
     model = transformers.AutoModelForMaskedLM.from_pretrained(str(trained)).eval()
-    mask = jax.jit(lambda index, ids: mask_tokens(
-        jax.random.key(StepConfig(masking=masking).eval_seed), index, ids, special_ids=masking.special_ids,
-        mask_token_id=masking.mask_token_id, random_vocab_size=masking.random_vocab_size, mlm_probability=0.15,
-        num_slots=masking.num_slots))
+    mask = jax.jit(lambda row_ids, ids: mask_tokens(
+        jax.random.key(StepConfig(masking=masking).eval_seed), 0, ids, example_index_B=row_ids,
+        special_ids=masking.special_ids, mask_token_id=masking.mask_token_id,
+        random_vocab_size=masking.random_vocab_size, mlm_probability=0.15, num_slots=masking.num_slots))
     losses = []
-    for index, batch in enumerate(rows.eval_batches(4)):
-        masked = mask(index, batch["input_ids"])
+    for batch in rows.eval_batches(4):
+        masked = mask(batch["row_ids"], batch["input_ids"])
         corrupted, positions = np.asarray(masked.input_ids), np.asarray(masked.positions)
         labels, weights = np.asarray(masked.labels), np.asarray(masked.weights)
         for row in range(len(corrupted)):

@@ -219,12 +219,13 @@ def test_where_checkpoints_go_and_url_errors(tmp_path):
 
 
 def test_output_dir_guard_on_memory(memory_root):
-    from flax_bert.run.start import WRITTEN_RECORD, OutputDirError, check_output_dir
+    from flax_bert.run.start import WRITTEN_RECORD, OutputDirError, check_output_dir, claim_written
 
     run = storage.join(memory_root, "run")
     check_output_dir(run, False, {"seed": 1, "model_type": "roberta"})
     assert json.loads(storage.read_text(storage.join(run, "run_config.json")))["seed"] == 1
     assert "run_config.json" in json.loads(storage.read_text(storage.join(run, WRITTEN_RECORD)))["written"]
+    claim_written(run, "metrics.jsonl")  # as a run records each name it writes
     storage.write_text(storage.join(run, "metrics.jsonl"), "{}\n")
     storage.write_text(storage.join(run, "notes.txt"), "mine")
     with pytest.raises(OutputDirError, match="holds a different run .*seed"):

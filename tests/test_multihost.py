@@ -212,7 +212,8 @@ def test_fsdp_across_two_processes_exports_like_one_process(work, reference_runs
 
 def test_two_processes_evaluate_every_row_once_like_one(work, reference_runs):
     """Each process evaluates the rows of its own shards; one that runs out first contributes empty rows
-    while the other goes on. The masks follow the batch layout, so the numbers agree closely, not exactly."""
+    while the other goes on. Each mask is keyed by its row's place in the validation set, so the numbers agree
+    to float rounding."""
     from transformers import AutoTokenizer
 
     from flax_bert.data.pipeline import DataArgs, build_datasets
@@ -227,8 +228,8 @@ def test_two_processes_evaluate_every_row_once_like_one(work, reference_runs):
     assert local_batches[0] != local_batches[1], local_batches  # the case where one process waits on the other
     one, two = (json.loads((run.out / "eval_results.json").read_text()) for run in reference_runs)
     assert one["eval_loss"] > 0 and two["eval_loss"] > 0
-    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=0.05)
-    np.testing.assert_allclose(two["eval_accuracy"], one["eval_accuracy"], atol=0.05)
+    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=1e-4)
+    np.testing.assert_allclose(two["eval_accuracy"], one["eval_accuracy"], rtol=1e-4)
     # the baseline counts every process's shards: the same data, the same number
     assert two["unigram_baseline_accuracy"] == pytest.approx(one["unigram_baseline_accuracy"], rel=1e-12)
 

@@ -11,6 +11,7 @@ import pytest
 
 from flax_bert.run.checkpoint import (CheckpointMismatchError, Checkpointer, DamagedCheckpointError, OutputDirError,
                                   check_output_dir, resolve_start)
+from flax_bert.run.checkpoint import claim_written
 from flax_bert.training.optim import make_optimizer
 from flax_bert.training.step import StepConfig, Trainer
 from tests.test_checkpoint import MASKING, RUN_CONFIG, _truncate_biggest_array_file, make_trainer, save_run, target
@@ -116,6 +117,7 @@ def test_overwrite_removes_only_what_flax_bert_wrote(tmp_path, single):
     run = tmp_path / "run"
     check_output_dir(run, False, RUN_CONFIG)
     save_run(single, run, [1])
+    claim_written(run, "metrics.jsonl")  # as a run records each name it writes
     (run / "metrics.jsonl").write_text("{}\n")
     (run / "notes.txt").write_text("mine\n")
     deleted = check_output_dir(run, True, {**RUN_CONFIG, "seed": 1})
@@ -132,21 +134,49 @@ def test_overwrite_removes_only_what_flax_bert_wrote(tmp_path, single):
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
-@pytest.mark.parametrize("option", ["model_name_or_path", "tokenizer_name", "train_file"])
-def test_overwrite_refuses_an_output_dir_holding_the_runs_inputs(tmp_path, option, capsys):
-    from flax_bert.cli import run_mlm_flax_main
+def test_overwrite_deletes_only_names_a_run_wrote_not_those_it_might_write(tmp_path):
+    """The record lists a name once it is written: a user's own vocab.txt (a name an export may write) that
+    appears in a run directory is never deleted by --overwrite_output_dir."""
+    import json
 
+    run = tmp_path / "run"
+    check_output_dir(run, False, RUN_CONFIG)
+    written = json.loads((run / ".flax-bert-written.json").read_text())["written"]
+    assert sorted(written) == [".flax-bert-written.json", "run_config.json"]  # nothing claimed ahead of writing
+    (run / "vocab.txt").write_text("mine\n")
+    try:
+        check_output_dir(run, True, {**RUN_CONFIG, "seed": 1})
+    except OutputDirError as refusal:  # it would write over it at the export: refused, nothing deleted
+        assert "vocab.txt that flax-bert did not write" in str(refusal)
+    assert (run / "vocab.txt").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("option", ["model_name_or_path", "config_name", "tokenizer_name", "train_file",
+                                    "resume_from_checkpoint"])
+def test_overwrite_keeps_the_runs_inputs_inside_the_output_dir(tmp_path, option, single):
+    """The old README saved the config and tokenizer into the output dir, then ran with --overwrite_output_dir:
+    what the run reads survives the overwrite (and the run goes on); what an earlier run wrote is deleted."""
     out = tmp_path / "m"
-    out.mkdir()
-    (out / "config.json").write_text("{}")
+    check_output_dir(out, False, RUN_CONFIG)  # an earlier run's directory: its record, options, metrics
+    claim_written(out, "metrics.jsonl")
+    (out / "metrics.jsonl").write_text("{}\n")
+    save_run(single, out, [1])
+    model_files = {"config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+    if option in ("model_name_or_path", "config_name", "tokenizer_name"):
+        for name in model_files:
+            (out / name).write_text(name)  # saved there by the user (the old README's flow)
     (out / "train.txt").write_text("text\n")
-    value = {"train_file": str(out / "train.txt")}.get(option, str(out))
-    before = {p: p.read_bytes() for p in out.rglob("*")}
-    code = run_mlm_flax_main([f"--{option}", value, "--output_dir", str(out), "--overwrite_output_dir",
-                              "--max_steps", "1"])
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and error.startswith("error: ") and f"--{option}" in error, error
-    assert {p: p.read_bytes() for p in out.rglob("*")} == before
+    value = {"train_file": str(out / "train.txt"), "resume_from_checkpoint": str(out / "checkpoints" / "1")
+             }.get(option, str(out))
+    deleted = check_output_dir(out, True, {**RUN_CONFIG, option: value})
+    assert "metrics.jsonl" in deleted and "run_config.json" in deleted
+    assert (out / "train.txt").read_text() == "text\n"  # not flax-bert's: never deleted
+    if option == "resume_from_checkpoint":
+        assert (out / "checkpoints" / "1").is_dir() and "checkpoints" not in deleted
+    else:
+        assert "checkpoints" in deleted
+    if option in ("model_name_or_path", "config_name", "tokenizer_name"):
+        assert all((out / name).read_text() == name for name in model_files)
 
 
 # ----------------------------------------------------------------------------- one-line errors

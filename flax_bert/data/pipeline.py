@@ -124,21 +124,27 @@ class ShardedRows:
 
     def eval_batches(self, global_batch_size: int):
         """Every row of this process's shards once, in order, in local batches of global_batch_size / P rows;
-        only the last one is filled up with empty rows. Processes may yield different counts: see ``empty_batch``."""
+        only the last one is filled up with empty rows. Processes may yield different counts: see ``empty_batch``.
+        ``row_ids`` [B] names each row by its place in the split (shard s, row r: s + S * r; -1 for an empty
+        row), the same for any batch size and process count: evaluation keys each row's mask by it."""
         local = global_batch_size // self.process_count
         order = sorted(self.shards)
         shard_of_row = np.repeat(order, [len(self.shards[s]) for s in order])
         row_in_shard = np.concatenate([np.arange(len(self.shards[s])) for s in order] or [np.zeros(0, np.int64)])
         for start in range(0, len(shard_of_row), local):
             shards, rows = shard_of_row[start : start + local], row_in_shard[start : start + local]
-            parts = [self.shards[s].gather(rows[shards == s]) for s in np.unique(shards)]
+            parts = [{**self.shards[s].gather(rows[shards == s]),
+                      "row_ids": (s + self.num_shards * rows[shards == s]).astype(np.int32)} for s in np.unique(shards)]
             if len(rows) < local:
-                parts.append(empty_rows(local - len(rows), self.max_seq_length, self.pad_id, self.nsp))
+                parts.append(self._empty(local - len(rows)))
             yield {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def empty_batch(self, global_batch_size: int) -> dict[str, np.ndarray]:
         """A local batch of empty rows, for a process that has run out while others evaluate on."""
-        return empty_rows(global_batch_size // self.process_count, self.max_seq_length, self.pad_id, self.nsp)
+        return self._empty(global_batch_size // self.process_count)
+
+    def _empty(self, count: int) -> dict[str, np.ndarray]:
+        return {**empty_rows(count, self.max_seq_length, self.pad_id, self.nsp), "row_ids": np.full(count, -1, np.int32)}
 
 
 class StreamingRows:
@@ -156,10 +162,19 @@ class StreamingRows:
         return StreamingBatchIterator(self, global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
 
     def eval_batches(self, global_batch_size: int):
-        return self.iterator(global_batch_size, shuffle=False, num_epochs=1)
+        """One pass in stream order; ``row_ids`` number the rows as they come (row k of process p: p + P * k)."""
+        seen = 0
+        for batch in self.iterator(global_batch_size, shuffle=False, num_epochs=1):
+            count = len(batch["input_ids"])
+            ids = self.process_index + self.process_count * np.arange(seen, seen + count)
+            seen += count
+            real = np.any(batch["segment_ids"] > 0, axis=-1)
+            yield {**batch, "row_ids": np.where(real, ids, -1).astype(np.int32)}
 
     def empty_batch(self, global_batch_size: int) -> dict[str, np.ndarray]:
-        return empty_rows(global_batch_size // self.process_count, self.args.max_seq_length, self.info.pad_id, False)
+        count = global_batch_size // self.process_count
+        return {**empty_rows(count, self.args.max_seq_length, self.info.pad_id, False),
+                "row_ids": np.full(count, -1, np.int32)}
 
 
 def check_tokenizer_fits(tokenizer, model_vocab_size: int, max_position_embeddings: int, max_seq_length: int,

@@ -19,7 +19,7 @@ from flax_bert.data.pipeline import (DataArgs, StreamingRows, build_datasets, ch
                             resolve_data_shards, validation_shards)
 from flax_bert.models import family
 from flax_bert.training.optim import make_optimizer
-from flax_bert.run.config import RunConfig, fresh_model_config, runtime_overrides
+from flax_bert.run.config import RunConfig, fresh_model_config, model_overrides
 from flax_bert.training.sharding import make_mesh
 from flax_bert.training.step import MaskingConfig, StepConfig, Trainer
 
@@ -69,17 +69,18 @@ def resolve_tokenizer(run: RunConfig, output_dir, start_dir=None):
         # Process 0 trains one when it finds none, and every process takes this barrier whatever it found:
         # one that skipped it (having seen process 0's tokenizer appear) would pair its next collective with it.
         if found is None and jax.process_index() == 0:
-            _train_run_tokenizer(run, run_tokenizer)
+            _train_run_tokenizer(run, output_dir, run_tokenizer)
         distributed.barrier("tokenizer")
         found = found or published() or run_tokenizer  # none visible here: the load below says so
     return AutoTokenizer.from_pretrained(str(storage.fetch_folder(found)))
 
 
-def _train_run_tokenizer(run: RunConfig, run_tokenizer) -> None:
+def _train_run_tokenizer(run: RunConfig, output_dir, run_tokenizer) -> None:
     from flax_bert.data.tokenizer_training import train_tokenizer_from_args
 
     kind = family(run.model_type or "roberta").tokenizer_kind
     log.info("no --tokenizer_name: training a %d-token %s tokenizer on the training data", run.tokenizer_vocab_size, kind)
+    ckpt_lib.claim_written(output_dir, "tokenizer")
     stage = storage.local_stage(run_tokenizer)  # the folder itself, or a local one uploaded to the URL
     train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,
                               output_dir=stage, model_max_length=run.max_seq_length or 512)
@@ -87,24 +88,31 @@ def _train_run_tokenizer(run: RunConfig, run_tokenizer) -> None:
 
 
 def resolve_model_config(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint | None = None) -> ModelConfig:
-    """The checkpoint's own model when continuing one; else --model_name_or_path / --config_name; else fresh."""
+    """The checkpoint's own model when continuing one; else --model_name_or_path / --config_name; else fresh.
+    A continued model takes the run's dtype, scan, remat and dropout rates (model_overrides)."""
     if start is not None and start.kind == "checkpoint":
         from flax_bert.run.options import bundle_config
 
         stored = (bundle_config(start.path) or {}).get("model")
         if stored:
-            return ModelConfig.from_hf_dict(stored, **runtime_overrides(run))
+            return _log_continued(ModelConfig.from_hf_dict(stored, **model_overrides(run)), "the checkpoint's")
     if run.model_name_or_path or run.config_name:
         from flax_bert.models.convert import resolve_model_folder
 
         folder = resolve_model_folder(run.model_name_or_path or run.config_name, **hub_options(run))
-        return ModelConfig.from_pretrained(folder, **runtime_overrides(run))
+        return _log_continued(ModelConfig.from_pretrained(folder, **model_overrides(run)), f"{folder}'s")
     ids = tokenizer_special_ids(tokenizer)
     cfg = fresh_model_config(run, len(tokenizer), ids)
     log.info("fresh %s model: %d layers, hidden %d, intermediate %d, dropout %g / attention dropout %g; special "
              "token ids from the tokenizer (%s)", cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size,
              cfg.intermediate_size, cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob,
              ", ".join(f"{k}={v}" for k, v in ids.items() if k in family(cfg.model_type).hf_fields))
+    return cfg
+
+
+def _log_continued(cfg: ModelConfig, whose: str) -> ModelConfig:
+    log.info("%s %s model: dropout %g / attention dropout %g", whose, cfg.model_type, cfg.hidden_dropout_prob,
+             cfg.attention_probs_dropout_prob)
     return cfg
 
 
@@ -145,7 +153,9 @@ def start_processes(run: RunConfig):
 
 
 def claim_output_dir(run: RunConfig, output_dir) -> ckpt_lib.StartPoint:
-    """Where the run starts (resolve_start's order), and the output directory checked to be this run's own."""
+    """Where the run starts (resolve_start's order), and the output directory checked to be this run's own. The
+    run's options are recorded later (record_options), once its inputs have opened: a start that fails on a
+    misspelt file leaves nothing that would refuse the corrected command."""
     start = ckpt_lib.resolve_start(run.output_dir, run.resume_from_checkpoint, run.model_name_or_path,
                                    overwrite_output_dir=run.overwrite_output_dir)
     if not run.do_train and start.kind == "fresh":
@@ -153,7 +163,7 @@ def claim_output_dir(run: RunConfig, output_dir) -> ckpt_lib.StartPoint:
                                      "--output_dir, --resume_from_checkpoint or --model_name_or_path")
     if jax.process_index() == 0 and run.do_train:  # evaluating alone writes nothing but eval_results.json
         ckpt_lib.check_output_dir(run.output_dir, run.overwrite_output_dir, run.to_dict(),
-                                  resuming=start.kind == "checkpoint")
+                                  resuming=start.kind == "checkpoint", record=False)
     distributed.barrier("output_dir")
     storage.makedirs(output_dir)
     for name in ("train_ref_file", "validation_ref_file"):
@@ -162,7 +172,7 @@ def claim_output_dir(run: RunConfig, output_dir) -> ckpt_lib.StartPoint:
     return start
 
 
-def decide_model(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint, output_dir) -> tuple[RunConfig, ModelConfig]:
+def decide_model(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint) -> tuple[RunConfig, ModelConfig]:
     """The model config, and the run's defaults that needed the tokenizer or the model (recorded as decided)."""
     model_config = resolve_model_config(run, tokenizer, start)
     unset = {}
@@ -174,17 +184,30 @@ def decide_model(run: RunConfig, tokenizer, start: ckpt_lib.StartPoint, output_d
                  "the model's" if start.kind != "fresh" or run.config_name else "a fresh model's default")
     if unset:
         run = dataclasses.replace(run, **unset)
-        if jax.process_index() == 0 and run.do_train:
-            ckpt_lib.record_run_config(output_dir, run.to_dict())  # with the defaults now decided
     check_tokenizer_fits(tokenizer, model_config.vocab_size, model_config.max_position_embeddings,
                          run.max_seq_length, model_config.model_type, model_config.pad_token_id)
     return run, model_config
 
 
+def decide_data_shards(run: RunConfig, global_batch: int) -> RunConfig:
+    """The run with its logical shards of training data decided (recorded, so that a continuing run keeps them).
+    Evaluating alone reads no training data: the training batch it inherits does not constrain anything."""
+    if not run.do_train or run.streaming:
+        return run
+    return dataclasses.replace(run, data_shards=resolve_data_shards(run.data_shards, jax.process_count(), global_batch))
+
+
+def record_options(run: RunConfig, output_dir) -> None:
+    """OUTPUT_DIR/run_config.json with the defaults decided, once the inputs have opened (process 0, training)."""
+    if jax.process_index() == 0 and run.do_train:
+        ckpt_lib.record_run_config(output_dir, run.to_dict())
+
+
 def build_data(run: RunConfig, tokenizer, global_batch: int):
     """(training rows or None, validation rows or None): tokenized, packed and split into logical shards."""
     data_args = data_args_from_run(run)
-    data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), global_batch)
+    requested = run.data_shards if run.do_train else None
+    data_args.data_shards = resolve_data_shards(requested, jax.process_count(), global_batch)
     if not run.streaming and run.do_train:
         log.info("training data in %d logical shards, %d per process (pass --data_shards %d to keep the same "
                  "batches with another number of processes)", data_args.data_shards,

@@ -36,11 +36,11 @@ from flax_bert.training.preemption import AnyProcess, PreemptionGuard, barrier
 from flax_bert.run.layout import (CHECKPOINTS, DAMAGED, OWNED_ENTRIES, RUN_CONFIG_FILE, SUPERSEDED, complete_steps,
                                   locate_checkpoints, orbax_path)
 from flax_bert.run.start import (RUN_IDENTITY_KEYS, DamagedCheckpointError, OutputDirError, StartPoint,
-                                 check_output_dir, jsonable, record_run_config, resolve_start)
+                                 check_output_dir, claim_written, jsonable, record_run_config, resolve_start)
 
 __all__ = ["CHECKPOINTS", "DAMAGED", "ITEMS", "OWNED_ENTRIES", "RUN_CONFIG_FILE", "RUN_IDENTITY_KEYS", "SUPERSEDED",
            "CheckpointMismatchError", "Checkpointer", "DamagedCheckpointError", "OutputDirError", "PreemptionGuard",
-           "Restored", "StartPoint", "check_output_dir", "complete_steps", "locate_checkpoints", "record_run_config",
+           "Restored", "StartPoint", "check_output_dir", "claim_written", "complete_steps", "locate_checkpoints", "record_run_config",
            "resolve_start"]
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class Checkpointer:
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         else:
+            if jax.process_index() == 0:  # a run's output_dir records the checkpoints folder as written
+                claim_written(str(self.directory.parent), self.directory.name)
             keep = [policies.LatestN(n=save_total_limit)]
             if keep_best:  # lowest eval_loss among the checkpoints saved with eval metrics
                 keep.append(policies.BestN(get_metric_fn=_eval_loss, reverse=True, n=1,

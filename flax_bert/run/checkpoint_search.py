@@ -78,6 +78,9 @@ def move_aside(directory: epath.Path, step: int, folder: str, why: str) -> None:
     source = directory / str(step)
     target = directory.parent / folder / str(step)
     if jax.process_index() == 0 and source.exists():
+        from flax_bert.run.start import claim_written
+
+        claim_written(str(directory.parent), folder)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             target = target.parent / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"

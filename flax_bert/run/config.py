@@ -49,9 +49,9 @@ class RunConfig:
     max_position_embeddings: int | None = _field(None, "fresh model: position table size (default 514 RoBERTa, 512 BERT, "
                                                  "8192 ModernBERT)")
     hidden_dropout_prob: float | None = _field(None, "dropout on hidden states (default 0.1 BERT/RoBERTa; 0 ModernBERT, "
-                                               "its MLP dropout)")
+                                               "its MLP dropout); set, it applies to a continued or loaded model too")
     attention_probs_dropout_prob: float | None = _field(None, "dropout on attention probabilities (default 0.1 BERT/RoBERTa; "
-                                                        "0 ModernBERT)")
+                                                        "0 ModernBERT); set, it applies to a continued or loaded model too")
     local_attention: int | None = _field(None, "fresh ModernBERT: sliding-window width in tokens, half on each side (default 128)")
     global_attn_every_n_layers: int | None = _field(None, "fresh ModernBERT: layers 0, n, 2n... attend globally, the others "
                                                     "in the window (default 3)")
@@ -123,12 +123,14 @@ class RunConfig:
     num_train_epochs: float = _field(3.0, "epochs (ignored when --max_steps > 0)")
     max_steps: int = _field(-1, "total optimizer steps; overrides num_train_epochs when > 0")
     logging_steps: int = _field(500, "log metrics every N steps")
-    eval_steps: int | None = _field(None, "evaluate every N steps while training (unset: none; --do_eval evaluates at the end)")
+    eval_steps: int | None = _field(None, "evaluate every N steps and at the last step while training (unset: none; "
+                                    "--do_eval evaluates at the end)")
     save_steps: int = _field(500, "checkpoint every N steps (0: only at the end)")
     save_minutes: float | None = _field(None, "also checkpoint every N minutes")
     save_total_limit: int = _field(3, "keep the last N checkpoints")
-    keep_best: bool = _field(False, "also keep the checkpoint with the best eval loss")
-    resume_from_checkpoint: str | None = _field(None, "a run directory or checkpoint to resume from")
+    keep_best: bool = _field(False, "also keep the checkpoint with the best eval loss (every evaluation then saves one)")
+    resume_from_checkpoint: str | None = _field(None, "a run directory or checkpoint to resume from (the output_dir's own "
+                                                "checkpoints come first; an earlier step of them is refused)")
     seed: int = _field(42, "seed for initialization, data order, masks and dropout")
     mesh: str = _field("data=-1,fsdp=1,tensor=1", "device mesh, e.g. data=-1 or data=2,fsdp=4,tensor=1")
     progress_bar: bool = _field(True, "show a progress bar")
@@ -423,3 +425,13 @@ def fresh_model_config(run: RunConfig, vocab_size: int, special_token_ids: dict[
 def runtime_overrides(run: RunConfig) -> dict:
     """How to run any model (fresh or loaded): dtype, scan, remat."""
     return dict(dtype=run.dtype, scan_layers=run.scan_layers, remat_policy=run.remat_policy)
+
+
+DROPOUT_OPTIONS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def model_overrides(run: RunConfig) -> dict:
+    """What the run sets on any model it trains, also one it continues (a checkpoint, --model_name_or_path, an
+    import): how it runs (runtime_overrides) and the dropout rates the command set (unset: the model's own)."""
+    rates = {name: getattr(run, name) for name in DROPOUT_OPTIONS if getattr(run, name) is not None}
+    return {**runtime_overrides(run), **rates}

@@ -49,7 +49,8 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw", max_grad_norm:
     import jax
     from transformers import AutoTokenizer
 
-    from flax_bert.run.checkpoint import Checkpointer, check_output_dir
+    from flax_bert.run.checkpoint import Checkpointer, check_output_dir, claim_written
+    from flax_bert.run.options import IMPORTED
     from flax_bert.models.convert import architecture_of, load_hf
     from flax_bert.training.optim import make_optimizer
     from flax_bert.run.config import RunConfig
@@ -66,6 +67,7 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw", max_grad_norm:
                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                     intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings)
     check_output_dir(run_dir, False, run.to_dict(), record=False)  # the train run records its own settings
+    claim_written(run_dir, "tokenizer")
     stage = storage.local_stage(storage.join(run_dir, "tokenizer"))  # a URL: saved locally, then uploaded
     tokenizer.save_pretrained(str(stage))
     storage.publish(stage, storage.join(run_dir, "tokenizer"), last=("tokenizer_config.json",))
@@ -77,6 +79,8 @@ def import_hf_model(hf_folder, run_dir, optimizer: str = "adamw", max_grad_norm:
                       make_mesh("data=1", jax.devices()[:1]), schedule)
     state = trainer.init_state(params=nnx.state(model, nnx.Param).to_pure_dict())
     with Checkpointer(storage.absolute(run_dir), save_steps=0) as checkpoints:
-        checkpoints.save(0, state, {}, {"run": run.to_dict(), "model": cfg.to_hf_dict(architecture)}, force=True)
+        # only what the import decides: its first training run decides the data, rows and masks
+        decided = {name: value for name, value in run.to_dict().items() if name in IMPORTED}
+        checkpoints.save(0, state, {}, {"run": decided, "model": cfg.to_hf_dict(architecture)}, force=True)
         checkpoints.wait()
     return storage.join(str(checkpoints.directory), "0")

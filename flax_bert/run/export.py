@@ -1,6 +1,7 @@
 """From a run to a Hugging Face folder (config, safetensors, tokenizer, model card) and the Hub."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -8,6 +9,9 @@ import shutil
 
 from flax_bert import storage
 from flax_bert.errors import InputError, InputFileExistsError
+from flax_bert.run.layout import EVALUATION_FILE
+from flax_bert.run.options import evaluation_settings
+from flax_bert.run.start import claim_written
 
 log = logging.getLogger("flax_bert")
 
@@ -80,13 +84,18 @@ def write_model_folder(model, folder, tokenizer, run: dict, steps: int, global_b
             write_model_folder(model, stage, tokenizer, run, steps, global_batch, eval_results, True, architecture,
                                load_path=load_path or folder)
             upload_export(stage, folder)
+            claim_written(folder, *storage.listdir(stage))
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return folder
 
     card = model_card(model, tokenizer, run, steps, global_batch, eval_results, load_path or str(folder))
-    save_hf(model, folder, tokenizer=tokenizer, architecture=architecture, overwrite=overwrite,
-            extra_files={"README.md": card})
+    extra_files = {"README.md": card, EVALUATION_FILE: json.dumps(evaluation_settings(run), indent=2, sort_keys=True)}
+    save_hf(model, folder, architecture=architecture, overwrite=overwrite, extra_files=extra_files)
+    written = ["config.json", "model.safetensors", *extra_files]
+    if tokenizer is not None:
+        written += [pathlib.Path(name).name for name in tokenizer.save_pretrained(str(folder))]
+    claim_written(folder, *[name for name in written if (pathlib.Path(folder) / name).exists()])  # a run's output_dir records what its export wrote
     return pathlib.Path(folder)
 
 

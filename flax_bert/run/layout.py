@@ -15,15 +15,16 @@ from flax_bert.errors import InputFileNotFoundError
 RUN_CONFIG_FILE = "run_config.json"
 CHECKPOINTS, DAMAGED, SUPERSEDED = "checkpoints", "checkpoints_damaged", "checkpoints_superseded"
 WRITTEN_RECORD = ".flax-bert-written.json"  # the top-level names this tool created in an output_dir
+EVALUATION_FILE = "flax_bert_evaluation.json"  # in an export: the options its run evaluated with (run.options)
 
 # What a run writes at the top of its output_dir. --overwrite_output_dir deletes those of them that the
 # output_dir's WRITTEN_RECORD says this tool created, and nothing else.
 OWNED_ENTRIES = frozenset({
     CHECKPOINTS, DAMAGED, SUPERSEDED, RUN_CONFIG_FILE, f".{RUN_CONFIG_FILE}.tmp", WRITTEN_RECORD,
     f"{WRITTEN_RECORD}.tmp", "metrics.jsonl", "tensorboard",
-    "eval_results.json", "tokenizer", "curves.png",
-    # the exported Hugging Face model (written at the end of training)
-    "config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
+    "eval_results.json", ".eval_results.json.tmp", "tokenizer", "curves.png",
+    # the exported Hugging Face model (written at the end of training), with the settings of its evaluation
+    "config.json", "model.safetensors", "README.md", EVALUATION_FILE, "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt"})
 
 def complete_steps(directory) -> list[int]:

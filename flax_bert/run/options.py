@@ -19,7 +19,7 @@ import os
 import pathlib
 
 from flax_bert.run.config import EXPLICIT, RunConfig, RunConfigError
-from flax_bert.run.layout import RUN_CONFIG_FILE, complete_steps, locate_checkpoints
+from flax_bert.run.layout import EVALUATION_FILE, RUN_CONFIG_FILE, complete_steps, locate_checkpoints
 
 log = logging.getLogger("flax_bert")
 
@@ -50,6 +50,29 @@ IMMUTABLE = {
 }
 # Refused unless --reset_optimizer starts a fresh optimizer state.
 OPTIMIZER_STATE = frozenset({"optimizer"})
+
+# What `flax-bert import` decides (the model, its objective, the optimizer state its checkpoint holds): the
+# options a run directory it made stores. The data, rows and masks are left to its first training run.
+IMPORTED = ("model_type", "model_name_or_path", "vocab_size", "hidden_size", "num_hidden_layers",
+            "num_attention_heads", "intermediate_size", "max_position_embeddings", "objective", "optimizer",
+            "max_grad_norm")
+
+# Stored as None (the default, resolved when the run started) they are decided by the data state the
+# checkpoint holds, which refuses another value in one line ("resume with --data_shards 16"): a continuing
+# run may then name the value.
+DECIDED_BY_THE_CHECKPOINT = frozenset({"data_shards"})
+
+# What an evaluation scores: the validation rows (their data, documents, length, layout) and the masks (rate,
+# whole words). An export carries them (EVALUATION_FILE), so that evaluating it scores what its run did.
+EVALUATION_SETTINGS = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "text_column",
+                       "validation_split_percentage", "max_eval_samples", "blank_line_documents", "skip_invalid_utf8",
+                       "max_seq_length", "line_by_line", "streaming", "mlm_probability", "eval_mlm_probability",
+                       "whole_word_masking", "seed")
+
+
+def evaluation_settings(run: dict) -> dict:
+    """The options of a run (its to_dict()) that its evaluation scores with (EVALUATION_SETTINGS)."""
+    return {"options": {name: run[name] for name in EVALUATION_SETTINGS if name in run}}
 
 
 class StoredOptionError(RunConfigError):
@@ -121,7 +144,7 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
         return run  # starting over: the stored run is about to be removed
     stored, source = stored_options(run.output_dir, run.resume_from_checkpoint)
     if not stored:
-        return run
+        return with_export_evaluation(run)
     explicit = getattr(run, EXPLICIT, frozenset())
     reset_optimizer = getattr(run, "reset_optimizer", False)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
@@ -135,6 +158,9 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
                 inherited[name] = old
             continue
         if same_setting(old, new) or (name == "max_grad_norm" and not old and not new):
+            continue
+        if old is None and name in DECIDED_BY_THE_CHECKPOINT:
+            changed.append(f"{name} unset -> {new!r} (checked against the checkpoint's data position)")
             continue
         clipping_switched = name == "max_grad_norm" and bool(old) != bool(new)  # the optimizer state's structure
         if name in fixed_options(reset_optimizer) or (clipping_switched and not reset_optimizer):
@@ -159,6 +185,31 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
     for change in changed:
         log.info("changed on resume: %s", change)
     return run
+
+
+def with_export_evaluation(run: RunConfig) -> RunConfig:
+    """Evaluating an exported folder (--model_name_or_path, no run directory): the options it did not set are
+    taken from the export's EVALUATION_FILE, the settings its run evaluated with."""
+    from flax_bert import storage
+
+    if run.do_train or not run.model_name_or_path:
+        return run
+    settings_file = storage.join(run.model_name_or_path, EVALUATION_FILE)
+    try:
+        settings = json.loads(storage.read_text(settings_file))["options"] if storage.isfile(settings_file) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s is unreadable: evaluating with the options given", settings_file)
+        return run
+    explicit = getattr(run, EXPLICIT, frozenset())
+    inherited = {name: value for name, value in settings.items()
+                 if name in EVALUATION_SETTINGS and name not in explicit and getattr(run, name) != value}
+    if not inherited:
+        return run
+    run = dataclasses.replace(run, **inherited)
+    setattr(run, EXPLICIT, explicit)
+    log.info("evaluating with the settings its run evaluated with (%s): %s", settings_file,
+             ", ".join(f"{name} {value!r}" for name, value in sorted(inherited.items())))
+    return run.validate()
 
 
 def option_tables() -> str:

@@ -22,9 +22,9 @@ from flax_bert.data.streaming import states_of_every_process
 from flax_bert.models import model_class_for
 from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
-from flax_bert.run.build import (build_data, build_trainer, claim_output_dir, count_total_steps, decide_model,
-                                 hub_options, resolve_tokenizer, start_processes)
-from flax_bert.run.config import RunConfig, runtime_overrides
+from flax_bert.run.build import (build_data, build_trainer, claim_output_dir, count_total_steps, decide_data_shards,
+                                 decide_model, hub_options, record_options, resolve_tokenizer, start_processes)
+from flax_bert.run.config import RunConfig, model_overrides
 from flax_bert.training import distributed, host_allocator
 from flax_bert.training.metrics import MetricsWriter
 from flax_bert.training.peak_flops import device_peak_flops, peak_at_least, step_flops_per_token, total_peak_flops
@@ -61,16 +61,21 @@ class Run:
         start_dir = (storage.parent(storage.parent(self.start.path))
                      if self.start.kind == "checkpoint" and self.start.source != "output_dir" else None)
         self.tokenizer = resolve_tokenizer(run, self.output_dir, start_dir)
-        self.run, self.model_config = decide_model(run, self.tokenizer, self.start, self.output_dir)
+        self.run, self.model_config = decide_model(run, self.tokenizer, self.start)
         self.micro_batch = self.run.per_device_train_batch_size * jax.device_count()
         self.global_batch = self.micro_batch * self.run.gradient_accumulation_steps
+        self.run = decide_data_shards(self.run, self.global_batch)
         self.train_rows, self.eval_rows = build_data(self.run, self.tokenizer, self.global_batch)
+        record_options(self.run, self.output_dir)  # the inputs opened: this is the run's directory now
         self.total_steps = count_total_steps(self.run, self.train_rows, self.global_batch) if run.do_train else 1
         self.trainer = build_trainer(self.run, self.model_config, self.tokenizer, self.mesh, self.total_steps)
+        if self.is_main and run.do_train:
+            ckpt_lib.claim_written(self.output_dir, "metrics.jsonl", "tensorboard")
         self.checkpoints = ckpt_lib.Checkpointer(self.output_dir, save_steps=run.save_steps,
                                                  save_minutes=run.save_minutes, save_total_limit=run.save_total_limit,
                                                  keep_best=run.keep_best) if run.do_train else None
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main and run.do_train)
+        self.last_evaluation: tuple[int, dict] | None = None  # (step, results) of the loop's latest evaluation
 
     def _global(self, local_batch: dict) -> dict:
         return make_global_batch(local_batch, self.mesh, (BATCH_AXES,))
@@ -114,6 +119,8 @@ class Run:
                     self._log_window(step, window, flops, peak, progress)
                 progress.update(1)
                 eval_results = self._evaluate_in_loop(state.params, step, window) if plan.evaluate else None
+                if eval_results:
+                    self.last_evaluation = (step, eval_results)
                 if plan.save:
                     self._save(step, state, batches.state_dict(), bundle_config, eval_results)
                 if plan.stop:
@@ -131,12 +138,14 @@ class Run:
         """Every multi-host decision of a step, taken here and nowhere else, in one fixed order of collectives
         on every process: first whether to stop (a signal on any process), then whether to save (due by
         --save_steps, or by --save_minutes on any process). Logging and evaluation follow from the step number.
-        The last step and a requested stop always save."""
+        The last step and a requested stop always save; with --keep_best so does every evaluation, whose metrics
+        the checkpoint must carry for the best one to be kept."""
         stop = guard.should_stop(step)
         save_due = self.checkpoints.should_save(step)
         last = step == self.total_steps
-        return StepPlan(log=step % self.run.logging_steps == 0 or last, evaluate=self._eval_due(step),
-                        save=save_due or stop or last, stop=stop)
+        evaluate = self._eval_due(step)
+        return StepPlan(log=step % self.run.logging_steps == 0 or last, evaluate=evaluate,
+                        save=save_due or stop or last or (evaluate and self.run.keep_best), stop=stop)
 
     def _log_training_start(self) -> tuple[float, float]:
         """Logs what the loop will do; returns (peak FLOP/s per device, FLOPs per token)."""
@@ -179,9 +188,10 @@ class Run:
         return self._global(local), int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
 
     def _eval_due(self, step: int) -> bool:
-        # as the old script: --eval_steps evaluates while training; --do_eval adds the evaluation at the end
+        # as the old script: --eval_steps evaluates while training, here also at the last step (its checkpoint
+        # then carries the metrics --keep_best compares); --do_eval's final evaluation reuses that one
         return bool(self.eval_rows is not None and self.run.eval_steps
-                    and step % self.run.eval_steps == 0 and step != self.total_steps)
+                    and (step % self.run.eval_steps == 0 or step == self.total_steps))
 
     def _bundle_config(self) -> dict:
         architecture = model_class_for(self.model_config, self.run.objective).__name__
@@ -195,15 +205,14 @@ class Run:
             return {}
         batch_size = self.run.per_device_eval_batch_size * jax.device_count()
         totals: dict[str, float] = {}
-        local_batches, index = self.eval_rows.eval_batches(batch_size), 0
+        local_batches = self.eval_rows.eval_batches(batch_size)
         while True:  # processes may hold different numbers of eval rows: go on while any has some
             local = next(local_batches, None)
             if not distributed.any_process(local is not None):
                 break
             if local is None:
                 local = self.eval_rows.empty_batch(batch_size)
-            sums = jax.device_get(self.trainer.eval_step(params, self._global(local), index))
-            index += 1
+            sums = jax.device_get(self.trainer.eval_step(params, self._global(local)))
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         if not totals:
@@ -240,7 +249,7 @@ def initial_state(job: Run):
         from flax_bert.models.convert import resolve_model_folder
 
         folder = resolve_model_folder(job.start.path, **hub_options(job.run))
-        model = load_hf(folder, architecture=architecture, **runtime_overrides(job.run))
+        model = load_hf(folder, architecture=architecture, **model_overrides(job.run))
         from flax import nnx
 
         return job.trainer.init_state(params=nnx.state(model, nnx.Param).to_pure_dict()), None
@@ -367,11 +376,14 @@ def run_pretraining(run: RunConfig) -> dict[str, Any]:
         log.info("evaluating %s (step %d) only: no training, nothing written but eval_results.json",
                  job.start.path, step)
     if run.do_eval:
-        eval_results = job.evaluate(params, results.get("step", 0))
+        step = results.get("step", 0)
+        evaluated = job.last_evaluation  # the loop evaluated the last step already (--eval_steps): not twice
+        eval_results = dict(evaluated[1]) if evaluated and evaluated[0] == step else job.evaluate(params, step)
         if eval_results:
             eval_results.update(_against_unigram_baseline(job, eval_results))
         if eval_results and job.is_main:
             record = {"step": results.get("step", 0), **eval_results}
+            ckpt_lib.claim_written(job.output_dir, "eval_results.json")
             storage.write_atomic(storage.join(job.output_dir, "eval_results.json"), json.dumps(record, indent=2) + "\n")
         results.update(eval_results)
     if run.do_train:

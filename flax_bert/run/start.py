@@ -71,6 +71,8 @@ def resolve_start(output_dir, resume_from_checkpoint: str | None = None, model_n
     own = storage.checkpoint_path(storage.join(output_dir, CHECKPOINTS))
     steps = [] if overwrite_output_dir else complete_steps(own)
     if steps:
+        if resume_from_checkpoint:
+            _check_resume_request(own, steps, resume_from_checkpoint)
         return StartPoint("checkpoint", str(own / str(steps[-1])), steps[-1], "output_dir")
     set_aside = storage.checkpoint_path(storage.join(output_dir, DAMAGED))
     if not overwrite_output_dir and set_aside.is_dir() and any(set_aside.iterdir()):
@@ -89,6 +91,31 @@ def resolve_start(output_dir, resume_from_checkpoint: str | None = None, model_n
     return StartPoint("fresh")
 
 
+class ResumeRequestError(InputFileExistsError):
+    """--resume_from_checkpoint names a step of the output_dir's own run that later checkpoints went on from."""
+
+
+def _check_resume_request(own, steps: list[int], resume_from_checkpoint: str) -> None:
+    """The output_dir's own latest checkpoint goes first (rerunning the same command resumes the run): a
+    --resume_from_checkpoint that names an earlier step of this very run would be overruled, so it is refused
+    in one line; one that names another run is the start this run already went on from, and is logged."""
+    try:
+        directory, step = locate_checkpoints(resume_from_checkpoint)
+    except FileNotFoundError:  # gone since this run went on from it: the run's own checkpoints are what counts
+        directory, step = None, None
+    same_run = directory is not None and _comparable(str(directory)) == _comparable(str(own))
+    later = [s for s in steps if step is not None and s > step]
+    if same_run and later:
+        raise ResumeRequestError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} is step {step} of this run, whose checkpoints go on "
+            f"to step {steps[-1]}: drop --resume_from_checkpoint to continue from step {steps[-1]}, or to go back to "
+            f"step {step} move {', '.join(str(own / str(s)) for s in later[:3])}{' ...' if len(later) > 3 else ''} "
+            "out of the way first")
+    if not same_run:
+        log.info("--resume_from_checkpoint %s: not read, the output_dir holds this run's own checkpoints (up to "
+                 "step %d), which went on from it", resume_from_checkpoint, steps[-1])
+
+
 # ----------------------------------------------------------------------------- the output directory
 def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming: bool = False,
                      record: bool = True) -> list[str]:
@@ -97,7 +124,8 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
 
     The same run: its run_config.json agrees on RUN_IDENTITY_KEYS. A folder without run_config.json is
     accepted only empty, or (`resuming`: the caller restores its checkpoint) holding nothing but what
-    runs write. `overwrite` deletes only OWNED_ENTRIES at the top level and keeps everything else.
+    runs write. `overwrite` deletes only what the output_dir's WRITTEN_RECORD says flax-bert wrote, never
+    what the run reads (an input inside the output_dir, e.g. the old README's config and tokenizer saved there).
     Call it on one process, before resolve_start(..., overwrite_output_dir=overwrite)'s result is used.
     Returns the names it deleted."""
     out = storage.absolute(output_dir) if storage.is_url(output_dir) else pathlib.Path(output_dir)  # flax_bert.storage
@@ -111,21 +139,24 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
     ours = _written_here(out, entries)
     deleted = []
     if overwrite and entries:
-        _check_overwrite_spares_inputs(out, run_config)
-        theirs = [name for name in entries if name in OWNED_ENTRIES and name not in ours]
+        inputs = _inputs_inside(out, entries, run_config)
+        if inputs:
+            log.info("--overwrite_output_dir keeps what this run reads from %s: %s", out,
+                     ", ".join(f"{name} (--{option})" for name, option in sorted(inputs.items())))
+        theirs = [name for name in entries if name in OWNED_ENTRIES and name not in ours and name not in inputs]
         if theirs:  # this run would write over them: refuse before anything is deleted
             raise OutputDirError(f"--output_dir {out} holds {', '.join(theirs[:5])} that flax-bert did not write (not "
                                  f"in its {WRITTEN_RECORD}): move them away or choose another --output_dir")
-        deleted = [name for name in entries if name in ours and name != WRITTEN_RECORD]
+        deleted = [name for name in entries if name in ours and name != WRITTEN_RECORD and name not in inputs]
     for name in deleted:
         storage.remove(storage.join(out, name))
     if deleted:
-        kept = [name for name in entries if name not in ours]
+        kept = [name for name in entries if name not in deleted and name != WRITTEN_RECORD]
         log.warning("--overwrite_output_dir: deleted %s from %s%s", ", ".join(deleted), out,
-                    f" (kept {', '.join(kept)}: flax-bert did not write them)" if kept else "")
+                    f" (kept {', '.join(kept)}: flax-bert did not write them, or the run reads them)" if kept else "")
     storage.makedirs(out)
     present = set(storage.listdir(out))
-    _record_written(out, sorted((ours & present) | (OWNED_ENTRIES - present) | {WRITTEN_RECORD}))
+    _record_written(out, sorted((ours & present) | {WRITTEN_RECORD}))  # the rest is added as it is written
     if not record:
         return deleted
     record_run_config(out, run_config)
@@ -134,44 +165,79 @@ def check_output_dir(output_dir, overwrite: bool, run_config: dict, *, resuming:
 
 def record_run_config(out, run_config: dict) -> None:
     """The run's options in OUTPUT_DIR/run_config.json (readers see the old file or the new one)."""
+    claim_written(out, RUN_CONFIG_FILE)
     storage.write_atomic(storage.join(out, RUN_CONFIG_FILE), json.dumps(jsonable(run_config), indent=2, sort_keys=True) + "\n")
 
 
 def _written_here(out, entries: list[str]) -> set[str]:
-    """The top-level names of `out` that this tool created: its WRITTEN_RECORD lists them (each run claims, at
-    its start, the names it may write and that do not exist yet); a run directory older than the record is
-    known by its run_config.json; anything else holds nothing of ours."""
-    record = storage.join(out, WRITTEN_RECORD)
+    """The top-level names of `out` that this tool created: its WRITTEN_RECORD lists them (a name is added when
+    it is written, claim_written), with the temporaries of the files it writes atomically; a run directory
+    older than the record is known by its run_config.json; anything else holds nothing of ours."""
     if WRITTEN_RECORD in entries:
-        try:
-            names = json.loads(storage.read_text(record))["written"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise OutputDirError(f"{record} is unreadable: delete it only if flax-bert wrote everything in {out}, "
-                                 "or choose another --output_dir") from None
-        return (set(names) & set(entries)) | {WRITTEN_RECORD}
+        names = _read_record(out)
+        return (set(names) & set(entries)) | ({WRITTEN_RECORD} | ATOMIC_TEMPORARIES) & set(entries)
     if RUN_CONFIG_FILE in entries:
         return {name for name in entries if name in OWNED_ENTRIES}
     return set()
+
+
+# write_atomic's temporary names of the files a run rewrites (storage.write_atomic), left behind by a kill
+ATOMIC_TEMPORARIES = frozenset({f".{RUN_CONFIG_FILE}.tmp", f"{WRITTEN_RECORD}.tmp", ".eval_results.json.tmp"})
+
+
+def _read_record(out) -> list[str]:
+    record = storage.join(out, WRITTEN_RECORD)
+    try:
+        return list(json.loads(storage.read_text(record))["written"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputDirError(f"{record} is unreadable: delete it only if flax-bert wrote everything in {out}, "
+                             "or choose another --output_dir") from None
 
 
 def _record_written(out, names: list[str]) -> None:
     storage.write_atomic(storage.join(out, WRITTEN_RECORD), json.dumps({"written": names}, indent=1) + "\n")
 
 
+def claim_written(out, *names: str) -> None:
+    """Adds top-level `names` of a run's output_dir to its WRITTEN_RECORD as they are written (never before:
+    --overwrite_output_dir deletes only what the record lists, so a file of the user's that merely has a name
+    a run might write is never taken for ours). Nothing happens where there is no record (not a run's
+    output_dir, e.g. an exported folder being evaluated). Call it on the process that writes."""
+    out = storage.absolute(out) if storage.is_url(out) else pathlib.Path(out)
+    if not storage.isfile(storage.join(out, WRITTEN_RECORD)):
+        return
+    recorded = _read_record(out)
+    new = [name for name in names if name not in recorded]
+    if new:
+        _record_written(out, sorted(set(recorded) | set(new)))
+
+
 INPUT_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file", "validation_file",
                  "resume_from_checkpoint")
 
 
-def _check_overwrite_spares_inputs(out, run_config: dict) -> None:
-    """--overwrite_output_dir must never delete what the run is about to read."""
+# A Hugging Face model or tokenizer folder's files: what an input that is the output_dir itself is read from
+MODEL_FOLDER_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt"})
+
+
+def _inputs_inside(out, entries: list[str], run_config: dict) -> dict[str, str]:
+    """{top-level name of `out`: the option reading it} for the run's inputs inside the output_dir, which
+    --overwrite_output_dir keeps: one inside it keeps its top-level entry; the output_dir itself (the old
+    README saved its config and tokenizer there) keeps the model and tokenizer files."""
     root = _comparable(out)
+    separator = "/" if storage.is_url(str(root)) else os.sep
+    inputs: dict[str, str] = {}
     for option in INPUT_OPTIONS:
         value = run_config.get(option)
-        if isinstance(value, str) and value and (storage.is_url(value) or os.path.exists(value)):
-            path, separator = _comparable(value), "/" if storage.is_url(str(root)) else os.sep
-            if path == root or path.startswith(root + separator):
-                raise OutputDirError(f"--output_dir {out} holds this run's input (--{option} {value}), which "
-                                     "--overwrite_output_dir would delete: choose another --output_dir")
+        if not (isinstance(value, str) and value and (storage.is_url(value) or os.path.exists(value))):
+            continue
+        path = _comparable(value)
+        if path == root:
+            inputs.update({name: option for name in entries if name in MODEL_FOLDER_FILES})
+        elif path.startswith(root + separator):
+            inputs[path[len(root) + 1:].split(separator)[0]] = option
+    return inputs
 
 
 def _comparable(path) -> str:
@@ -200,5 +266,7 @@ def _foreign(out, entries: list[str], run_config: dict, resuming: bool) -> str |
         return f"holds files flax-bert did not write ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})"
     if resuming and complete_steps(storage.checkpoint_path(storage.join(out, CHECKPOINTS))):
         return None
+    if CHECKPOINTS not in entries and set(entries) <= _written_here(out, entries):
+        return None  # a start that stopped before it recorded its options (e.g. a misspelt --train_file)
     return f"holds another run's files without its {RUN_CONFIG_FILE} ({', '.join(entries[:5])})"
 

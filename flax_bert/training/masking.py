@@ -193,6 +193,7 @@ def mask_tokens(
     mlm_probability: float,
     num_slots: int,
     example_offset=0,
+    example_index_B: jax.Array | None = None,
     word_starts_BxL: jax.Array | None = None,
     whole_word_masking: bool = False,
     never_drawn_ids: tuple[int, ...] = (),
@@ -201,7 +202,8 @@ def mask_tokens(
 
     seed_key: a PRNG key (typed or raw uint32). step: the optimizer step (may be traced).
     example_offset: global index of row 0, so any slice of the global batch masks exactly as it
-    would inside the whole batch (may be traced). special_ids: never selected nor drawn as random
+    would inside the whole batch (may be traced). example_index_B: each row's own index instead (evaluation
+    keys each row by its identity in the validation set, whatever batch it sits in). special_ids: never selected nor drawn as random
     replacements; must include the pad id. random_vocab_size: replacements are drawn from
     [0, random_vocab_size) minus special_ids and never_drawn_ids (tokens that may be masked but are not
     ordinary vocabulary: a tokenizer's added tokens). num_slots: static slot budget, see
@@ -227,7 +229,8 @@ def mask_tokens(
         word_starts_BxL = jnp.ones_like(input_ids_BxL, dtype=bool)  # keeps the batch's sharding
 
     step_key = jax.random.fold_in(seed_key, step)
-    example_index_B = jnp.asarray(example_offset, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
+    if example_index_B is None:
+        example_index_B = jnp.asarray(example_offset, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
     keys_B = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_index_B)
     row_fn = lambda key, ids, starts: _mask_row(  # noqa: E731
         key,

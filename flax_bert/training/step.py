@@ -98,7 +98,7 @@ class Trainer:
         self.state_shardings, self.abstract_state = train_state_layout(tx, abstract_params, param_shardings, mesh)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
                                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
-        self.eval_step = jax.jit(self._eval_step, in_shardings=(param_shardings, None, None))
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(param_shardings, None))
 
     # ------------------------------------------------------------------ state
     def init_state(self, seed: int = 0, params: Any = None) -> TrainState:
@@ -131,9 +131,10 @@ class Trainer:
         """Training masks: example i at step s uses fold_in(fold_in(this key, s), i)."""
         return jax.random.fold_in(jax.random.key(self.step_config.seed), 0)
 
-    def _mask(self, seed_key, step, batch: Batch, masking: MaskingConfig | None = None) -> MaskedBatch:
+    def _mask(self, seed_key, step, batch: Batch, masking: MaskingConfig | None = None,
+              row_ids=None) -> MaskedBatch:
         m = masking or self.step_config.masking
-        return mask_tokens(seed_key, step, batch["input_ids"], special_ids=m.special_ids,
+        return mask_tokens(seed_key, step, batch["input_ids"], example_index_B=row_ids, special_ids=m.special_ids,
                            mask_token_id=m.mask_token_id, random_vocab_size=m.random_vocab_size,
                            mlm_probability=m.mlm_probability, num_slots=m.num_slots,
                            word_starts_BxL=batch.get("word_starts"), whole_word_masking=m.whole_word_masking,
@@ -206,10 +207,12 @@ class Trainer:
             metrics["mlm_loss"] = sums["mlm_loss"] / mlm_count
         return metrics
 
-    def _eval_step(self, params, batch: Batch, eval_index):
-        """Sums for one eval batch; masks depend only on the eval seed and the batch's index."""
-        masked = self._mask(jax.random.key(self.step_config.eval_seed), eval_index, batch, self.step_config.eval_masking)
-        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+    def _eval_step(self, params, batch: Batch):
+        """Sums for one eval batch. Each row's mask depends only on the eval seed and the row's identity in the
+        validation set (batch["row_ids"]), never on the batch size, the device count or where in a batch it sits."""
+        masked = self._mask(jax.random.key(self.step_config.eval_seed), 0, batch, self.step_config.eval_masking,
+                            row_ids=batch["row_ids"])
+        inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "row_ids")}
         _, sums = self._loss_sums(params, inputs, masked, None, 1.0, 1.0)
         sums["mlm_count"] = jnp.sum(masked.weights)
         sums["rows"] = jnp.sum(_real_rows(batch))
