@@ -58,7 +58,7 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
             run = reconcile_with_stored(run)  # before any tokenizer, data or compile
             from flax_bert.run.pretrain import run_pretraining
 
-            results = run_pretraining(run)
+            results = run_pretraining(run, downstream=_downstream_scorer(run))
     except Preempted as signal_name:
         print(f"stopped by {signal_name} outside the train loop; the checkpoints written are complete — rerun the "
               "same command to go on", file=sys.stderr)
@@ -66,6 +66,16 @@ def train_main(argv=None, prog="run_mlm_flax.py", defaults: dict | None = None) 
     if results.get("preempted"):
         print(f"stopped at step {results['step']} by a signal; checkpoint saved — rerun the same command to resume")
     return 0
+
+
+def _downstream_scorer(run):
+    """--downstream_eval TASK.yaml: its options are checked now, before any training; the score is finetune's."""
+    if not run.downstream_eval or not run.do_train:
+        return None
+    from flax_bert.finetune.downstream import downstream_score, load_task
+
+    load_task(run.downstream_eval)
+    return lambda model, tokenizer, mesh: downstream_score(model, tokenizer, run.downstream_eval, mesh)
 
 
 def prepare_main(argv) -> int:

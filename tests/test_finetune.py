@@ -291,3 +291,28 @@ def test_a_folder_holding_something_else_is_refused_untouched(made_task, tmp_pat
     assert finetune(made_task, tmp_path / "out") == 1
     assert "is not empty and holds no fine-tuning results" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+def test_pretraining_logs_a_downstream_score_at_its_steps(made_task, tmp_path):
+    """--downstream_eval TASK.yaml --downstream_eval_steps N: the train command fine-tunes a copy every N steps and at
+    the last one, and metrics.jsonl holds the score beside the MLM loss; a misspelt task file stops before training."""
+    import json
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{r['sentence']} {r['second']}" for r in _made_rows()[:200]) + "\n")
+    task = tmp_path / "task.yaml"
+    task.write_text(f"train_file: {made_task / 'train.jsonl'}\nvalidation_file: {made_task / 'valid.csv'}\n"
+                    "text_column: sentence\ntext_pair_column: second\nper_device_train_batch_size: 2\n"
+                    "max_seq_length: 32\nlearning_rate: 4.0e-3\nnum_train_epochs: 1\nseeds: [1]\n")
+    common = ["train", "--model_name_or_path", str(made_task / "model"), "--train_file", str(corpus),
+              "--max_seq_length", "32", "--per_device_train_batch_size", "1", "--max_steps", "4",
+              "--logging_steps", "2", "--save_steps", "0", "--progress_bar", "false",
+              "--downstream_eval", str(task)]
+    assert cli.main(common + ["--output_dir", str(tmp_path / "run"), "--downstream_eval_steps", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r["downstream_accuracy"] for r in records if "downstream_accuracy" in r}
+    assert sorted(scored) == [2, 4] and all(0.0 <= value <= 1.0 for value in scored.values())
+
+    task.write_text("train_file: a.jsonl\nlearning_rat: 1e-3\n")
+    assert cli.main(common + ["--output_dir", str(tmp_path / "misspelt")]) == 1
+    assert not (tmp_path / "misspelt" / "run_config.json").exists()

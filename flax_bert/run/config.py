@@ -129,6 +129,10 @@ class RunConfig:
     save_minutes: float | None = _field(None, "also checkpoint every N minutes")
     save_total_limit: int = _field(3, "keep the last N checkpoints")
     keep_best: bool = _field(False, "also keep the checkpoint with the best eval loss (every evaluation then saves one)")
+    downstream_eval: str | None = _field(None, "a TASK.yaml of `flax-bert finetune` options: fine-tune a copy of the model "
+                                         "on it every --downstream_eval_steps and at the last step, and log its "
+                                         "validation score beside the MLM loss (docs/finetune.md)")
+    downstream_eval_steps: int = _field(0, "with --downstream_eval: every N steps (0: at the last step only)")
     resume_from_checkpoint: str | None = _field(None, "a run directory or checkpoint to resume from (the output_dir's own "
                                                 "checkpoints come first; an earlier step of them is refused)")
     seed: int = _field(42, "seed for initialization, data order, masks and dropout")
@@ -185,6 +189,8 @@ def check_run_config(run: RunConfig) -> RunConfig:
         (run.logging_steps >= 1, "--logging_steps must be at least 1"),
         (run.save_steps >= 0, "--save_steps must be >= 0"),
         (run.save_total_limit >= 1, "--save_total_limit must be at least 1"),
+        (run.downstream_eval_steps >= 0, "--downstream_eval_steps must be >= 0"),
+        (run.downstream_eval or not run.downstream_eval_steps, "--downstream_eval_steps needs --downstream_eval TASK.yaml"),
         (run.max_steps > 0 or run.num_train_epochs > 0, "set --max_steps or a positive --num_train_epochs"),
         (0 <= run.validation_split_percentage < 100, "--validation_split_percentage must be in [0, 100)"),
         (run.objective == "mlm" or run.model_type == "bert" or run.model_name_or_path or run.config_name,

@@ -29,7 +29,7 @@ PER_COMMAND = frozenset({
     "hub_model_id", "hub_token", "hub_private_repo", "token", "use_auth_token", "coordinator_address",
     "num_processes", "process_id", "progress_bar", "cache_dir", "preprocessing_num_workers", "overwrite_cache",
     "gradient_checkpointing", "adafactor", "train_ref_file", "validation_ref_file", "pad_to_max_length",
-    "use_fast_tokenizer", "trust_remote_code", "reset_optimizer"})
+    "use_fast_tokenizer", "trust_remote_code", "reset_optimizer", "downstream_eval", "downstream_eval_steps"})
 
 # Options that may not change when a run is continued: the model's shapes, the tokenizer, the data and
 # its order, the masks, the objective, and the optimizer (whose state the checkpoint holds).

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,6 +42,7 @@ class StepPlan:
     evaluate: bool
     save: bool
     stop: bool
+    downstream: bool = False  # fine-tune a copy on the --downstream_eval task
 
     @property
     def reads_metrics(self) -> bool:
@@ -53,7 +55,7 @@ class Run:
     """One pretraining run: built in order (processes and mesh, output directory, tokenizer, model, data,
     trainer, checkpoints); `train()` runs the loop, `evaluate()` scores the validation split."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, downstream: Callable | None = None):
         self.mesh = start_processes(run)
         self.is_main = jax.process_index() == 0
         self.output_dir = storage.absolute(run.output_dir)  # Orbax needs absolute paths; a URL stays a URL
@@ -75,6 +77,8 @@ class Run:
                                                  save_minutes=run.save_minutes, save_total_limit=run.save_total_limit,
                                                  keep_best=run.keep_best) if run.do_train else None
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main and run.do_train)
+        # downstream(model, tokenizer, mesh) -> {"downstream_METRIC": ...}: given by the command (finetune sits above run)
+        self.downstream = downstream if run.downstream_eval else None
         self.last_evaluation: tuple[int, dict] | None = None  # (step, results) of the loop's latest evaluation
 
     def _global(self, local_batch: dict) -> dict:
@@ -121,6 +125,8 @@ class Run:
                 eval_results = self._evaluate_in_loop(state.params, step, window) if plan.evaluate else None
                 if eval_results:
                     self.last_evaluation = (step, eval_results)
+                if plan.downstream:
+                    self._downstream_in_loop(state.params, step, window)
                 if plan.save:
                     self._save(step, state, batches.state_dict(), bundle_config, eval_results)
                 if plan.stop:
@@ -144,8 +150,11 @@ class Run:
         save_due = self.checkpoints.should_save(step)
         last = step == self.total_steps
         evaluate = self._eval_due(step)
+        every = self.run.downstream_eval_steps
+        downstream = self.downstream is not None and (last or bool(every and step % every == 0))
         return StepPlan(log=step % self.run.logging_steps == 0 or last, evaluate=evaluate,
-                        save=save_due or stop or last or (evaluate and self.run.keep_best), stop=stop)
+                        save=save_due or stop or last or (evaluate and self.run.keep_best), stop=stop,
+                        downstream=downstream)
 
     def _log_training_start(self) -> tuple[float, float]:
         """Logs what the loop will do; returns (peak FLOP/s per device, FLOPs per token)."""
@@ -176,6 +185,15 @@ class Run:
         results = self.evaluate(params, step) or None
         window.start += time.perf_counter() - eval_start
         return results
+
+    def _downstream_in_loop(self, params, step: int, window: _Window) -> None:
+        """A copy of the model fine-tuned on the --downstream_eval task; its time is not counted in the throughput."""
+        started = time.perf_counter()
+        scores = self.downstream(self.trainer.model(params), self.tokenizer, self.mesh)
+        window.start += time.perf_counter() - started
+        self.metrics.write(step, scores)
+        log.info("downstream at step %d (%s): %s", step, self.run.downstream_eval,
+                 " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
 
     def _save(self, step: int, state, data_state: dict, bundle_config: dict, eval_results) -> None:
         """Saves the step plan_step decided to save (a collective when streaming: every process's position)."""
@@ -359,11 +377,12 @@ class PlainProgress:
         self.stream.flush()
 
 
-def run_pretraining(run: RunConfig) -> dict[str, Any]:
-    """Train and/or evaluate, then export the final model into --output_dir as a Hugging Face folder."""
+def run_pretraining(run: RunConfig, downstream: Callable | None = None) -> dict[str, Any]:
+    """Train and/or evaluate, then export the final model into --output_dir as a Hugging Face folder.
+    `downstream(model, tokenizer, mesh)`: the --downstream_eval score (the command passes finetune's)."""
     from flax_bert.run.export import export_run
 
-    job = Run(run)
+    job = Run(run, downstream)
     results: dict[str, Any] = {}
     if run.do_train:
         results.update(job.train())
