@@ -55,7 +55,8 @@ def doc_commands() -> list[DocCommand]:
     for doc in DOCS:
         for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", doc.read_text(), re.S):
             block = re.sub(r"\\\n\s*", " ", block)  # continuation lines
-            variables = dict(re.findall(r"^\s*([A-Za-z_]\w*)=(\S+)\s*$", block, re.M))
+            variables = {name: value.strip("'\"") for name, value in  # NAME=value or NAME="several words"
+                         re.findall(r"^\s*([A-Za-z_]\w*)=(\"[^\"]*\"|'[^']*'|\S+)\s*$", block, re.M)}
             for line in block.splitlines():
                 needs = re.search(r"#\s*needs:\s*([\w, ]+)", line)
                 code = line.split(" #")[0] if not line.lstrip().startswith("#") else ""
