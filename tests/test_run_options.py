@@ -128,7 +128,7 @@ def test_with_keep_best_every_evaluation_saves_and_the_last_step_is_evaluated(tm
     job.run = parse_run_config(["--output_dir", str(tmp_path), "--eval_steps", "3", "--save_steps", "5",
                                 "--keep_best", "--max_steps", "10", "--logging_steps", "100"])
     job.checkpoints = Checkpointer(tmp_path, save_steps=5, save_minutes=save_minutes, keep_best=True)
-    job.eval_rows, job.total_steps = object(), 10
+    job.eval_rows, job.total_steps, job.downstream = object(), 10, None
     plans = {step: job.plan_step(step, _NoSignal()) for step in range(1, 11)}
     assert [s for s, p in plans.items() if p.evaluate] == [3, 6, 9, 10]
     assert [s for s, p in plans.items() if p.save] == [3, 5, 6, 9, 10]  # every evaluation carries its metrics
