@@ -26,6 +26,7 @@ commands:
   fill-mask        top-k predictions for a sentence with the mask token
   plot             draw a run's curves to a PNG
   bench            time the train step (and PyTorch's) on this machine
+  compile          compile the train and eval steps for a TPU topology (no TPU needed): memory, fit, collectives
 
 `flax-bert COMMAND --help` documents each command."""
 
@@ -234,7 +235,7 @@ def bench_main(argv) -> int:
 
 COMMANDS = {"train": train_command, "eval": eval_main, "prepare": prepare_main, "export": export_main,
             "import": import_main, "train-tokenizer": train_tokenizer_main, "fill-mask": fill_mask_main,
-            "plot": plot_main, "bench": bench_main}
+            "plot": plot_main, "bench": bench_main, "compile": lambda argv: __import__("flax_bert.tpu_compile").tpu_compile.main(argv)}
 
 
 def run_command(function, argv) -> int:
