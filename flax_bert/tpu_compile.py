@@ -125,28 +125,50 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u1
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _COMPUTATION_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _TRIP_RE = re.compile(r"\"known_trip_count\":\{\"n\":\"(\d+)\"")
-_CALLEE_RE = re.compile(r"\b(body|calls|to_apply|branch_computations|condition)=\{?([%\w.\-, ]+)\}?")
+_CALLEE_RE = re.compile(r"\b(body|calls|to_apply|condition)=%?([\w.\-]+)|\bbranch_computations=\{([^}]*)\}")
 
 
 def array_shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _ARRAY_RE.findall(text)]
 
 
-def _runs_per_step(lines: list[str]) -> dict[str, int]:
-    """How often each computation runs per step: a while body its trip count times its caller, others as their caller."""
-    calls: dict[str, list[tuple[str, int]]] = {}
-    entry = computation = None
+def _computations(lines: list[str]) -> tuple[dict[str, list[str]], str | None]:
+    """{computation name: its instruction lines}, and the entry computation's name."""
+    bodies: dict[str, list[str]] = {}
+    entry = current = None
     for line in lines:
         head = _COMPUTATION_RE.match(line)
         if head:
-            computation = head.group(2)
-            entry = computation if head.group(1) else entry
-            continue
-        trip = _TRIP_RE.search(line)
-        for role, names in _CALLEE_RE.findall(line):
-            factor = int(trip.group(1)) if role == "body" and trip else 1
-            for name in names.split(","):
-                calls.setdefault(computation, []).append((name.strip().lstrip("%"), factor))
+            current = head.group(2)
+            entry = current if head.group(1) else entry
+            bodies[current] = []
+        elif current is not None:
+            bodies[current].append(line)
+    return bodies, entry
+
+
+def _trip_count(line: str, bodies: dict[str, list[str]]) -> int:
+    """A while loop's trip count: XLA's known_trip_count, else the one integer bound its condition compares with
+    (TPU HLO leaves the annotation out), else 1."""
+    known = _TRIP_RE.search(line)
+    if known:
+        return int(known.group(1))
+    condition = re.search(r"condition=%?([\w.\-]+)", line)
+    bounds = {int(n) for text in bodies.get(condition.group(1) if condition else "", [])
+              for n in re.findall(r"[su](?:32|64)\[\](?:\{[^}]*\})? constant\((\d+)\)", text)}
+    return bounds.pop() if len(bounds) == 1 else 1
+
+
+def _runs_per_step(lines: list[str]) -> dict[str, int]:
+    """How often each computation runs per step: a while body its trip count times its caller, others as their caller."""
+    bodies, entry = _computations(lines)
+    calls: dict[str, list[tuple[str, int]]] = {}
+    for computation, instructions in bodies.items():
+        for line in instructions:
+            for role, name, branches in _CALLEE_RE.findall(line):
+                factor = _trip_count(line, bodies) if role == "body" else 1
+                for callee in [name] if name else branches.split(","):
+                    calls.setdefault(computation, []).append((callee.strip().lstrip("%"), factor))
     runs: dict[str, int] = {}
 
     def visit(name, times):

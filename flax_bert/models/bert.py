@@ -65,9 +65,10 @@ class Embeddings(nnx.Module):
         self.LayerNorm = _layer_norm(cfg, rngs)
 
     def __call__(self, input_ids, token_type_ids, position_ids, dropout_key):
-        x = (jnp.take(self.word_embeddings.embedding[...], input_ids, axis=0)
-             + jnp.take(self.position_embeddings.embedding[...], position_ids, axis=0)
-             + jnp.take(self.token_type_embeddings.embedding[...], token_type_ids, axis=0))
+        # the tables whole along `embed` (gathered as FSDP gathers any weight): the lookups stay on each device's rows
+        x = (jnp.take(constrain(self.word_embeddings.embedding[...], "vocab", None), input_ids, axis=0)
+             + jnp.take(constrain(self.position_embeddings.embedding[...], None, None), position_ids, axis=0)
+             + jnp.take(constrain(self.token_type_embeddings.embedding[...], None, None), token_type_ids, axis=0))
         x = self.LayerNorm(constrain(x.astype(_dtype(self.cfg.dtype)), "batch", "length", "embed"))
         return dropout(x, self.cfg.hidden_dropout_prob, dropout_key)
 

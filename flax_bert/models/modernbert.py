@@ -81,7 +81,8 @@ class Embeddings(nnx.Module):
         self.norm = _norm(cfg, rngs)
 
     def __call__(self, input_ids, dropout_key):
-        x = constrain(jnp.take(self.tok_embeddings.embedding[...], input_ids, axis=0), "batch", "length", "embed")
+        table = constrain(self.tok_embeddings.embedding[...], "vocab", None)  # whole along embed: lookups stay local
+        x = constrain(jnp.take(table, input_ids, axis=0), "batch", "length", "embed")
         return dropout(self.norm(x.astype(dtype(self.cfg.dtype))), self.cfg.embedding_dropout, dropout_key)
 
 
