@@ -74,8 +74,11 @@ def topology_devices(name: str, num_slices: int = 1):
     """The compile-only devices of a topology (and `num_slices` copies of it joined over the data-center network)."""
     if importlib.util.find_spec("libtpu") is None:
         raise MissingDependencyError(INSTALL_HINT)
-    for variable, value in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost")):
-        os.environ.setdefault(variable, value)  # keeps libtpu from probing for a TPU on this machine
+    # keep libtpu from probing for a TPU on this machine, and from locking /tmp/libtpu_lockfile: compiling
+    # without a TPU, several processes may use it at once
+    for variable, value in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                            ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        os.environ.setdefault(variable, value)
     from jax.experimental import topologies
 
     jax_name, chip_config = parse_topology(name)
