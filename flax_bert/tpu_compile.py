@@ -339,9 +339,11 @@ def compile_run(run, topology: str, num_slices: int = 1, with_eval: bool = True)
                          train=train, eval=evaluation, model_flops_per_step=flops)
 
 
-def find_batch(run, topology: str, num_slices: int = 1, limit: int = 4096, on_try=None) -> int:
-    """The largest per-device train batch whose train step fits (0 when not even one row does): doubling, then
-    bisecting. `on_try(batch, fits)` hears of every compile."""
+def find_batch(run, topology: str, num_slices: int = 1, limit: int = 4096, start: int = 1, precision: float = 0.0,
+               on_try=None) -> int:
+    """The largest per-device train batch whose train step fits (0 when not even one row does): doubling from
+    `start`, then bisecting until the bounds are within `precision` of the answer (0: exact).
+    `on_try(batch, report)` hears of every compile."""
     def fits(batch):
         report = compile_run(dataclasses.replace(run, per_device_train_batch_size=batch), topology, num_slices,
                              with_eval=False)
@@ -349,12 +351,15 @@ def find_batch(run, topology: str, num_slices: int = 1, limit: int = 4096, on_tr
             on_try(batch, report)
         return report.fits
 
-    low, high = 0, 1
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    if high > limit:
-        return low
-    while high - low > 1:
+    if fits(start):
+        low, high = start, start * 2
+        while high <= limit and fits(high):
+            low, high = high, high * 2
+        if high > limit:
+            return low
+    else:
+        low, high = 0, start
+    while high - low > max(1, int(low * precision)):
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
