@@ -72,6 +72,7 @@ def parse_topology(name: str) -> tuple[str, str]:
 
 def topology_devices(name: str, num_slices: int = 1):
     """The compile-only devices of a topology (and `num_slices` copies of it joined over the data-center network)."""
+    jax_name, chip_config = parse_topology(name)  # a bad name is reported with or without libtpu
     if importlib.util.find_spec("libtpu") is None:
         raise MissingDependencyError(INSTALL_HINT)
     # keep libtpu from probing for a TPU on this machine, and from locking /tmp/libtpu_lockfile: compiling
@@ -81,7 +82,6 @@ def topology_devices(name: str, num_slices: int = 1):
         os.environ.setdefault(variable, value)
     from jax.experimental import topologies
 
-    jax_name, chip_config = parse_topology(name)
     extra = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=jax_name, chip_config_name=chip_config,
