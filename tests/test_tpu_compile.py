@@ -85,3 +85,11 @@ def test_tiny_config_compiles_for_v5e(tiny_report, tmp_path, monkeypatch, capsys
     assert cli.main(["compile", *TINY]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("does not fit: ") and "--per_device_train_batch_size 8" in last and "--remat_policy full" in last
+
+
+@NEEDS_LIBTPU
+def test_accelerator_types_and_slices_give_their_chips():
+    assert len(tpu_compile.topology_devices("v4-32")) == 16  # 32 TensorCores, one device per chip
+    assert len(tpu_compile.topology_devices("v5p-128")) == 64
+    two_slices = tpu_compile.topology_devices("v5e:2x2", num_slices=2)
+    assert len(two_slices) == 8 and {d.slice_index for d in two_slices} == {0, 1}
