@@ -145,7 +145,8 @@ def _splash(q, k, v, segments: Segments, window: int | None, use_window):
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     # splash takes [heads, length, head_dim] per example and does not scale the scores itself
-    q, k, v = ((x * (head_dim ** -0.5) if x is q else x).transpose(0, 2, 1, 3) for x in (q, k, v))
+    q = q * (head_dim ** -0.5)
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     kv_ids = segments.ids if segments.packed else (segments.ids > 0).astype(jnp.int32)
     q_ids = segments.ids if segments.packed else jnp.ones_like(kv_ids)  # unpacked: every query sees every real key
     local = jnp.asarray(use_window if window is not None else False)
