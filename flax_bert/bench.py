@@ -154,7 +154,8 @@ def device_peak_memory(devices) -> int | None:
     return max(s["peak_bytes_in_use"] for s in stats)
 
 
-def make_trainer(run, model_config, dense_head: bool = False):
+def make_trainer(run, model_config, dense_head: bool = False, mesh=None, gradient_accumulation_steps: int = 1):
+    """The run's Trainer for random-id batches; on `mesh` (default: the run's --mesh over this machine's devices)."""
     import jax
     import jax.numpy as jnp
 
@@ -184,8 +185,9 @@ def make_trainer(run, model_config, dense_head: bool = False):
             return call
 
     trainer_class = DenseHeadTrainer if dense_head else Trainer
-    mesh = make_mesh(run.mesh)
-    step_config = StepConfig(masking=masking, seed=run.seed, objective=run.objective)
+    mesh = make_mesh(run.mesh) if mesh is None else mesh
+    step_config = StepConfig(masking=masking, seed=run.seed, objective=run.objective,
+                             gradient_accumulation_steps=gradient_accumulation_steps)
     return trainer_class(model_config, step_config, tx, mesh, schedule), jax.devices()
 
 

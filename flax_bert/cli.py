@@ -1,4 +1,4 @@
-"""The `flax-bert` command: train, eval, prepare, export, import, train-tokenizer, fill-mask, plot, bench, finetune."""
+"""The `flax-bert` command: train, eval, prepare, export, import, train-tokenizer, fill-mask, plot, bench, finetune, compile."""
 from __future__ import annotations
 
 import logging
@@ -27,6 +27,7 @@ commands:
   plot             draw a run's curves to a PNG
   bench            time the train step (and PyTorch's) on this machine
   finetune         fine-tune for classification or regression over settings x seeds; export the best to transformers
+  compile          compile the train and eval steps for a TPU topology (no TPU needed): memory, fit, collectives
 
 `flax-bert COMMAND --help` documents each command; `flax-bert --version` prints the version."""
 
@@ -289,6 +290,12 @@ def bench_main(argv) -> int:
     return bench.main(argv)
 
 
+def compile_main(argv) -> int:
+    from flax_bert.tpu_compile import main
+
+    return main(argv)
+
+
 def finetune_main(argv) -> int:
     from flax_bert.finetune.command import main
     return main(argv)
@@ -296,7 +303,8 @@ def finetune_main(argv) -> int:
 
 COMMANDS = {"train": train_command, "eval": eval_main, "prepare": prepare_main, "export": export_main,
             "import": import_main, "train-tokenizer": train_tokenizer_main, "fill-mask": fill_mask_main,
-            "plot": plot_main, "bench": bench_main, "finetune": finetune_main}
+            "plot": plot_main, "bench": bench_main, "finetune": finetune_main,
+            "compile": compile_main}
 
 
 def run_command(function, argv, resumes: bool = False) -> int:

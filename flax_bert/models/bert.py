@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_bert.models.attention import Segments, attend
 from flax_bert.models.config import ModelConfig
-from flax_bert.models.layers import (Entry, MaskedLMOutput, SequenceClassifierOutput, attend, document_mask, dropout,
-                                     gather_positions)
+from flax_bert.models.layers import Entry, MaskedLMOutput, SequenceClassifierOutput, dropout, gather_positions
 from flax_bert.models.layers import activation as _activation
 from flax_bert.models.layers import dtype as _dtype
 from flax_bert.models.layers import position_ids_from_segments, run_stacked, split_key as _split_key, stacked_layers
 from flax_bert.models.layers import tied_logits, vocab_bias
+from flax_bert.models.partitioning import constrain
 
 Array = jax.Array
 
@@ -64,10 +65,11 @@ class Embeddings(nnx.Module):
         self.LayerNorm = _layer_norm(cfg, rngs)
 
     def __call__(self, input_ids, token_type_ids, position_ids, dropout_key):
-        x = (jnp.take(self.word_embeddings.embedding[...], input_ids, axis=0)
-             + jnp.take(self.position_embeddings.embedding[...], position_ids, axis=0)
-             + jnp.take(self.token_type_embeddings.embedding[...], token_type_ids, axis=0))
-        x = self.LayerNorm(x.astype(_dtype(self.cfg.dtype)))
+        # the tables whole along `embed` (gathered as FSDP gathers any weight): the lookups stay on each device's rows
+        x = (jnp.take(constrain(self.word_embeddings.embedding[...], "vocab", None), input_ids, axis=0)
+             + jnp.take(constrain(self.position_embeddings.embedding[...], None, None), position_ids, axis=0)
+             + jnp.take(constrain(self.token_type_embeddings.embedding[...], None, None), token_type_ids, axis=0))
+        x = self.LayerNorm(constrain(x.astype(_dtype(self.cfg.dtype)), "batch", "length", "embed"))
         return dropout(x, self.cfg.hidden_dropout_prob, dropout_key)
 
 
@@ -79,13 +81,18 @@ class SelfAttention(nnx.Module):
         self.key = _linear(cfg, d, d, ("embed", "heads"), rngs)
         self.value = _linear(cfg, d, d, ("embed", "heads"), rngs)
 
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, dropout_key):
+    def __call__(self, x_BxLxD, segments: Segments, dropout_key):
         cfg = self.cfg
         batch, length, _ = x_BxLxD.shape
-        split = lambda t: t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+
+        def split(t):
+            return constrain(t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim),
+                             "batch", "length", "heads", None)
+
         q, k, v = split(self.query(x_BxLxD)), split(self.key(x_BxLxD)), split(self.value(x_BxLxD))
-        out = attend(q, k, v, mask_Bx1xLxL, cfg.attention_probs_dropout_prob, dropout_key)
-        return out.reshape(batch, length, cfg.hidden_size)
+        out = attend(q, k, v, segments, cfg.attention, dropout_rate=cfg.attention_probs_dropout_prob,
+                     dropout_key=dropout_key)
+        return constrain(out, "batch", "length", "heads", None).reshape(batch, length, cfg.hidden_size)
 
 
 class DenseLayerNorm(nnx.Module):
@@ -105,9 +112,9 @@ class Attention(nnx.Module):
         setattr(self, "self", SelfAttention(cfg, rngs))  # Hugging Face calls it `attention.self`
         self.output = DenseLayerNorm(cfg, cfg.hidden_size, ("heads", "embed"), rngs)
 
-    def __call__(self, x, mask, dropout_key):
+    def __call__(self, x, segments, dropout_key):
         key_probs, key_out = _split_key(dropout_key, 2)
-        return self.output(getattr(self, "self")(x, mask, key_probs), x, key_out)
+        return self.output(getattr(self, "self")(x, segments, key_probs), x, key_out)
 
 
 class Intermediate(nnx.Module):
@@ -116,7 +123,7 @@ class Intermediate(nnx.Module):
         self.activation = _activation(cfg.hidden_act)
 
     def __call__(self, x):
-        return self.activation(self.dense(x))
+        return constrain(self.activation(self.dense(x)), "batch", "length", "mlp")
 
 
 class Layer(nnx.Module):
@@ -125,9 +132,9 @@ class Layer(nnx.Module):
         self.intermediate = Intermediate(cfg, rngs)
         self.output = DenseLayerNorm(cfg, cfg.intermediate_size, ("mlp", "embed"), rngs)
 
-    def __call__(self, x, mask, dropout_key):
+    def __call__(self, x, segments, dropout_key):
         key_attention, key_output = _split_key(dropout_key, 2)
-        x = self.attention(x, mask, key_attention)
+        x = self.attention(x, segments, key_attention)
         return self.output(self.intermediate(x), x, key_output)
 
 
@@ -138,8 +145,8 @@ class Encoder(nnx.Module):
         self.cfg = cfg
         self.layer = stacked_layers(Layer, cfg, rngs)  # every parameter has a leading [num_hidden_layers] axis
 
-    def __call__(self, x, mask, dropout_key):
-        return run_stacked(self.cfg, self.layer, x, dropout_key, lambda layer, h, _, key: layer(h, mask, key))
+    def __call__(self, x, segments, dropout_key):
+        return run_stacked(self.cfg, self.layer, x, dropout_key, lambda layer, h, _, key: layer(h, segments, key))
 
 
 class Pooler(nnx.Module):
@@ -164,7 +171,7 @@ class EncoderModel(nnx.Module):
         cfg = self.cfg
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        mask = document_mask(input_ids, attention_mask, segment_ids)  # packed rows: attention stays in each document
+        segments = Segments.of(input_ids, attention_mask, segment_ids)  # packed rows: attention stays in each document
         if segment_ids is not None and position_ids is None:
             position_ids = position_ids_from_segments(segment_ids, cfg.first_position_id)
         if position_ids is None:
@@ -174,7 +181,7 @@ class EncoderModel(nnx.Module):
                 position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         key_embed, key_encoder = _split_key(dropout_key, 2)
         x = self.embeddings(input_ids, token_type_ids, position_ids, key_embed)
-        return self.encoder(x, mask[:, None], key_encoder)
+        return self.encoder(x, segments, key_encoder)
 
 
 def _vocab_bias(cfg: ModelConfig) -> nnx.Param:

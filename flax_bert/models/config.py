@@ -14,6 +14,7 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 PROBLEM_TYPES = (None, "single_label_classification", "regression")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")  # models.attention.IMPLEMENTATIONS, without JAX
 
 
 class ConfigError(InputError):
@@ -68,6 +69,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # parameters (and so optimizer state) stay fp32 by default
     scan_layers: bool = True      # lax.scan over the stacked layers: one layer to compile
     remat_policy: str = "none"    # rematerialize each layer in the backward pass
+    attention: str = "auto"       # auto | xla | splash | cudnn (flax_bert.models.attention)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -82,6 +84,8 @@ class ModelConfig:
             raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; use one of {', '.join(SUPPORTED_ACTIVATIONS)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"unknown remat_policy {self.remat_policy!r}; use one of {', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name} must be float32, bfloat16 or float16, not {getattr(self, name)!r}")

@@ -1,6 +1,6 @@
 """Pieces every model family shares: outputs, dropout with explicit keys, initialized layers with
-logical axis names, packed-row positions, the tied vocabulary projection, remat policies, and the
-conversion-table entry."""
+logical axis names, packed-row positions, the tied vocabulary projection, remat policies, the stacked
+layers (each layer's input and output pinned to the batch axes), and the conversion-table entry."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +10,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from flax_bert.models.partitioning import constrain
 
 Array = jax.Array
 
@@ -76,16 +78,6 @@ def position_ids_from_segments(segment_ids: Array, first_position: int) -> Array
     return jnp.where(segment_ids > 0, first_position + index - start, max(first_position - 1, 0))
 
 
-def document_mask(input_ids: Array, attention_mask: Array | None, segment_ids: Array | None) -> Array:
-    """[batch, query, key] booleans: with `segment_ids` (packed rows) a token sees its own document
-    only; otherwise every non-padding key."""
-    if segment_ids is not None:
-        return (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
-    if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    return jnp.broadcast_to(attention_mask[:, None, :].astype(bool), (*input_ids.shape, input_ids.shape[1]))
-
-
 def vocab_bias(vocab_size: int, param_dtype: str) -> nnx.Param:
     return nnx.Param(jnp.zeros((vocab_size,), dtype(param_dtype)), logical_axes=("vocab",))
 
@@ -93,7 +85,9 @@ def vocab_bias(vocab_size: int, param_dtype: str) -> nnx.Param:
 def tied_logits(hidden: Array, word_embeddings: nnx.Embed, bias: nnx.Param | None) -> Array:
     """Project onto the tied word embeddings; logits and everything after them are fp32."""
     table = word_embeddings.embedding[...].astype(hidden.dtype)
-    logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,vd->...v", constrain(hidden, "batch", None, "embed"), table,
+                        preferred_element_type=jnp.float32)
+    logits = constrain(logits, "batch", None, "vocab")
     return logits if bias is None else logits + bias[...].astype(jnp.float32)
 
 
@@ -106,18 +100,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-def attend(q, k, v, mask, dropout_rate: float, dropout_key):
-    """Attention of [batch, length, heads, head_dim] q, k, v under a boolean [batch, 1, length, length] mask.
-    With a dropout key and rate the probabilities get dropout, which jax.nn.dot_product_attention has not:
-    then it is spelled out."""
-    if dropout_key is None or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
-    scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key)
-    return jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
 
 
 def stacked_layers(make_layer, cfg, rngs: nnx.Rngs):
@@ -140,7 +122,9 @@ def run_stacked(cfg, layers, x, dropout_key, call, per_layer=None):
 
     def one_layer(h, layer_params_extra_and_key):
         layer_params, extra, key = layer_params_extra_and_key
-        return call(nnx.merge(graphdef, layer_params), h, extra, key), None
+        h = call(nnx.merge(graphdef, layer_params), constrain(h, "batch", "length", "embed"),
+                 extra, key)
+        return constrain(h, "batch", "length", "embed"), None
 
     if cfg.remat_policy != "none":
         one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)

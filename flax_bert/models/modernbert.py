@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_bert.models.attention import Segments, attend
 from flax_bert.models.config import ModelConfig
-from flax_bert.models.layers import (Entry, MaskedLMOutput, SequenceClassifierOutput, activation, attend, document_mask, dropout, dtype,
+from flax_bert.models.layers import (Entry, MaskedLMOutput, SequenceClassifierOutput, activation, dropout, dtype,
                                      gather_positions, position_ids_from_segments, run_stacked, split_key,
                                      stacked_layers, tied_logits, vocab_bias)
+from flax_bert.models.partitioning import constrain
 
 Array = jax.Array
 
@@ -61,12 +63,6 @@ def apply_rotary(x_BxLxNxH: Array, cos_BxLxH: Array, sin_BxLxH: Array) -> Array:
     return out.astype(x_BxLxNxH.dtype)
 
 
-def window_mask(length: int, local_attention: int) -> Array:
-    """[length, length]: |query - key| <= local_attention // 2 (transformers' sliding-window rule)."""
-    index = jnp.arange(length)
-    return jnp.abs(index[:, None] - index[None, :]) <= local_attention // 2
-
-
 # ----------------------------------------------------------------------------- modules
 class Embeddings(nnx.Module):
     """`model.embeddings`: tok_embeddings -> norm -> dropout (no position table: positions are rotary)."""
@@ -85,7 +81,8 @@ class Embeddings(nnx.Module):
         self.norm = _norm(cfg, rngs)
 
     def __call__(self, input_ids, dropout_key):
-        x = jnp.take(self.tok_embeddings.embedding[...], input_ids, axis=0)
+        table = constrain(self.tok_embeddings.embedding[...], "vocab", None)  # whole along embed: lookups stay local
+        x = constrain(jnp.take(table, input_ids, axis=0), "batch", "length", "embed")
         return dropout(self.norm(x.astype(dtype(self.cfg.dtype))), self.cfg.embedding_dropout, dropout_key)
 
 
@@ -98,14 +95,17 @@ class Attention(nnx.Module):
         self.Wqkv = _linear(cfg, d, 3 * d, ("embed", "heads"), cfg.attention_bias, cfg.initializer_range, rngs)
         self.Wo = _linear(cfg, d, d, ("heads", "embed"), cfg.attention_bias, _out_std(cfg), rngs)
 
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, cos, sin, dropout_key):
+    def __call__(self, x_BxLxD, segments: Segments, local, cos, sin, dropout_key):
+        """`local`: this layer attends within the sliding window (a flag scanned with the layers)."""
         cfg = self.cfg
         batch, length, _ = x_BxLxD.shape
         qkv = self.Wqkv(x_BxLxD).reshape(batch, length, 3, cfg.num_attention_heads, cfg.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = (constrain(qkv[:, :, i], "batch", "length", "heads", None) for i in range(3))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_probs, key_out = split_key(dropout_key, 2)
-        out = attend(q, k, v, mask_Bx1xLxL, cfg.attention_probs_dropout_prob, key_probs)
+        out = attend(q, k, v, segments, cfg.attention, window=cfg.local_attention, use_window=local,
+                     dropout_rate=cfg.attention_probs_dropout_prob, dropout_key=key_probs)
+        out = constrain(out, "batch", "length", "heads", None)
         out = self.Wo(out.reshape(batch, length, cfg.hidden_size))
         return dropout(out, cfg.attention_probs_dropout_prob, key_out)  # transformers' out_drop uses this rate
 
@@ -120,7 +120,7 @@ class MLP(nnx.Module):
         self.Wo = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, _out_std(cfg), rngs)
 
     def __call__(self, x, dropout_key):
-        inputs, gate = jnp.split(self.Wi(x), 2, axis=-1)
+        inputs, gate = (constrain(half, "batch", "length", "mlp") for half in jnp.split(self.Wi(x), 2, axis=-1))
         return self.Wo(dropout(activation(self.cfg.hidden_act)(inputs) * gate, self.cfg.hidden_dropout_prob, dropout_key))
 
 
@@ -134,10 +134,10 @@ class Layer(nnx.Module):
         self.mlp_norm = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, has_attn_norm, mask, cos, sin, dropout_key):
+    def __call__(self, x, has_attn_norm, segments, local, cos, sin, dropout_key):
         key_attention, key_mlp = split_key(dropout_key, 2)
         normed = jnp.where(has_attn_norm, self.attn_norm(x), x)
-        x = x + self.attn(normed, mask, cos, sin, key_attention)
+        x = x + self.attn(normed, segments, local, cos, sin, key_attention)
         return x + self.mlp(self.mlp_norm(x), key_mlp)
 
 
@@ -155,12 +155,10 @@ class ModernBertModel(nnx.Module):
         """`token_type_ids` is accepted for the shared call signature; ModernBERT has no segment embeddings."""
         cfg = self.cfg
         length = input_ids.shape[1]
-        doc_mask = document_mask(input_ids, attention_mask, segment_ids)  # packed rows: own document only
+        segments = Segments.of(input_ids, attention_mask, segment_ids)  # packed rows: own document only
         if position_ids is None:  # positions restart at 0 in each packed document
             position_ids = (position_ids_from_segments(segment_ids, 0) if segment_ids is not None
                             else jnp.broadcast_to(jnp.arange(length), input_ids.shape))
-        global_mask = doc_mask[:, None]
-        local_mask = (doc_mask & window_mask(length, cfg.local_attention))[:, None]  # own document AND window
         global_rope = rotary_tables(position_ids, cfg.head_dim, cfg.global_rope_theta)
         local_rope = rotary_tables(position_ids, cfg.head_dim, cfg.local_rope_theta)
         is_global = jnp.array([kind == "full_attention" for kind in cfg.layer_types])
@@ -171,10 +169,9 @@ class ModernBertModel(nnx.Module):
 
         def one_layer(layer, h, flags, key):
             global_layer, norm_flag = flags
-            mask = jnp.where(global_layer, global_mask, local_mask)
             cos = jnp.where(global_layer, global_rope[0], local_rope[0])
             sin = jnp.where(global_layer, global_rope[1], local_rope[1])
-            return layer(h, norm_flag, mask, cos, sin, key)
+            return layer(h, norm_flag, segments, ~global_layer, cos, sin, key)  # own document, AND window if local
 
         x = run_stacked(cfg, self.layers, x, key_layers, one_layer, per_layer=(is_global, has_attn_norm))
         return self.final_norm(x)

@@ -60,6 +60,10 @@ class RunConfig:
     remat_policy: str = _field("none", "rematerialize layers in the backward pass to save memory",
                                ["none", "full", "dots", "dots_no_batch"])
     gradient_checkpointing: bool = _field(False, "the old script's name for --remat_policy full")
+    attention: str = _field("auto", "attention kernel: xla (scores materialized), splash (Pallas TPU splash attention: "
+                            "packed documents and ModernBERT's window without the scores), cudnn (cuDNN fused attention "
+                            "on NVIDIA GPUs); auto: splash on TPU, cudnn on GPU where they can run the model, else xla",
+                            ["auto", "xla", "splash", "cudnn"])
     # ---- data
     dataset_name: str | None = _field(None, "a Hugging Face datasets name (needs network); none and no files: the built-in corpus")
     dataset_config_name: str | None = _field(None, "the dataset's configuration, e.g. wikitext-2-raw-v1")
@@ -429,8 +433,8 @@ def fresh_model_config(run: RunConfig, vocab_size: int, special_token_ids: dict[
 
 
 def runtime_overrides(run: RunConfig) -> dict:
-    """How to run any model (fresh or loaded): dtype, scan, remat."""
-    return dict(dtype=run.dtype, scan_layers=run.scan_layers, remat_policy=run.remat_policy)
+    """How to run any model (fresh or loaded): dtype, scan, remat, attention kernel."""
+    return dict(dtype=run.dtype, scan_layers=run.scan_layers, remat_policy=run.remat_policy, attention=run.attention)
 
 
 DROPOUT_OPTIONS = ("hidden_dropout_prob", "attention_probs_dropout_prob")

@@ -2,7 +2,7 @@
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (batch split too, and parameters / optimizer
 state sharded), `tensor` (heads and MLP split). Parameters carry logical axis names from the
-model; `LOGICAL_RULES` maps them onto mesh axes.
+model; `LOGICAL_RULES` (in `models.partitioning`, beside the activations' rules) maps them onto mesh axes.
 """
 from __future__ import annotations
 
@@ -15,21 +15,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from flax_bert.errors import InputError
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-# logical axis -> mesh axis (None = replicated). Stacked encoder layers add a leading "layers" axis.
-LOGICAL_RULES: dict[str, str | None] = {
-    "batch": BATCH_AXES,
-    "layers": None,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "embed_out": None,
-    "heads": "tensor",
-    "mlp": "tensor",
-    "norm": None,
-}
+# the axis names and their rules belong to the models, which name their parameters' and activations' axes
+from flax_bert.models.partitioning import BATCH_AXES, LOGICAL_RULES, MESH_AXES  # noqa: F401
 
 
 class MeshError(InputError):

@@ -7,6 +7,7 @@ accumulating gradients over micro-batches with `lax.scan`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import flax.struct
@@ -21,6 +22,7 @@ from flax_bert.training import sharding
 from flax_bert.models.config import ModelConfig
 from flax_bert.training.masking import MaskedBatch, mask_tokens, num_prediction_slots
 from flax_bert.models import model_class_for
+from flax_bert.models import attention, partitioning
 
 Batch = dict[str, jax.Array]
 
@@ -84,10 +86,16 @@ def train_state_layout(tx: optax.GradientTransformation, abstract_params, param_
 
 
 class Trainer:
-    """Holds the static pieces (graph, optimizer, mesh, shardings) and the jitted steps."""
+    """Holds the static pieces (graph, optimizer, mesh, shardings) and the jitted steps. The steps trace under
+    `partitioning.use_mesh(mesh)`: the models pin their activations to the batch axes (FSDP shards parameters,
+    never activations). `--attention` is decided here for the mesh's platform, and logged."""
 
     def __init__(self, model_config: ModelConfig, step_config: StepConfig, tx: optax.GradientTransformation,
                  mesh: Mesh, schedule: Callable | None = None):
+        platform = mesh.devices.flat[0].platform
+        implementation, why = attention.resolve(model_config.attention, model_config, platform)
+        logging.getLogger("flax_bert").info("attention: %s (%s)", implementation, why)
+        model_config = model_config.replace(attention=implementation)
         self.model_config, self.step_config, self.tx, self.mesh = model_config, step_config, tx, mesh
         self.schedule = schedule
         model_class = model_class_for(model_config, step_config.objective)
@@ -160,6 +168,10 @@ class Trainer:
         return loss, sums
 
     def _train_step(self, state: TrainState, batch: Batch):
+        with partitioning.use_mesh(self.mesh):
+            return self._train_step_on_mesh(state, batch)
+
+    def _train_step_on_mesh(self, state: TrainState, batch: Batch):
         cfg = self.step_config
         masked = self._mask(self.masking_key(), state.step, batch)
         dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), state.step)
@@ -210,6 +222,10 @@ class Trainer:
     def _eval_step(self, params, batch: Batch):
         """Sums for one eval batch. Each row's mask depends only on the eval seed and the row's identity in the
         validation set (batch["row_ids"]), never on the batch size, the device count or where in a batch it sits."""
+        with partitioning.use_mesh(self.mesh):
+            return self._eval_sums(params, batch)
+
+    def _eval_sums(self, params, batch: Batch):
         masked = self._mask(jax.random.key(self.step_config.eval_seed), 0, batch, self.step_config.eval_masking,
                             row_ids=batch["row_ids"])
         inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "row_ids")}

@@ -1,0 +1,76 @@
+"""The table of docs/tpu.md: for each shipped config and TPU chip, the largest per-device batch whose train step
+fits one chip's HBM, without and with remat (`--remat_policy full`), found by compiling the real train step for a
+4-chip slice (`flax_bert.tpu_compile.find_batch`; compile only, needs libtpu: pip install "flax-bert[tpu]").
+
+    python benchmarks/compile_table.py --configs roberta-base bert-base --chips v5e --json table.json
+
+Each cell costs several compiles of minutes each on a small machine: results go into --json as they come, and a
+second run skips the cells already there. Cells are found within --precision (0.25: the answer is at least 80% of
+the true largest batch); the gradient accumulation is 1 (accumulation adds one gradient buffer, not activations).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from flax_bert import tpu_compile  # noqa: E402
+
+CHIPS = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+CONFIGS = ("bert-base", "bert-large", "roberta-base", "roberta-large", "modernbert-base", "modernbert-large")
+
+
+def cell(config: str, topology: str, remat: str, precision: float, start: int) -> int:
+    _, run = tpu_compile.parse([config, "--topology", topology, "--no_eval"])
+    run = dataclasses.replace(run, remat_policy=remat, gradient_accumulation_steps=1)
+
+    def heard(batch, report):
+        print(f"    {config} {topology} remat {remat}: {batch} rows {'fit' if report.fits else 'do not fit'} "
+              f"({report.train.total / 2 ** 30:.2f} of {report.hbm / 2 ** 30:.2f} GiB)", flush=True)
+
+    return tpu_compile.find_batch(run, topology, precision=precision, start=start, on_try=heard)
+
+
+def markdown(results: dict) -> str:
+    lines = ["| config | tokens | " + " | ".join(f"{chip} (no remat / remat full)" for chip in CHIPS) + " |",
+             "|---|---|" + "---|" * len(CHIPS)]
+    for config in CONFIGS:
+        row = [results.get(f"{config}|{chip}|{remat}") for chip in CHIPS for remat in ("none", "full")]
+        if not any(value is not None for value in row):
+            continue
+        length = results.get(f"{config}|tokens", "")
+        cells = [f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in zip(row[::2], row[1::2])]
+        lines.append(f"| {config} | {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--chips", nargs="+", default=list(CHIPS), choices=list(CHIPS))
+    parser.add_argument("--remat", nargs="+", default=["none", "full"], choices=["none", "full"])
+    parser.add_argument("--precision", type=float, default=0.25)
+    parser.add_argument("--start", type=int, default=8, help="the first batch tried")
+    parser.add_argument("--json", default="compile_table.json", help="results so far (read and extended)")
+    args = parser.parse_args()
+    path = pathlib.Path(args.json)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for config in args.configs:
+        results[f"{config}|tokens"] = tpu_compile.parse([config, "--topology", "v5e:2x2"])[1].max_seq_length
+        for chip in args.chips:
+            for remat in args.remat:
+                key = f"{config}|{chip}|{remat}"
+                if key not in results:
+                    results[key] = cell(config, CHIPS[chip], remat, args.precision, args.start)
+                    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

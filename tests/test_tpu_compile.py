@@ -1,0 +1,95 @@
+"""`flax-bert compile`: topology names, the HLO reader, and the tiny config compiled for a 4-chip v5e (with
+libtpu; skipped with the reason without it): report, JSON, HLO, exit codes."""
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+
+from flax_bert import cli, tpu_compile
+from flax_bert.tpu_compile import batch_collectives, collective_summary, collectives, parse_topology
+
+NEEDS_LIBTPU = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='compiling for a TPU needs libtpu: pip install "flax-bert[tpu]"')
+TINY = ["configs/tiny.yaml", "--topology", "v5e:2x2", "--attention", "xla", "--num_hidden_layers", "1",
+        "--max_seq_length", "64", "--no_eval"]
+
+
+def test_topology_names():
+    assert parse_topology("v5e:2x2") == ("v5e:2x2", "default")
+    assert parse_topology("v5litepod-16") == ("v5e:4x4", "default")
+    assert parse_topology("v5litepod-8") == ("v5e:2x4", "default")
+    assert parse_topology("v4-8") == ("v4:2x2x1", "megacore")   # v4 types count TensorCores: 4 chips
+    assert parse_topology("v4-32") == ("v4:2x2x4", "megacore")
+    assert parse_topology("v5p-128") == ("v5p:4x4x4", "default")
+    assert parse_topology("v6e-256") == ("v6e:16x16", "default")
+    with pytest.raises(tpu_compile.TopologyError, match="v5litepod-16"):
+        parse_topology("v9-8")
+
+
+HLO = """HloModule m
+%cond (p: (s32[], f32[8,4])) -> pred[] {
+  %c = s32[]{:T(128)} constant(12)
+  ROOT %lt = pred[] compare(%gte, %c), direction=LT
+}
+%body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %ag = bf16[64,1024]{1,0} all-gather(%x), dimensions={0}
+  %ars = (f32[16,24,64]{2,1,0}, f32[16,24,64]{2,1,0}) all-reduce-start(%y), to_apply=%add
+  %ard = f32[16,24,64]{2,1,0} all-reduce-done(%ars)
+}
+ENTRY %main (a: f32[8,4]) -> f32[8,4] {
+  %w = (s32[], f32[8,4]) while(%t), condition=%cond, body=%body
+  %rs = f32[2,4]{1,0} reduce-scatter(%z), dimensions={0}
+}
+"""
+
+
+def test_hlo_reader_counts_loop_bodies_by_their_trip_count():
+    found = collectives(HLO)
+    assert collective_summary(found) == {"all-gather": {"count": 12, "bytes": 12 * 64 * 1024 * 2},
+                                         "all-reduce": {"count": 12, "bytes": 12 * 16 * 24 * 64 * 4},
+                                         "reduce-scatter": {"count": 1, "bytes": 32}}
+    assert [c["shape"] for c in batch_collectives(found, 16, 24)] == [(16, 24, 64)]
+
+
+def test_without_libtpu_one_line_names_the_extra(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(tpu_compile.importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    assert cli.main(["compile", *TINY]) == 1
+    assert capsys.readouterr().err.strip() == 'error: compiling for a TPU needs libtpu: pip install "flax-bert[tpu]"'
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    args, run = tpu_compile.parse(TINY)
+    return tpu_compile.compile_run(run, args.topology, with_eval=False)
+
+
+@NEEDS_LIBTPU
+def test_tiny_config_compiles_for_v5e(tiny_report, tmp_path, monkeypatch, capsys):
+    assert tiny_report.devices == 4 and tiny_report.device_kind == "TPU v5 lite"
+    assert tiny_report.hbm > 15 * 2 ** 30 and tiny_report.fits
+    assert "all-reduce" in tiny_report.train.collectives  # data parallel: the gradients are summed
+    monkeypatch.setattr(tpu_compile, "compile_run", lambda *a, **k: tiny_report)
+    assert cli.main(["compile", *TINY, "--json", str(tmp_path / "r.json"), "--hlo", str(tmp_path / "r.hlo")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    for key in ("fits", "hbm_bytes_per_device", "bytes_per_device", "flops_per_step", "collectives",
+                "compile_seconds", "topology", "mesh"):
+        assert key in report
+    assert set(report["bytes_per_device"]) >= {"arguments", "temporaries", "outputs", "total"}
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert "HloModule" in (tmp_path / "r.hlo").read_text()
+    capsys.readouterr()
+    small_chip = dataclasses.replace(tiny_report, hbm=tiny_report.train.total // 2)
+    monkeypatch.setattr(tpu_compile, "compile_run", lambda *a, **k: small_chip)
+    assert cli.main(["compile", *TINY]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("does not fit: ") and "--per_device_train_batch_size 8" in last and "--remat_policy full" in last
+
+
+@NEEDS_LIBTPU
+def test_accelerator_types_and_slices_give_their_chips():
+    assert len(tpu_compile.topology_devices("v4-32")) == 16  # 32 TensorCores, one device per chip
+    assert len(tpu_compile.topology_devices("v5p-128")) == 64
+    two_slices = tpu_compile.topology_devices("v5e:2x2", num_slices=2)
+    assert len(two_slices) == 8 and {d.slice_index for d in two_slices} == {0, 1}
