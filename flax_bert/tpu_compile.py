@@ -432,8 +432,7 @@ def build_parser():
 
 def parse(argv):
     """(compile options, RunConfig): ours first, the rest as `flax-bert train` reads them."""
-    from flax_bert.bench import resolve_config_path
-    from flax_bert.run.config import parse_run_config
+    from flax_bert.run.config import parse_run_config, resolve_config_file
 
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
@@ -442,7 +441,7 @@ def parse(argv):
         parse_run_config(["--help"], prog="flax-bert compile")
     args, rest = build_parser().parse_known_args(argv)
     if rest and not rest[0].startswith("-"):
-        rest[0] = str(resolve_config_path(rest[0]))  # a name in configs/ as bench takes it
+        rest[0] = str(resolve_config_file(rest[0]))  # a name in configs/ as every command takes it
     run = parse_run_config(rest, prog="flax-bert compile",
                            defaults={"do_train": True, "do_eval": True, "output_dir": "(compile only)"})
     if run.max_seq_length is None:

@@ -39,7 +39,7 @@ def stored_model(trainer) -> dict:
 
 # ----------------------------------------------------------------------------- 1. options reach the run
 CONTINUED_MODEL = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.05, "dtype": "bfloat16",
-                   "scan_layers": False, "remat_policy": "full"}
+                   "scan_layers": False, "remat_policy": "full", "attention": "xla"}
 
 
 def flags(options: dict) -> list[str]:
