@@ -300,6 +300,27 @@ def _build_in_another_process(tokenizer_dir: str, train_file: str, cache_dir: st
     return [rows.shards[s].num_tokens for s in range(4)]
 
 
+def test_a_growing_batch_is_the_same_for_any_number_of_processes_and_resumes_exactly(bpe, small_txt, tmp_path):
+    """A batch-size warmup: the global batch is a function of the batch index (4, 4, 8, 8, 12 ...)."""
+    args = DataArgs(train_file=str(small_txt), cache_dir=str(tmp_path), max_seq_length=64, data_shards=4)
+    sizes = lambda b: min(4 * (1 + b // 2), 16)  # noqa: E731
+    one = processes(args, bpe, 1)
+    whole, _ = global_batches(one, sizes, 9)
+    assert [len(batch["row"]) for batch in whole] == [4, 4, 8, 8, 12, 12, 16, 16, 16]
+    two, _ = global_batches(processes(args, bpe, 2), sizes, 9)
+    for want, got in zip(whole, two):
+        np.testing.assert_array_equal(got["row"], want["row"])
+    _, state = global_batches(one, sizes, 5)  # stopped in the middle of the warmup
+    resumed, _ = global_batches(processes(args, bpe, 2), sizes, 4, state=state)
+    for want, got in zip(whole[5:], resumed):
+        np.testing.assert_array_equal(got["row"], want["row"])
+    # every shard is read in order without a row skipped or repeated while the batch grows
+    for shard in range(4):
+        read = np.concatenate([batch["row"][np.asarray(batch["row"])[:, 0] // 1_000_000 == shard, 0] for batch in whole])
+        count = len(one[0].shards[shard])
+        assert len(set(read[:count].tolist())) == min(len(read), count)
+
+
 def test_processes_sharing_a_cold_cache_agree(bpe, small_txt, tmp_path):
     import concurrent.futures
     import multiprocessing

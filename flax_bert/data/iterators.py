@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -78,12 +79,13 @@ def _row_log_path(process_index: int) -> str | None:
 class ShardedBatchIterator:
     """Endless iterator over this process's rows of each global batch, read from its own shards."""
 
-    def __init__(self, rows, global_batch_size: int, *, seed: int = 0, shuffle: bool = True):
-        self.rows, self.global_batch_size, self.seed, self.shuffle = rows, global_batch_size, seed, shuffle
-        self.local_batch_size = _local_batch_size(global_batch_size, rows.process_count)
+    def __init__(self, rows, global_batch_size: int | Callable[[int], int], *, seed: int = 0, shuffle: bool = True):
+        """`global_batch_size`: rows per global batch, or batch index -> rows (a batch-size warmup)."""
+        self.rows, self.seed, self.shuffle = rows, seed, shuffle
+        self.batch_size_at = global_batch_size if callable(global_batch_size) else lambda _: global_batch_size
+        self._layouts: dict[int, tuple[int, np.ndarray]] = {}  # global batch -> (local batch, rows from each shard)
         num_shards = rows.num_shards
-        check_data_shards(num_shards, rows.process_count, global_batch_size)
-        self.slots = shard_slots(num_shards, global_batch_size)
+        self.layout(self.batch_size_at(0))  # a batch that does not split fails here, before any work
         self.own = owned_shards(num_shards, rows.process_index, rows.process_count)
         empty = [s for s in self.own if s not in rows.shards]
         if empty:
@@ -92,6 +94,14 @@ class ShardedBatchIterator:
         self.batches, self.positions = 0, np.zeros(num_shards, np.int64)
         self._orders: dict[int, tuple[int, np.ndarray]] = {}
         self._row_log = _row_log_path(rows.process_index)
+
+    def layout(self, global_batch_size: int) -> tuple[int, np.ndarray]:
+        """(this process's rows, rows from each shard) of a global batch of this size."""
+        if global_batch_size not in self._layouts:
+            local = _local_batch_size(global_batch_size, self.rows.process_count)
+            check_data_shards(self.rows.num_shards, self.rows.process_count, global_batch_size)
+            self._layouts[global_batch_size] = local, shard_slots(self.rows.num_shards, global_batch_size)
+        return self._layouts[global_batch_size]
 
     def state_dict(self) -> dict:
         return {"data_shards": int(self.rows.num_shards), "batches": int(self.batches),
@@ -131,14 +141,15 @@ class ShardedBatchIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         parts, read = [], []
+        _, slots = self.layout(self.batch_size_at(self.batches))
         for shard in self.own:
-            indices = self._take(shard, int(self.positions[shard]), int(self.slots[shard]))
+            indices = self._take(shard, int(self.positions[shard]), int(slots[shard]))
             parts.append(self.rows.shards[shard].gather(indices))
             read.extend([shard, int(i)] for i in indices)
         if self._row_log:
             with open(self._row_log, "a") as log:
                 log.write(json.dumps({"batch": self.batches, "rows": read}) + "\n")
-        self.positions += self.slots
+        self.positions += slots
         self.batches += 1
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 

@@ -118,8 +118,9 @@ class ShardedRows:
     def num_tokens(self) -> int:
         return sum(rows.num_tokens for rows in self.shards.values())
 
-    def iterator(self, global_batch_size: int, *, seed: int = 0, shuffle: bool = True) -> ShardedBatchIterator:
-        """Endless training batches (this process's rows of each global batch)."""
+    def iterator(self, global_batch_size, *, seed: int = 0, shuffle: bool = True) -> ShardedBatchIterator:
+        """Endless training batches (this process's rows of each global batch); `global_batch_size` may be a
+        function of the batch index (a batch-size warmup)."""
         return ShardedBatchIterator(self, global_batch_size, seed=seed, shuffle=shuffle)
 
     def eval_batches(self, global_batch_size: int):

@@ -19,6 +19,7 @@ from flax_bert.data.pipeline import (DataArgs, StreamingRows, build_datasets, ch
                             resolve_data_shards, validation_shards)
 from flax_bert.models import family
 from flax_bert.training.optim import make_optimizer
+from flax_bert.training.phases import BatchWarmup, Phase, PhaseError, TrainingPlan, make_plan, parse_phases
 from flax_bert.run.config import RunConfig, fresh_model_config, model_overrides
 from flax_bert.training.sharding import make_mesh
 from flax_bert.training.step import MaskingConfig, StepConfig, Trainer
@@ -228,13 +229,85 @@ def count_total_steps(run: RunConfig, train_rows, global_batch: int) -> int:
     return max(1, math.ceil(run.num_train_epochs * steps_per_epoch))
 
 
-def build_trainer(run: RunConfig, model_config: ModelConfig, tokenizer, mesh, total_steps: int) -> Trainer:
-    """The optimizer with its schedule, the masking of training and evaluation, and the jitted steps."""
-    tx, schedule = make_optimizer(
-        learning_rate=run.learning_rate, warmup_steps=min(run.warmup_steps, total_steps - 1),
+# ----------------------------------------------------------------------------- phases and the batch-size warmup
+def decide_phases(run: RunConfig, model_config: ModelConfig) -> list[Phase] | None:
+    """The run's phases, checked against the model: a RoPE theta needs ModernBERT, a length the positions."""
+    if not run.phases:
+        return None
+    phases = parse_phases(run.phases, max_seq_length=run.max_seq_length, mlm_probability=run.mlm_probability)
+    for phase in phases:
+        if phase.global_rope_theta is not None and model_config.model_type != "modernbert":
+            raise PhaseError(f"phases[{phase.index}] sets global_rope_theta, which only ModernBERT has (this is a "
+                             f"{model_config.model_type} model): drop it")
+        if model_config.model_type != "modernbert" and phase.max_seq_length > model_config.max_sequence_length:
+            raise PhaseError(f"phases[{phase.index}]: max_seq_length {phase.max_seq_length} exceeds the "
+                             f"{model_config.max_sequence_length} positions of this {model_config.model_type} model "
+                             "(a learned table): lower it, or start from a model with more max_position_embeddings")
+    return phases
+
+
+def phase_global_batch(run: RunConfig, phase: Phase) -> int:
+    """Rows per step in a phase: its per-device rows and accumulation steps, else the run's."""
+    return ((phase.per_device_train_batch_size or run.per_device_train_batch_size) * jax.device_count()
+            * (phase.gradient_accumulation_steps or run.gradient_accumulation_steps))
+
+
+def decide_batch_warmup(run: RunConfig, global_batch: int, phases: list[Phase] | None) -> BatchWarmup | None:
+    """The batch-size warmup, in multiples of the data-parallel width (devices x gradient_accumulation_steps, of
+    every phase): towards the first phase's global batch."""
+    if not run.batch_size_warmup_tokens:
+        return None
+    steps = [run.gradient_accumulation_steps] + [p.gradient_accumulation_steps or 1 for p in phases or []]
+    unit = jax.device_count() * math.lcm(*steps)
+    full = phase_global_batch(run, phases[0]) if phases else global_batch
+    return BatchWarmup.checked(run.batch_size_warmup_start, full, run.batch_size_warmup_tokens, unit)
+
+
+def phase_model_config(model_config: ModelConfig, phase: Phase) -> ModelConfig:
+    """The model a phase trains: its RoPE theta, and (ModernBERT, whose positions have no table) positions for
+    its rows, which the exported config.json then states."""
+    changes = {}
+    if phase.global_rope_theta is not None:
+        changes["global_rope_theta"] = phase.global_rope_theta
+    if model_config.model_type == "modernbert" and phase.max_seq_length > model_config.max_position_embeddings:
+        changes["max_position_embeddings"] = phase.max_seq_length
+    return model_config.replace(**changes) if changes else model_config
+
+
+def plan_training(run: RunConfig, phases: list[Phase] | None, warmup: BatchWarmup | None, global_batch: int,
+                  train_rows=None) -> TrainingPlan:
+    """Every step's phase and global batch. Without phases the run ends at --max_steps, else after
+    --num_train_epochs of the training rows (counted in rows, so a batch-size warmup takes more steps)."""
+    common = dict(max_seq_length=run.max_seq_length, mlm_probability=run.mlm_probability)
+    if phases:
+        return make_plan(phases, global_batch, warmup, **common)
+    if not run.do_train:
+        return make_plan(None, global_batch, None, total_steps=1, **common)
+    if warmup is None or run.max_steps > 0:
+        return make_plan(None, global_batch, warmup, total_steps=count_total_steps(run, train_rows, global_batch), **common)
+    rows = math.ceil(run.num_train_epochs * distributed.process_sum(train_rows.local_rows))
+    return make_plan(None, global_batch, warmup, total_tokens=rows * run.max_seq_length, **common)
+
+
+def build_optimizer(run: RunConfig, plan: TrainingPlan):
+    """(optax transformation, learning-rate schedule): the phases' schedule where they name one."""
+    total_steps = plan.total_steps
+    return make_optimizer(
+        learning_rate=run.learning_rate, warmup_steps=min(run.warmup_steps, max(total_steps - 1, 0)),
         total_steps=total_steps, schedule=run.lr_scheduler_type, optimizer=run.optimizer,
         b1=run.adam_beta1, b2=run.adam_beta2, eps=run.adam_epsilon, weight_decay=run.weight_decay,
-        max_grad_norm=run.max_grad_norm or None, decay_fraction=run.wsd_decay_fraction)
+        max_grad_norm=run.max_grad_norm or None, decay_fraction=run.wsd_decay_fraction,
+        schedule_fn=plan.learning_rate_schedule(run.learning_rate))
+
+
+def build_trainer(run: RunConfig, model_config: ModelConfig, tokenizer, mesh, total_steps: int | None = None, *,
+                  optimizer=None) -> Trainer:
+    """The masking of training and evaluation and the jitted steps, with `optimizer` (tx, schedule) or one
+    built for `total_steps`. `run` holds the phase's max_seq_length and mlm_probability."""
+    if optimizer is None:
+        optimizer = build_optimizer(run, make_plan(None, 1, None, total_steps=total_steps,
+                                                   max_seq_length=run.max_seq_length, mlm_probability=run.mlm_probability))
+    tx, schedule = optimizer
     masking = MaskingConfig.from_tokenizer(tokenizer, mlm_probability=run.mlm_probability,
                                            max_seq_length=run.max_seq_length, whole_word_masking=run.whole_word_masking)
     step_config = StepConfig(masking=masking, seed=run.seed, objective=run.objective,

@@ -86,6 +86,14 @@ class RunConfig:
     eval_mlm_probability: float | None = _field(None, "fraction selected in evaluation (default: --mlm_probability, as "
                                                 "the old script; published ModernBERT/MosaicBERT numbers use 0.15)")
     whole_word_masking: bool = _field(False, "mask every sub-word of a selected word together")
+    phases: list | None = _field(None, "training phases, a YAML list (docs/phases.md): each ends at until_step or "
+                                 "until_tokens and may set max_seq_length, global_rope_theta (ModernBERT), "
+                                 "mlm_probability, its learning rate (schedule: warmup|stable|decay, decay_shape: "
+                                 "linear|1-sqrt) and mixture weights; the last one ends the run")
+    batch_size_warmup_tokens: int = _field(0, "grow the global batch from --batch_size_warmup_start rows to the full "
+                                           "batch linearly over this many tokens (rows x max_seq_length); 0: off")
+    batch_size_warmup_start: int | None = _field(None, "the global batch, in rows, that a batch-size warmup starts "
+                                                 "from (a multiple of devices x gradient_accumulation_steps)")
     objective: str = _field("mlm", "training objective; mlm+nsp adds BERT's next-sentence prediction", ["mlm", "mlm+nsp"])
     preprocessing_num_workers: int | None = _field(None, "tokenizer threads (default: all cores); in `flax-bert prepare`, worker processes")
     streaming: bool = _field(False, "stream the dataset instead of loading it (corpora larger than disk or memory)")
@@ -204,13 +212,33 @@ def check_run_config(run: RunConfig) -> RunConfig:
         (not (run.token and run.use_auth_token), "--token and --use_auth_token both given: pass only --token"),
         (not (run.adafactor and run.optimizer != "adafactor"),
          f"--adafactor and --optimizer {run.optimizer} both given: choose one"),
+        (not (run.phases and run.max_steps > 0), "phases decide the run's length (the last one's until_step or "
+         "until_tokens): drop max_steps"),
+        (run.batch_size_warmup_tokens >= 0, "--batch_size_warmup_tokens must be >= 0"),
+        (not run.batch_size_warmup_tokens or run.batch_size_warmup_start,
+         "--batch_size_warmup_tokens needs --batch_size_warmup_start ROWS, the global batch it starts from"),
+        (not run.batch_size_warmup_start or run.batch_size_warmup_tokens,
+         "--batch_size_warmup_start needs --batch_size_warmup_tokens N, the tokens over which the batch grows"),
+        (not (run.batch_size_warmup_tokens and run.streaming),
+         "a batch-size warmup needs the cached pipeline: drop --streaming (or the warmup)"),
         (run.use_fast_tokenizer, "--use_fast_tokenizer false is not supported: packing and whole-word masking need "
                                   "the fast (Rust) tokenizer; drop the flag"),
     ]
     for ok, message in checks:
         if not ok:
             raise RunConfigError(message)
+    if run.phases is not None:
+        _check_phases(run)
     return run
+
+
+def _check_phases(run: RunConfig) -> None:
+    from flax_bert.training.phases import parse_phases
+
+    phases = parse_phases(run.phases, max_seq_length=run.max_seq_length or 512, mlm_probability=run.mlm_probability)
+    if phases[0].schedule and (run.warmup_steps or run.lr_scheduler_type != "linear"):
+        raise RunConfigError("the phases set the learning-rate schedule (schedule: warmup|stable|decay): drop "
+                             "--warmup_steps and --lr_scheduler_type")
 
 
 def _str2bool(value: str) -> bool:
@@ -233,10 +261,21 @@ def integer(value: str) -> int:
     return int(number)
 
 
+def yaml_list(value: str) -> list:
+    """A list option given as a flag: inline YAML, e.g. --phases '[{until_step: 100}, {until_step: 200}]'."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = None
+    if not isinstance(parsed, list):
+        raise argparse.ArgumentTypeError(f"expected a YAML list such as '[{{until_step: 100}}]', got {value!r}")
+    return parsed
+
+
 def _parser_type(hint) -> Any:
-    """bool / int / float / str, looking through `X | None`."""
+    """bool / int / float / list / str, looking through `X | None`."""
     kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
-    return {bool: _str2bool, int: int, float: float}.get(kinds[0], str)
+    return {bool: _str2bool, int: int, float: float, list: yaml_list}.get(kinds[0], str)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -322,7 +361,7 @@ def _yaml_number(value: Any, kind) -> Any:
     return number
 
 
-_TYPE_NAMES = {_str2bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPE_NAMES = {_str2bool: "true or false", int: "an integer", float: "a number", str: "a string", yaml_list: "a list"}
 
 
 def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
@@ -339,7 +378,7 @@ def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     for name, value in list(values.items()):
         kind = _parser_type(hints[name])
         value = values[name] = _yaml_number(value, kind)
-        expected = {_str2bool: bool, int: int, float: (int, float), str: str}[kind]
+        expected = {_str2bool: bool, int: int, float: (int, float), str: str, yaml_list: list}[kind]
         if value is not None and (not isinstance(value, expected) or (kind is not _str2bool and isinstance(value, bool))):
             raise RunConfigError(f"{file}: {name} must be {_TYPE_NAMES[kind]}, got {value!r}")
         choices = fields[name].metadata["choices"]

@@ -63,7 +63,8 @@ def model_card(model, tokenizer, run: dict, steps: int, global_batch: int, eval_
         params=count_parameters(model), data=data, objective=run.get("objective", "mlm"),
         wwm=" with whole-word masking" if run.get("whole_word_masking") else "",
         mlm_probability=run.get("mlm_probability"), steps=steps, global_batch=global_batch,
-        seq_len=run.get("max_seq_length"), tokens_seen=steps * global_batch * int(run.get("max_seq_length") or 0),
+        seq_len=run.get("max_seq_length"),
+        tokens_seen=run.get("tokens_seen") or steps * global_batch * int(run.get("max_seq_length") or 0),
         optimizer=run.get("optimizer"), learning_rate=run.get("learning_rate"), scheduler=run.get("lr_scheduler_type"),
         warmup=run.get("warmup_steps"), eval_table=eval_table, load_path=load_path,
         mask=getattr(tokenizer, "mask_token", "<mask>") or "<mask>")
@@ -106,8 +107,10 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
     step = int(gathered_on_every_process(job.final_state.step))
     if not job.is_main:
         return None
-    model = job.trainer.model(params)
-    folder = write_model_folder(model, job.output_dir, job.tokenizer, job.run.to_dict(), step, job.global_batch,
+    model = job.trainer.model(params)  # the last phase's model: its RoPE theta and positions
+    # the last phase's length and rates (what evaluating the export scores), and the tokens its phases trained
+    run = {**job.phase_run.to_dict(), "tokens_seen": job.plan.tokens_until(step)}
+    folder = write_model_folder(model, job.output_dir, job.tokenizer, run, step, job.plan.global_batch_at(step - 1),
                                 eval_results, overwrite=True)
     log.info("exported the final model (step %d) to %s", step, folder)
     if job.run.push_to_hub:

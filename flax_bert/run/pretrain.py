@@ -23,11 +23,14 @@ from flax_bert.data.streaming import states_of_every_process
 from flax_bert.models import model_class_for
 from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
-from flax_bert.run.build import (build_data, build_trainer, claim_output_dir, count_total_steps, decide_data_shards,
-                                 decide_model, hub_options, record_options, resolve_tokenizer, start_processes)
+from flax_bert.run.build import (build_data, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
+                                 decide_data_shards, decide_model, decide_phases, hub_options, phase_global_batch,
+                                 phase_model_config,
+                                 plan_training, record_options, resolve_tokenizer, start_processes)
 from flax_bert.run.config import RunConfig, model_overrides
 from flax_bert.training import distributed, host_allocator
 from flax_bert.training.metrics import MetricsWriter
+from flax_bert.training.phases import Phase, make_plan
 from flax_bert.training.peak_flops import device_peak_flops, peak_at_least, step_flops_per_token, total_peak_flops
 from flax_bert.training.sharding import BATCH_AXES
 from flax_bert.training.step import NonFiniteLossError, check_finite, eval_summary
@@ -63,14 +66,24 @@ class Run:
         start_dir = (storage.parent(storage.parent(self.start.path))
                      if self.start.kind == "checkpoint" and self.start.source != "output_dir" else None)
         self.tokenizer = resolve_tokenizer(run, self.output_dir, start_dir)
-        self.run, self.model_config = decide_model(run, self.tokenizer, self.start)
+        self.run, self.base_model_config = decide_model(run, self.tokenizer, self.start)
         self.micro_batch = self.run.per_device_train_batch_size * jax.device_count()
         self.global_batch = self.micro_batch * self.run.gradient_accumulation_steps
-        self.run = decide_data_shards(self.run, self.global_batch)
-        self.train_rows, self.eval_rows = build_data(self.run, self.tokenizer, self.global_batch)
+        phases = decide_phases(self.run, self.base_model_config)
+        warmup = decide_batch_warmup(self.run, self.global_batch, phases)
+        batches = [phase_global_batch(self.run, p) for p in phases or []] + [self.global_batch]
+        self.smallest_batch = warmup.start_rows if warmup else min(batches)  # every shard fills a row of each batch
+        self.run = decide_data_shards(self.run, self.smallest_batch)
+        self._rows: dict[int, tuple] = {}  # max_seq_length -> (training rows, validation rows)
+        plan = make_plan(phases, lambda phase: phase_global_batch(self.run, phase), warmup,
+                         max_seq_length=self.run.max_seq_length, mlm_probability=self.run.mlm_probability) if phases else None
+        first = plan.phase_at(self.start.step).max_seq_length if plan else self.run.max_seq_length
+        self.train_rows, self.eval_rows = self.rows_for(first)
         record_options(self.run, self.output_dir)  # the inputs opened: this is the run's directory now
-        self.total_steps = count_total_steps(self.run, self.train_rows, self.global_batch) if run.do_train else 1
-        self.trainer = build_trainer(self.run, self.model_config, self.tokenizer, self.mesh, self.total_steps)
+        self.plan = plan or plan_training(self.run, None, warmup, self.global_batch, self.train_rows)
+        self.total_steps = self.plan.total_steps
+        self.optimizer = build_optimizer(self.run, self.plan)
+        self.enter_phase(self.plan.phase_at(self.start.step), announce=False)
         if self.is_main and run.do_train:
             ckpt_lib.claim_written(self.output_dir, "metrics.jsonl", "tensorboard")
         self.checkpoints = ckpt_lib.Checkpointer(self.output_dir, save_steps=run.save_steps,
@@ -81,29 +94,84 @@ class Run:
         self.downstream = downstream if run.downstream_eval else None
         self.last_evaluation: tuple[int, dict] | None = None  # (step, results) of the loop's latest evaluation
 
+    def rows_for(self, max_seq_length: int) -> tuple:
+        """(training rows, validation rows) packed at this length: built (or read from the cache) once."""
+        if max_seq_length not in self._rows:
+            run = dataclasses.replace(self.run, max_seq_length=max_seq_length)
+            self._rows[max_seq_length] = build_data(run, self.tokenizer, self.smallest_batch)
+        return self._rows[max_seq_length]
+
+    def enter_phase(self, phase: Phase, announce: bool = True) -> None:
+        """The model, rows and jitted steps of a phase (see flax_bert.training.phases)."""
+        self.phase = phase
+        if announce:
+            log.info("entering %s", phase.describe())
+        self.model_config = phase_model_config(self.base_model_config, phase)
+        self.train_rows, self.eval_rows = self.rows_for(phase.max_seq_length)
+        rates = dict(max_seq_length=phase.max_seq_length, mlm_probability=phase.mlm_probability,
+                     per_device_train_batch_size=phase.per_device_train_batch_size or self.run.per_device_train_batch_size,
+                     gradient_accumulation_steps=phase.gradient_accumulation_steps or self.run.gradient_accumulation_steps)
+        if self.run.eval_mlm_probability is None and phase.mlm_probability != self.run.mlm_probability:
+            rates["eval_mlm_probability"] = self.run.mlm_probability  # one evaluation rate through every phase
+        self.phase_run = dataclasses.replace(self.run, **rates)
+        self.trainer = build_trainer(self.phase_run, self.model_config, self.tokenizer, self.mesh,
+                                     optimizer=self.optimizer)
+
     def _global(self, local_batch: dict) -> dict:
         return make_global_batch(local_batch, self.mesh, (BATCH_AXES,))
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
-        run = self.run
         state, data_state = initial_state(self)
-        iterator = self.train_rows.iterator(self.global_batch, seed=run.seed)
-        if data_state:
-            iterator.load_state_dict(data_state)
         step = int(state.step)
         self.final_state = state
         if step >= self.total_steps:
             log.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return {"step": step}
-        peak, flops = self._log_training_start()
-        progress = _progress_bar(self.is_main and run.progress_bar, step, self.total_steps)
-        window = _Window()
-        pending = None  # (step, metrics on device, local tokens, wait): checked after the next step is dispatched
-        bundle_config = self._bundle_config()  # the same every step: built once, outside the loop
-        with ckpt_lib.PreemptionGuard() as guard, Prefetcher(iterator, transform=self._device_batch) as batches:
+        self._log_training_start(step)
+        progress = _progress_bar(self.is_main and self.run.progress_bar, step, self.total_steps)
+        with ckpt_lib.PreemptionGuard() as guard:
+            while step < self.total_steps and not guard.stopped:
+                phase = self.plan.phase_at(step)
+                if phase is not self.phase:
+                    self.enter_phase(phase)
+                state, step, data_state = self._train_phase(state, step, data_state, guard, progress)
+        progress.close()
+        self.checkpoints.wait()
+        if guard.stopped:  # agreed by every process, not only the one that got the signal
+            log.info("stopped by a signal at step %d; checkpoint saved in %s — run the same command to resume",
+                     step, self.checkpoints.directory)
+            return {"step": step, "preempted": True}
+        self.final_state = state
+        return {"step": step}
+
+    def _phase_batches(self, step: int, data_state: dict | None):
+        """The phase's batches from `step` on: its rows' iterator (begun where those rows were first read: batch b
+        trains step start + b), positioned by the checkpoint when it was saved on these rows."""
+        start = self.plan.rows_start(step)
+        first = self.plan.phase_at(start)
+        seed = self.run.seed + (first.index if start else 0)  # rows re-packed for a new length: a new order
+        if isinstance(self.train_rows, StreamingRows):
+            iterator = self.train_rows.iterator(self.plan.global_batch_at(step), seed=seed)
+        else:
+            iterator = self.train_rows.iterator(self.plan.batch_sizes(start), seed=seed)
+        if data_state and "trained" in data_state:  # saved before phases existed: one phase, one batch
+            self.plan.check_continues(data_state["trained"], step)
+        if data_state and step > start:
+            iterator.load_state_dict({k: v for k, v in data_state.items() if k not in ("phase", "trained")})
+        return iterator
+
+    def _train_phase(self, state, step: int, data_state: dict | None, guard, progress):
+        """Steps of the current phase until it ends (or a stop); returns (state, step, data position): a next phase
+        on the same rows reads on from there."""
+        end = self.plan.phase_end(self.phase.index)
+        peak, flops = device_peak_flops(self.model_config.dtype)[0], self._flops_per_token()
+        window, pending = _Window(), None  # pending: (step, metrics on device, tokens, wait), checked one step late
+        bundle_config = self._bundle_config()  # the same every step of the phase: built once, outside the loop
+        iterator = self._phase_batches(step, data_state)
+        with Prefetcher(iterator, transform=self._device_batch) as batches:
             compile_start = time.perf_counter()
-            while step < self.total_steps:
+            while step < end:
                 batch, tokens = next(batches)
                 state, metrics = self.trainer.train_step(state, batch)
                 step += 1
@@ -131,14 +199,7 @@ class Run:
                     self._save(step, state, batches.state_dict(), bundle_config, eval_results)
                 if plan.stop:
                     break
-        progress.close()
-        self.checkpoints.wait()
-        if guard.stopped:  # agreed by every process, not only the one that got the signal
-            log.info("stopped by a signal at step %d; checkpoint saved in %s — run the same command to resume",
-                     step, self.checkpoints.directory)
-            return {"step": step, "preempted": True}
-        self.final_state = state
-        return {"step": step}
+            return state, step, batches.state_dict()
 
     def plan_step(self, step: int, guard) -> StepPlan:
         """Every multi-host decision of a step, taken here and nowhere else, in one fixed order of collectives
@@ -152,19 +213,24 @@ class Run:
         evaluate = self._eval_due(step)
         every = self.run.downstream_eval_steps
         downstream = self.downstream is not None and (last or bool(every and step % every == 0))
-        return StepPlan(log=step % self.run.logging_steps == 0 or last, evaluate=evaluate,
+        phase_end = step == self.plan.phase_end(self.phase.index)  # its metrics are read before the next phase
+        return StepPlan(log=step % self.run.logging_steps == 0 or last or phase_end, evaluate=evaluate,
                         save=save_due or stop or last or (evaluate and self.run.keep_best), stop=stop,
                         downstream=downstream)
 
-    def _log_training_start(self) -> tuple[float, float]:
-        """Logs what the loop will do; returns (peak FLOP/s per device, FLOPs per token)."""
+    def _log_training_start(self, step: int) -> None:
+        """Logs what the loop will do: the device, the steps, the batch, the phases."""
         log.info("%s", host_allocator.describe())  # set (or not) when the process started
         peak, peak_source = device_peak_flops(self.model_config.dtype)
-        flops = step_flops_per_token(self.model_config, self.trainer.step_config.masking)
         log.info("training %s: %d steps, global batch %d x %d tokens on %d devices (mesh %s); peak %.3g FLOP/s/device (%s)",
-                 self.model_config.model_type, self.total_steps, self.global_batch, self.run.max_seq_length,
+                 self.model_config.model_type, self.total_steps, self.plan.global_batch_at(step), self.phase.max_seq_length,
                  jax.device_count(), dict(self.mesh.shape), peak, peak_source)
-        return peak, flops
+        if self.plan.has_phases or len(self.plan.distinct_batches()) > 1:
+            for line in self.plan.describe():
+                log.info("%s", line)
+
+    def _flops_per_token(self) -> float:
+        return step_flops_per_token(self.model_config, self.trainer.step_config.masking)
 
     def _log_compile(self, metrics, step: int, compile_start: float) -> None:
         jax.block_until_ready(metrics["loss"])
@@ -173,6 +239,9 @@ class Run:
 
     def _log_window(self, step: int, window: _Window, flops: float, peak: float, progress) -> None:
         record = window.summary(flops, total_peak_flops(peak))
+        record.update(global_batch_size=self.plan.global_batch_at(step - 1), max_seq_length=self.phase.max_seq_length,
+                      mlm_probability=self.phase.mlm_probability, phase=self.phase.index,
+                      tokens=self.plan.tokens_until(step))
         self.metrics.write(step, record)
         progress.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
         log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
@@ -196,7 +265,9 @@ class Run:
                  " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
 
     def _save(self, step: int, state, data_state: dict, bundle_config: dict, eval_results) -> None:
-        """Saves the step plan_step decided to save (a collective when streaming: every process's position)."""
+        """Saves the step plan_step decided to save (a collective when streaming: every process's position), with
+        the phase it was trained in."""
+        data_state = {**data_state, "phase": self.phase.index, "trained": self.plan.trained(step)}
         if isinstance(self.train_rows, StreamingRows):
             data_state = states_of_every_process(data_state)  # each process streams its own position
         self.checkpoints.save(step, state, data_state, bundle_config, metrics=eval_results, force=True)

@@ -189,16 +189,18 @@ def make_optimizer(
     weight_decay: float = 0.01,
     max_grad_norm: float | None = 1.0,
     decay_fraction: float = 0.1,
+    schedule_fn: Callable | None = None,
 ) -> tuple[optax.GradientTransformation, Callable]:
     """Return (transformation, schedule_fn). Defaults are RoBERTa's (b2=0.98, eps=1e-6); pass
-    b2=0.999 for BERT's. max_grad_norm None or 0 disables clipping."""
+    b2=0.999 for BERT's. max_grad_norm None or 0 disables clipping. `schedule_fn` (update count -> rate)
+    replaces the schedule the other arguments describe (training phases bring their own)."""
     if optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if weight_decay < 0:
         raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
     if max_grad_norm is not None and max_grad_norm < 0:
         raise InputError(f"max_grad_norm must be > 0 (or None/0 to disable clipping), got {max_grad_norm}")
-    schedule_fn = make_schedule(
+    schedule_fn = schedule_fn or make_schedule(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule,
         decay_fraction=decay_fraction,
     )
