@@ -93,43 +93,15 @@ def test_a_rope_theta_is_refused_for_bert_and_roberta():
 
 
 # ----------------------------------------------------------------------------- a tiny recipe, end to end
-RECIPE = """\
-model_type: modernbert
-hidden_size: 32
-num_hidden_layers: 2
-num_attention_heads: 2
-intermediate_size: 48
-local_attention: 16
-global_attn_every_n_layers: 2
-max_seq_length: 32
-per_device_train_batch_size: 4
-optimizer: stableadamw
-learning_rate: 3.0e-3
-max_grad_norm: 0
-batch_size_warmup_start: 2
-batch_size_warmup_tokens: 600
-phases:
-  - {name: short, until_tokens: 1200, global_rope_theta: 10000, mlm_probability: 0.3, schedule: warmup}
-  - {name: long, until_step: 24, max_seq_length: 64, global_rope_theta: 160000, mlm_probability: 0.15,
-     schedule: decay, decay_shape: 1-sqrt}
-save_steps: 4
-logging_steps: 2
-max_train_samples: 400
-do_train: true
-do_eval: true
-max_eval_samples: 20
-progress_bar: false
-"""
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     workspace = new_workspace(tmp_path_factory.mktemp("phases"))
-    config = workspace.root / "recipe.yaml"
-    config.write_text(RECIPE)
 
-    def command(out, *extra):
-        return [sys.executable, str(ROOT / "run_mlm_flax.py"), str(config), "--tokenizer_name",
+    def command(out, *extra):  # the shipped tiny recipe as it is, with the workspace's tokenizer and data cache
+        return [sys.executable, str(ROOT / "run_mlm_flax.py"), "modernbert-tiny-recipe", "--progress_bar", "false",
+                "--tokenizer_name",
                 str(workspace.tokenizer), "--cache_dir", str(workspace.cache), "--output_dir", str(out), *extra]
 
     reference = workspace.root / "uninterrupted"
@@ -205,3 +177,25 @@ def test_phases_may_change_on_resume_only_in_steps_still_to_come():
     with pytest.raises(PhaseError, match="change steps already trained \\(from step 0: the checkpoint trained them in "
                                          "phase 0 with 4 rows of 32 tokens\\): keep them as they were up to step 8"):
         shorter.check_continues(trained, 8)
+
+
+def test_the_shipped_modernbert_base_recipe_lays_out_the_published_phases():
+    from flax_bert.run.config import CONFIGS_DIR
+
+    run = parse_run_config([str(CONFIGS_DIR / "modernbert-base-recipe.yaml")])
+    phases = parse_phases(run.phases, max_seq_length=run.max_seq_length, mlm_probability=run.mlm_probability)
+    chips = 4  # the v5e:2x2 it is sized for
+    warmup = BatchWarmup.checked(run.batch_size_warmup_start, 8 * chips * 144, run.batch_size_warmup_tokens, chips * 144)
+    plan = make_plan(phases, lambda p: (p.per_device_train_batch_size or 8) * chips * 144, warmup,
+                     max_seq_length=run.max_seq_length, mlm_probability=run.mlm_probability)
+    assert [p.name for p in phases] == ["warmup", "stable", "context-extension", "decay"]
+    ends = [plan.tokens_until(plan.phase_end(p.index)) for p in phases]
+    for end, published in zip(ends, [3e9, 1.7e12, 1.95e12, 2.0e12]):  # each ends within one step of its budget
+        assert published <= end < published + 4608 * 1024 + 576 * 8192
+    assert [(p.max_seq_length, p.global_rope_theta) for p in phases] == [
+        (1024, 10000), (1024, 10000), (8192, 160000), (8192, 160000)]
+    assert plan.distinct_batches() == [576, 1152, 1728, 2304, 2880, 3456, 4032, 4608]
+    schedule = plan.learning_rate_schedule(run.learning_rate)
+    stable, extension, last = (plan.phase_start(i) + 1 for i in (1, 2, 3))
+    assert float(schedule(stable)) == pytest.approx(8e-4) and float(schedule(extension)) == pytest.approx(3e-4)
+    assert float(schedule(plan.total_steps - 1)) < 0.1 * 3e-4 < float(schedule(last))

@@ -349,7 +349,10 @@ def _yaml_values(file: pathlib.Path) -> Any:
 
 
 def _yaml_number(value: Any, kind) -> Any:
-    """A number PyYAML left as text (YAML 1.1 reads `1e3` and `2e-3` as strings): the number it spells."""
+    """A number PyYAML left as text (YAML 1.1 reads `1e3` and `2e-3` as strings): the number it spells; a whole
+    float (`50.0e+9`) where an integer is expected: that integer."""
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
     if not isinstance(value, str) or kind not in (int, float):
         return value
     try:

@@ -221,7 +221,8 @@ def option_tables() -> str:
             f"`--optimizer` and clipping may change with `--reset_optimizer`, which starts a fresh optimizer "
             f"state.\n\n"
             f"**May change** (accepted with a log line `changed on resume: OPTION old -> new`): {mutable}; "
-            f"and `--max_grad_norm` from one value to another.\n\n"
+            f"and `--max_grad_norm` from one value to another; `--phases` and the batch-size warmup only in the steps "
+            f"not yet trained (docs/phases.md).\n\n"
             f"**Per command** (never taken from the stored run): "
             + ", ".join(f"`--{name}`" for name in sorted(PER_COMMAND & {f.name for f in dataclasses.fields(RunConfig)}))
             + ".\n")
