@@ -1,6 +1,7 @@
 """The `flax-bert` command: train, eval, prepare, export, import, train-tokenizer, fill-mask, plot, bench, finetune, compile."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -97,7 +98,9 @@ def prepare_main(argv) -> int:
     from flax_bert.errors import InputError
     from flax_bert.data.pipeline import resolve_data_shards
     from flax_bert.data.prepare import prepare_data
-    from flax_bert.run.build import data_args_from_run, default_max_seq_length, resolve_model_config, resolve_tokenizer
+    from flax_bert.run.build import (data_args_from_run, decide_batch_warmup, default_max_seq_length,
+                                     resolve_model_config, resolve_tokenizer, smallest_global_batch)
+    from flax_bert.training.phases import parse_phases
 
     distributed.initialize(run)
     from flax_bert import storage
@@ -110,12 +113,18 @@ def prepare_main(argv) -> int:
     if data_args.max_seq_length is None:  # as train decides it, so that train finds these rows
         data_args.max_seq_length = default_max_seq_length(tokenizer, resolve_model_config(run, tokenizer))
     global_batch = run.per_device_train_batch_size * jax.device_count() * run.gradient_accumulation_steps
-    data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), global_batch)
+    phases = parse_phases(run.phases, max_seq_length=data_args.max_seq_length,
+                          mlm_probability=run.mlm_probability) if run.phases else None
+    smallest = smallest_global_batch(run, phases, decide_batch_warmup(run, global_batch, phases), global_batch)
+    data_args.data_shards = resolve_data_shards(run.data_shards, jax.process_count(), smallest)
     logging.getLogger("flax_bert").info(
-        "preparing process %d of %d: %d logical shards (global batch %d on %d devices; train must use the same)",
-        jax.process_index(), jax.process_count(), data_args.data_shards, global_batch, jax.device_count())
-    results = prepare_data(data_args, tokenizer, run.seed, jax.process_index(), jax.process_count(),
-                           workers=run.preprocessing_num_workers)
+        "preparing process %d of %d: %d logical shards (smallest global batch %d on %d devices; train must use the same)",
+        jax.process_index(), jax.process_count(), data_args.data_shards, smallest, jax.device_count())
+    results = []
+    for length in sorted({data_args.max_seq_length} | {phase.max_seq_length for phase in phases or []}):
+        # every phase's rows: a phase with another max_seq_length trains on rows packed for it
+        results += prepare_data(dataclasses.replace(data_args, max_seq_length=length), tokenizer, run.seed,
+                                jax.process_index(), jax.process_count(), workers=run.preprocessing_num_workers)
     for result in results:
         print(f"prepared {result.describe()}")
     return 0

@@ -199,3 +199,17 @@ def test_the_shipped_modernbert_base_recipe_lays_out_the_published_phases():
     stable, extension, last = (plan.phase_start(i) + 1 for i in (1, 2, 3))
     assert float(schedule(stable)) == pytest.approx(8e-4) and float(schedule(extension)) == pytest.approx(3e-4)
     assert float(schedule(plan.total_steps - 1)) < 0.1 * 3e-4 < float(schedule(last))
+
+
+def test_prepare_packs_the_rows_of_every_phase_length(recipe, tmp_path):
+    """`flax-bert prepare` of a phased config packs every phase's max_seq_length into the logical shards train
+    uses (the batch-size warmup's smallest batch decides them), so train tokenizes nothing."""
+    workspace, command, _, _ = recipe
+    cache = tmp_path / "cache"
+    argv = command(tmp_path / "run", "--cache_dir", str(cache))
+    result = subprocess.run([sys.executable, "-m", "flax_bert.cli", "prepare", *argv[2:]], capture_output=True,
+                            text=True, timeout=600, env=workspace.env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    packed = [json.loads(meta.read_text()) for meta in (cache / "packed").glob("*/meta.json")]
+    assert {meta["length"] for meta in packed} == {32, 64}
+    assert "1 logical shards (smallest global batch 2" in result.stderr

@@ -263,6 +263,14 @@ def decide_batch_warmup(run: RunConfig, global_batch: int, phases: list[Phase] |
     return BatchWarmup.checked(run.batch_size_warmup_start, full, run.batch_size_warmup_tokens, unit)
 
 
+def smallest_global_batch(run: RunConfig, phases: list[Phase] | None, warmup: BatchWarmup | None,
+                          global_batch: int) -> int:
+    """The fewest rows any step reads: every logical data shard must fill a row of each batch (--data_shards)."""
+    if warmup is not None:
+        return warmup.start_rows
+    return min([global_batch] + [phase_global_batch(run, phase) for phase in phases or []])
+
+
 def phase_model_config(model_config: ModelConfig, phase: Phase) -> ModelConfig:
     """The model a phase trains: its RoPE theta, and (ModernBERT, whose positions have no table) positions for
     its rows, which the exported config.json then states."""

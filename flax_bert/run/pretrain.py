@@ -25,7 +25,7 @@ from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
 from flax_bert.run.build import (build_data, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
                                  decide_data_shards, decide_model, decide_phases, hub_options, phase_global_batch,
-                                 phase_model_config,
+                                 phase_model_config, smallest_global_batch,
                                  plan_training, record_options, resolve_tokenizer, start_processes)
 from flax_bert.run.config import RunConfig, model_overrides
 from flax_bert.training import distributed, host_allocator
@@ -71,8 +71,7 @@ class Run:
         self.global_batch = self.micro_batch * self.run.gradient_accumulation_steps
         phases = decide_phases(self.run, self.base_model_config)
         warmup = decide_batch_warmup(self.run, self.global_batch, phases)
-        batches = [phase_global_batch(self.run, p) for p in phases or []] + [self.global_batch]
-        self.smallest_batch = warmup.start_rows if warmup else min(batches)  # every shard fills a row of each batch
+        self.smallest_batch = smallest_global_batch(self.run, phases, warmup, self.global_batch)
         self.run = decide_data_shards(self.run, self.smallest_batch)
         self._rows: dict[int, tuple] = {}  # max_seq_length -> (training rows, validation rows)
         plan = make_plan(phases, lambda phase: phase_global_batch(self.run, phase), warmup,
