@@ -451,24 +451,55 @@ def parse(argv):
     return args, run
 
 
+def phase_runs(run) -> list[tuple[str, object]]:
+    """(label, run) for each distinct setting of a phased run's phases (its row length, batch and mask rate: what
+    changes the compiled step's memory), else [("", run)]."""
+    if not run.phases:
+        return [("", run)]
+    from flax_bert.training.phases import parse_phases
+
+    settings: dict[tuple, list[str]] = {}
+    for phase in parse_phases(run.phases, max_seq_length=run.max_seq_length, mlm_probability=run.mlm_probability):
+        key = (phase.max_seq_length, phase.per_device_train_batch_size or run.per_device_train_batch_size,
+               phase.gradient_accumulation_steps or run.gradient_accumulation_steps, phase.mlm_probability)
+        settings.setdefault(key, []).append(f"{phase.index} {phase.name!r}")
+    return [(f"phase{'s' if len(names) > 1 else ''} {', '.join(names)}: ",
+             dataclasses.replace(run, max_seq_length=length, per_device_train_batch_size=rows,
+                                 gradient_accumulation_steps=steps, mlm_probability=rate, phases=None))
+            for (length, rows, steps, rate), names in settings.items()]
+
+
 def main(argv) -> int:
     args, run = parse(argv)
+    phased = phase_runs(run)
     if args.find_batch:
         def heard(batch, report):
             verdict = "fits" if report.fits else "does not fit"
             print(f"  {batch} rows per device: {verdict} ({_gb(report.train.total)} of {_gb(report.hbm)})", flush=True)
 
-        best = find_batch(run, args.topology, args.num_slices, on_try=heard)
-        print(f"largest per-device batch that fits on {args.topology}: {best} rows of {run.max_seq_length} tokens "
-              f"(remat {run.remat_policy}, mesh {run.mesh}, accumulation {run.gradient_accumulation_steps})")
-        return 0 if best else EXIT_DOES_NOT_FIT
-    report = compile_run(run, args.topology, args.num_slices, with_eval=not args.no_eval)
-    print(format_report(report))
+        found = []
+        for label, phase_run in phased:
+            best = find_batch(phase_run, args.topology, args.num_slices, on_try=heard)
+            found.append(best)
+            print(f"{label}largest per-device batch that fits on {args.topology}: {best} rows of "
+                  f"{phase_run.max_seq_length} tokens (remat {run.remat_policy}, mesh {run.mesh}, accumulation "
+                  f"{phase_run.gradient_accumulation_steps})")
+        return 0 if all(found) else EXIT_DOES_NOT_FIT
+    reports = []
+    for label, phase_run in phased:  # a phased run: each distinct phase compiled, as its steps will be
+        report = compile_run(phase_run, args.topology, args.num_slices, with_eval=not args.no_eval)
+        print(label + format_report(report))
+        reports.append((label, phase_run, report))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    if args.hlo and report.train.hlo:
-        pathlib.Path(args.hlo).write_text(report.train.hlo)
-    if not report.fits:
-        print(advice(report, run), file=sys.stderr)
-        return EXIT_DOES_NOT_FIT
-    return 0
+        documents = [{"phases": label.rstrip(": "), **report.to_json()} if label else report.to_json()
+                     for label, _, report in reports]
+        document = documents[0] if len(documents) == 1 else {
+            "fits": all(report.fits for _, _, report in reports), "phases": documents}
+        pathlib.Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    largest = max(reports, key=lambda item: item[2].train.total)[2]
+    if args.hlo and largest.train.hlo:
+        pathlib.Path(args.hlo).write_text(largest.train.hlo)  # of the phase that needs the most memory
+    unfit = [(label, phase_run, report) for label, phase_run, report in reports if not report.fits]
+    for label, phase_run, report in unfit:
+        print(label + advice(report, phase_run), file=sys.stderr)
+    return EXIT_DOES_NOT_FIT if unfit else 0

@@ -93,3 +93,23 @@ def test_accelerator_types_and_slices_give_their_chips():
     assert len(tpu_compile.topology_devices("v5p-128")) == 64
     two_slices = tpu_compile.topology_devices("v5e:2x2", num_slices=2)
     assert len(two_slices) == 8 and {d.slice_index for d in two_slices} == {0, 1}
+
+
+@NEEDS_LIBTPU
+def test_a_phased_config_compiles_each_phase_and_auto_avoids_splash_for_short_rows(tmp_path, capsys):
+    """Each distinct phase is compiled as its steps will run (here 32- then 64-token rows); rows that are not a
+    multiple of 128 tokens cannot use the TPU splash kernel, so --attention auto takes xla for them."""
+    out = tmp_path / "report.json"
+    assert cli.main(["compile", "modernbert-tiny-recipe", "--topology", "v5e:2x2", "--no_eval", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "phase 0 'short': v5e:2x2" in printed and "phase 1 'long': v5e:2x2" in printed
+    report = json.loads(out.read_text())
+    assert report["fits"] and [(p["phases"], p["max_seq_length"], p["attention"]) for p in report["phases"]] == [
+        ("phase 0 'short'", 32, "xla"), ("phase 1 'long'", 64, "xla")]
+    from flax_bert.models import attention
+    from flax_bert.models.config import ModelConfig
+
+    config = ModelConfig.for_family("modernbert")
+    assert attention.resolve("auto", config, "tpu", 1024)[0] == "splash"
+    with pytest.raises(attention.AttentionError, match="multiple of 128 tokens, not 96"):
+        attention.resolve("splash", config, "tpu", 96)

@@ -60,7 +60,13 @@ def window_mask(length: int, window: int) -> Array:
 
 
 # ----------------------------------------------------------------------------- choosing
-def splash_problem(cfg, platform: str) -> str | None:
+TPU_LANES = 128  # the splash kernel's key blocks on a TPU are whole multiples of this
+
+
+def splash_problem(cfg, platform: str, length: int | None = None) -> str | None:
+    if platform == "tpu" and length is not None and length % TPU_LANES:
+        return (f"splash on a TPU needs rows of a multiple of {TPU_LANES} tokens, not {length}: change "
+                f"--max_seq_length or pass --attention xla")
     if cfg.attention_probs_dropout_prob:
         return (f"splash has no dropout on the attention probabilities (attention_probs_dropout_prob "
                 f"{cfg.attention_probs_dropout_prob}): pass --attention_probs_dropout_prob 0 or --attention xla")
@@ -69,7 +75,7 @@ def splash_problem(cfg, platform: str) -> str | None:
     return None
 
 
-def cudnn_problem(cfg, platform: str) -> str | None:
+def cudnn_problem(cfg, platform: str, length: int | None = None) -> str | None:
     if platform != "gpu":
         return f"cuDNN attention runs on NVIDIA GPUs, not on {platform}: pass --attention xla"
     if cfg.dtype == "float32":
@@ -82,9 +88,9 @@ def cudnn_problem(cfg, platform: str) -> str | None:
     return None
 
 
-def resolve(requested: str, cfg, platform: str) -> tuple[str, str]:
-    """(implementation, why) of --attention `requested` for `cfg` on `platform` ("cpu", "gpu", "tpu");
-    an explicit choice that cannot run is refused in one line."""
+def resolve(requested: str, cfg, platform: str, length: int | None = None) -> tuple[str, str]:
+    """(implementation, why) of --attention `requested` for `cfg` on `platform` ("cpu", "gpu", "tpu") with rows of
+    `length` tokens; an explicit choice that cannot run is refused in one line."""
     if requested not in IMPLEMENTATIONS:
         raise AttentionError(f"unknown --attention {requested!r}; use one of {', '.join(IMPLEMENTATIONS)}")
     problems = {"splash": splash_problem, "cudnn": cudnn_problem}
@@ -92,10 +98,10 @@ def resolve(requested: str, cfg, platform: str) -> tuple[str, str]:
         preferred = {"tpu": "splash", "gpu": "cudnn"}.get(platform)
         if preferred is None:
             return "xla", f"auto on {platform}"
-        problem = problems[preferred](cfg, platform)
+        problem = problems[preferred](cfg, platform, length)
         return ("xla", f"auto on {platform}: not {preferred}, since {problem.split(':')[0]}") if problem else (
             preferred, f"auto on {platform}")
-    problem = problems[requested](cfg, platform) if requested in problems else None
+    problem = problems[requested](cfg, platform, length) if requested in problems else None
     if problem:
         raise AttentionError(f"--attention {requested}: {problem}")
     interpret = requested == "splash" and platform != "tpu"

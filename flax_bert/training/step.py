@@ -93,7 +93,8 @@ class Trainer:
     def __init__(self, model_config: ModelConfig, step_config: StepConfig, tx: optax.GradientTransformation,
                  mesh: Mesh, schedule: Callable | None = None):
         platform = mesh.devices.flat[0].platform
-        implementation, why = attention.resolve(model_config.attention, model_config, platform)
+        implementation, why = attention.resolve(model_config.attention, model_config, platform,
+                                                step_config.masking.max_seq_length)
         logging.getLogger("flax_bert").info("attention: %s (%s)", implementation, why)
         model_config = model_config.replace(attention=implementation)
         self.model_config, self.step_config, self.tx, self.mesh = model_config, step_config, tx, mesh
