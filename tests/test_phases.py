@@ -76,6 +76,8 @@ def test_phases_that_end_before_they_start_and_their_options_elsewhere_are_refus
     with pytest.raises(SystemExit):
         parse_run_config(["--output_dir", "x", "--phases", "[{until_step: 5}]", "--max_steps", "9"])
     with pytest.raises(SystemExit):
+        parse_run_config(["--output_dir", "x", "--phases", "[{until_step: 5}]", "--num_train_epochs", "2"])
+    with pytest.raises(SystemExit):
         parse_run_config(["--output_dir", "x", "--batch_size_warmup_tokens", "100"])
 
 

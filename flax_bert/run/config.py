@@ -402,6 +402,9 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "run_mlm_flax.py
         given.update(args)
         implied, decisions = implied_options(given, defaults or {})
         run = RunConfig(**{**(defaults or {}), **given, **implied}).validate()
+        if run.phases and "num_train_epochs" in given:
+            raise RunConfigError("phases decide the run's length (the last one's until_step or until_tokens): "
+                                 "drop num_train_epochs")
     except ValueError as err:
         parser.error(str(err))
     # an old flag that spells a new option (--adafactor, --gradient_checkpointing) sets it as explicitly as
