@@ -114,8 +114,13 @@ def prepare_main(argv) -> int:
     logging.getLogger("flax_bert").info(
         "preparing process %d of %d: %d logical shards (global batch %d on %d devices; train must use the same)",
         jax.process_index(), jax.process_count(), data_args.data_shards, global_batch, jax.device_count())
-    results = prepare_data(data_args, tokenizer, run.seed, jax.process_index(), jax.process_count(),
-                           workers=run.preprocessing_num_workers)
+    every = [data_args]
+    if run.train_sources:  # a mixture: every source into its own cache entries, as train reads them
+        from flax_bert.data.mixture import parse_sources
+
+        every = [spec.data_args(data_args) for spec in parse_sources(run.train_sources)]
+    results = [result for args in every for result in prepare_data(
+        args, tokenizer, run.seed, jax.process_index(), jax.process_count(), workers=run.preprocessing_num_workers)]
     for result in results:
         print(f"prepared {result.describe()}")
     return 0
