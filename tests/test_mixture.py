@@ -257,3 +257,18 @@ def test_dataclass_fields_of_sources_are_data_options():
     from flax_bert.data.mixture import SOURCE_OPTIONS
 
     assert set(SOURCE_OPTIONS) <= names
+
+
+def test_evaluating_a_mixture_run_on_another_validation_file_does_not_take_its_sources(tmp_path):
+    from flax_bert.run.config import parse_run_config
+    from flax_bert.run.options import reconcile_with_stored
+
+    out = tmp_path / "run"
+    out.mkdir()
+    stored = parse_run_config(["--output_dir", str(out), "--train_sources", "[{name: a, train_file: a.txt}]"])
+    (out / "run_config.json").write_text(json.dumps(stored.to_dict()))
+    evaluation = parse_run_config(["--output_dir", str(out), "--do_eval", "--validation_file", "v.txt"],
+                                  defaults={"do_train": False})
+    run = reconcile_with_stored(evaluation)
+    assert run.train_sources is None and run.validation_file == "v.txt"
+    assert reconcile_with_stored(parse_run_config(["--output_dir", str(out), "--max_steps", "3"])).train_sources

@@ -100,9 +100,9 @@ class RunConfig:
     max_eval_samples: int | None = _field(None, "evaluate on the first N validation documents")
     train_sources: list | None = _field(None, "a training mixture (YAML; the flag takes the same list as inline YAML): "
                                         "[{name: wiki, train_file: wiki.txt, weight: 2}, {name: web, dataset_name: "
-                                        "DATASET}], each source with train_file or dataset_name, and optionally "
+                                        "DATASET, weight: 1}], each source with train_file or dataset_name, and optionally "
                                         "dataset_config_name, text_column, validation_file, max_train_samples, "
-                                        "max_eval_samples (unset: the run's), weight; instead of --train_file/"
+                                        "max_eval_samples (unset: the run's), weight (every source or none); instead of --train_file/"
                                         "--dataset_name. Every batch draws from source i with probability p_i "
                                         "proportional to w_i ** (1 / --mixture_temperature), w_i its weight, or its "
                                         "size in tokens when no source has one (docs/data.md)")
@@ -225,12 +225,14 @@ def check_run_config(run: RunConfig) -> RunConfig:
     return run
 
 
+MIXTURE_EXCLUDES = ("train_file", "dataset_name", "dataset_config_name", "validation_file")  # per source instead
+
+
 def check_train_sources(run: RunConfig) -> None:
     """A mixture (train_sources) replaces the run's own text options; each entry is checked by the data layer."""
     from flax_bert.data.mixture import parse_sources
 
-    given = [f"--{name}" for name in ("train_file", "dataset_name", "dataset_config_name", "validation_file")
-             if getattr(run, name)]
+    given = [f"--{name}" for name in MIXTURE_EXCLUDES if getattr(run, name)]
     if given:
         raise RunConfigError(f"train_sources and {given[0]} both given: move the text into a train_sources entry "
                              "(train_file, dataset_name, dataset_config_name, validation_file are per source)")

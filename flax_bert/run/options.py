@@ -18,7 +18,7 @@ import logging
 import os
 import pathlib
 
-from flax_bert.run.config import EXPLICIT, RunConfig, RunConfigError
+from flax_bert.run.config import EXPLICIT, MIXTURE_EXCLUDES, RunConfig, RunConfigError
 from flax_bert.run.layout import EVALUATION_FILE, RUN_CONFIG_FILE, complete_steps, locate_checkpoints
 
 log = logging.getLogger("flax_bert")
@@ -139,6 +139,14 @@ def same_setting(old, new) -> bool:
             and os.path.realpath(old) == os.path.realpath(new))
 
 
+def _other_text_given(name: str, explicit) -> bool:
+    """A stored text option the command replaced by the other kind: train_sources against the options it stands
+    for (e.g. `flax-bert eval RUN_DIR --validation_file new.txt` of a mixture run), and the other way round."""
+    if name == "train_sources":
+        return bool(set(MIXTURE_EXCLUDES) & set(explicit))
+    return name in MIXTURE_EXCLUDES and "train_sources" in explicit
+
+
 def _without_weights(sources) -> list | None:
     """A train_sources value less its weights: what may not change on resume."""
     if not isinstance(sources, list):
@@ -166,7 +174,7 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
             continue
         new = getattr(run, name)
         if name not in explicit:
-            if new != old:
+            if new != old and not _other_text_given(name, explicit):
                 inherited[name] = old
             continue
         if same_setting(old, new) or (name == "max_grad_norm" and not old and not new):
@@ -217,7 +225,8 @@ def with_export_evaluation(run: RunConfig) -> RunConfig:
         return run
     explicit = getattr(run, EXPLICIT, frozenset())
     inherited = {name: value for name, value in settings.items()
-                 if name in EVALUATION_SETTINGS and name not in explicit and getattr(run, name) != value}
+                 if name in EVALUATION_SETTINGS and name not in explicit and getattr(run, name) != value
+                 and not _other_text_given(name, explicit)}
     if not inherited:
         return run
     run = dataclasses.replace(run, **inherited)
