@@ -114,15 +114,15 @@ def prepare_main(argv) -> int:
     logging.getLogger("flax_bert").info(
         "preparing process %d of %d: %d logical shards (global batch %d on %d devices; train must use the same)",
         jax.process_index(), jax.process_count(), data_args.data_shards, global_batch, jax.device_count())
-    every = [data_args]
+    every = {"": data_args}
     if run.train_sources:  # a mixture: every source into its own cache entries, as train reads them
         from flax_bert.data.mixture import parse_sources
 
-        every = [spec.data_args(data_args) for spec in parse_sources(run.train_sources)]
-    results = [result for args in every for result in prepare_data(
-        args, tokenizer, run.seed, jax.process_index(), jax.process_count(), workers=run.preprocessing_num_workers)]
-    for result in results:
-        print(f"prepared {result.describe()}")
+        every = {f"{spec.name} ": spec.data_args(data_args) for spec in parse_sources(run.train_sources)}
+    for source, args in every.items():
+        for result in prepare_data(args, tokenizer, run.seed, jax.process_index(), jax.process_count(),
+                                   workers=run.preprocessing_num_workers):
+            print(f"prepared {source}{result.describe()}")
     return 0
 
 

@@ -217,8 +217,13 @@ def test_evaluation_rows_of_the_sources_have_ids_that_do_not_collide(files, toke
 
 
 # ----------------------------------------------------------------------------- a run
-def test_a_run_of_two_sources_reports_them_and_its_resume_continues_the_batches(files, tokenizer, tmp_path, monkeypatch):
+def test_a_run_of_two_sources_reports_them_and_its_resume_continues_the_batches(files, tokenizer, tmp_path, monkeypatch,
+                                                                               caplog):
+    import logging
+
     from flax_bert import cli
+
+    caplog.set_level(logging.INFO, logger="flax_bert")
 
     tokenizer.save_pretrained(tmp_path / "tok")
     sources = f"[{{name: wiki, train_file: {files['wiki']}, weight: 3}}, {{name: code, train_file: {files['code']}, weight: 1}}]"
@@ -229,6 +234,7 @@ def test_a_run_of_two_sources_reports_them_and_its_resume_continues_the_batches(
               "--train_sources", sources]
     monkeypatch.setenv("FLAX_BERT_LOG_ROWS", str(tmp_path / "full"))
     assert cli.main(common + ["--output_dir", str(tmp_path / "full"), "--max_steps", "4"]) == 0
+    assert "mixture of 2 sources, weighted as given, temperature 1: wiki p=0.7500 (weight 3), code p=0.2500" in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "tokens_wiki" in r]
     assert [r["step"] for r in logged] == [2, 4]
@@ -272,3 +278,15 @@ def test_evaluating_a_mixture_run_on_another_validation_file_does_not_take_its_s
     run = reconcile_with_stored(evaluation)
     assert run.train_sources is None and run.validation_file == "v.txt"
     assert reconcile_with_stored(parse_run_config(["--output_dir", str(out), "--max_steps", "3"])).train_sources
+
+
+def test_prepare_tokenizes_every_source(files, tokenizer, tmp_path, capsys):
+    from flax_bert import cli
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    sources = f"[{{name: wiki, train_file: {files['wiki']}}}, {{name: code, train_file: {files['code']}}}]"
+    assert cli.main(["prepare", "tiny", "--tokenizer_name", str(tmp_path / "tok"), "--max_seq_length", "32",
+                     "--per_device_train_batch_size", "1", "--cache_dir", str(tmp_path / "cache"),
+                     "--output_dir", str(tmp_path / "run"), "--train_sources", sources]) == 0
+    printed = capsys.readouterr().out
+    assert "prepared wiki train" in printed and "prepared code train" in printed
