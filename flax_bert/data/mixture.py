@@ -12,8 +12,8 @@ temperature T re-weights them, p_i ∝ w_i ** (1/T): T = 1 keeps them, a large T
 
 Batch b, decided identically on every process (all of it in ``MixtureBatchIterator._allocate``):
   1. rows per source: c_i = the apportionment of G rows to the wanted ``G * p_i + carry_i`` (largest
-     remainders), carry_i = wanted - c_i: every batch is within a row of G * p_i, and the running
-     carry makes the long-run proportions exact.
+     remainders), carry_i = wanted - c_i (|carry_i| < 1): after n batches source i has given
+     n * G * p_i rows to within one row, so the long-run proportions are exact.
   2. rows per source and logical shard: every source has the same S logical shards (document j of a
      source -> shard j % S), and shard s fills the same ``shard_slots(S, G)[s]`` slots of every batch as
      with one source. Shard s's slots go to the sources by the same apportionment, of the wanted
@@ -41,7 +41,7 @@ import zlib
 
 import numpy as np
 
-from flax_bert.data.iterators import ShardedBatchIterator, _row_log_path
+from flax_bert.data.iterators import ShardedBatchIterator, row_log_path
 from flax_bert.data.sources import DataArgs, DataError
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class MixtureBatchIterator:
         k, s = len(self.names), len(self.slots)
         self.batches, self.carry, self.shard_carry = 0, np.zeros(k), np.zeros((k, s))
         self.rows_drawn, self.tokens_drawn = np.zeros(k, np.int64), np.zeros(k, np.int64)
-        self._row_log = _row_log_path(rows.process_index)  # FLAX_BERT_LOG_ROWS: [source, shard, row] per batch
+        self._row_log = row_log_path(rows.process_index)  # FLAX_BERT_LOG_ROWS: [source, shard, row] per batch
 
     def _checked(self, weights: dict, full: bool = False) -> dict[str, float]:
         unknown = sorted(set(weights) - set(self.names))
@@ -247,7 +247,7 @@ class MixtureBatchIterator:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"mixture": self.names, "batches": int(self.batches),
+        return {"mixture": list(self.names), "batches": int(self.batches),
                 "sources": {name: reader.state_dict() for name, reader in zip(self.names, self.readers)},
                 "weights": dict(self.weights), "temperature": self.temperature,
                 "configured_weights": dict(self.configured[0]), "configured_temperature": self.configured[1],
@@ -302,7 +302,7 @@ class MixtureBatchIterator:
         for shard in self.own:
             for k, reader in enumerate(self.readers):
                 if counts[k, shard]:
-                    rows = reader._take(shard, int(reader.positions[shard]), int(counts[k, shard]))
+                    rows = reader.take(shard, int(reader.positions[shard]), int(counts[k, shard]))
                     part = reader.rows.shards[shard].gather(rows)
                     tokens[k] += np.count_nonzero(part["segment_ids"])
                     parts.append(part)
