@@ -290,3 +290,21 @@ def test_prepare_tokenizes_every_source(files, tokenizer, tmp_path, capsys):
                      "--output_dir", str(tmp_path / "run"), "--train_sources", sources]) == 0
     printed = capsys.readouterr().out
     assert "prepared wiki train" in printed and "prepared code train" in printed
+
+
+def test_the_run_weighs_sources_by_size_with_its_temperature(files, tokenizer, caplog):
+    import logging
+
+    from flax_bert.run.build import mixture_iterator
+    from flax_bert.run.config import parse_run_config
+
+    caplog.set_level(logging.INFO, logger="flax_bert")
+    run = parse_run_config(["--output_dir", "o", "--mixture_temperature", "2", "--train_sources",
+                            f"[{{name: wiki, train_file: {files['wiki']}}}, {{name: code, train_file: {files['code']}}}]"])
+    train = build(files, tokenizer)[0]
+    iterator = mixture_iterator(run, train, 8)
+    sizes = train.local_tokens()
+    assert iterator.temperature == 2.0 and iterator.weights == {name: float(size) for name, size in sizes.items()}
+    expected = np.sqrt([sizes["wiki"], sizes["code"]]) / np.sqrt([sizes["wiki"], sizes["code"]]).sum()
+    np.testing.assert_allclose(iterator.probabilities, expected)
+    assert f"weighted by size in tokens, temperature 2: wiki p={expected[0]:.4f}" in caplog.text
