@@ -274,6 +274,9 @@ class MixtureBatchIterator:
         saved = dict(state["configured_weights"]), float(state["configured_temperature"])
         if saved == self.configured:  # the same configuration: the weights in force then (a phase may have set them)
             self.weights, self.temperature = dict(state["weights"]), float(state["temperature"])
+            if (self.weights, self.temperature) != saved:
+                logger.info("the checkpoint's mixture weights are in force: %s (temperature %g)", self.weights,
+                            self.temperature)
         else:
             logger.info("mixture weights changed on resume: %s (temperature %g) -> %s (temperature %g)",
                         saved[0], saved[1], self.configured[0], self.configured[1])

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 
 from flax_bert.errors import InputError, InputFileNotFoundError
 from flax_bert.run import checkpoint as ckpt_lib
@@ -230,7 +231,9 @@ def mixture_iterator(run: RunConfig, train_rows: MixtureRows, global_batch: int)
     processes) and its sampling probabilities logged."""
     specs = parse_sources(run.train_sources)
     if specs[0].weight is None:
-        weights = {name: float(distributed.process_sum(tokens)) for name, tokens in train_rows.local_tokens().items()}
+        local = train_rows.local_tokens()  # int64: a source may hold more than 2**31 tokens on one process
+        totals = distributed.process_sum_array(np.array(list(local.values()), np.int64))
+        weights = {name: float(total) for name, total in zip(local, totals)}
         how = "by size in tokens"
     else:
         weights, how = {spec.name: spec.weight for spec in specs}, "as given"

@@ -18,12 +18,12 @@ import jax
 import numpy as np
 
 from flax_bert import storage
+from flax_bert.data.mixture import MixtureRows
 from flax_bert.data.pipeline import Prefetcher, StreamingRows, make_global_batch
 from flax_bert.data.streaming import states_of_every_process
 from flax_bert.models import model_class_for
 from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
-from flax_bert.data.mixture import MixtureRows
 from flax_bert.run.build import (build_data, build_trainer, claim_output_dir, count_total_steps, decide_data_shards,
                                  decide_model, hub_options, record_options, resolve_tokenizer, start_processes,
                                  train_iterator)
