@@ -308,3 +308,32 @@ def test_the_run_weighs_sources_by_size_with_its_temperature(files, tokenizer, c
     expected = np.sqrt([sizes["wiki"], sizes["code"]]) / np.sqrt([sizes["wiki"], sizes["code"]]).sum()
     np.testing.assert_allclose(iterator.probabilities, expected)
     assert f"weighted by size in tokens, temperature 2: wiki p={expected[0]:.4f}" in caplog.text
+
+
+def test_a_change_scheduled_at_a_batch_is_the_same_behind_a_prefetcher_and_survives_a_resume(files, tokenizer):
+    from flax_bert.data.iterators import Prefetcher
+
+    train = build(files, tokenizer)[0]
+    weights = {"wiki": 3.0, "code": 1.0}
+    plain = train.iterator(8, seed=4, weights=weights)
+    plain.set_weights({"wiki": 0.0}, at_batch=5)
+    expected = take(plain, 10)
+    assert plain.weights == {"wiki": 0.0, "code": 1.0}
+    ahead = train.iterator(8, seed=4, weights=weights)
+    with Prefetcher(ahead, depth=4) as batches:
+        first = take(batches, 3)
+        state = json.loads(json.dumps(batches.state_dict()))
+        ahead.set_weights({"wiki": 0.0}, at_batch=5)  # the thread has made batches ahead, not yet batch 5
+        same(first + take(batches, 7), expected)
+    resumed = train.iterator(8, seed=4, weights=weights)
+    resumed.load_state_dict(state)  # taken before the change was scheduled: scheduled again, as a restart does
+    resumed.set_weights({"wiki": 0.0}, at_batch=5)
+    same(take(resumed, 7), expected[3:])
+    saved = train.iterator(8, seed=4, weights=weights)
+    saved.set_weights({"wiki": 0.0}, at_batch=5)
+    take(saved, 2)
+    again = train.iterator(8, seed=4, weights=weights)
+    again.load_state_dict(json.loads(json.dumps(saved.state_dict())))  # the pending change is in the state
+    same(take(again, 8), expected[2:])
+    with pytest.raises(DataError, match="batch 3 of the mixture has been made already"):
+        again.set_weights({"wiki": 1.0}, at_batch=3)

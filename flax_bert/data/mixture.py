@@ -5,7 +5,7 @@ own cached logical shards, and every global batch drawn from them in proportion 
     train, evaluation = build_mixture(specs, data_args, tokenizer, seed=seed)
     probabilities = mixture_probabilities(weights, temperature)   # p_i ∝ w_i ** (1 / T)
     batches = train.iterator(global_batch_size, seed=seed, weights=weights, temperature=temperature)
-    batches.set_weights({"wiki": 1.0})                            # between batches; part of the state
+    batches.set_weights({"wiki": 1.0}, at_batch=1000)             # from batch 1000 on; part of the state
 
 Weights: given per source, else each source's size in tokens (the caller sums them over processes). The
 temperature T re-weights them, p_i ∝ w_i ** (1/T): T = 1 keeps them, a large T goes towards uniform.
@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 import zlib
 
 import numpy as np
@@ -216,6 +217,8 @@ class MixtureBatchIterator:
         self.batches, self.carry, self.shard_carry = 0, np.zeros(k), np.zeros((k, s))
         self.rows_drawn, self.tokens_drawn = np.zeros(k, np.int64), np.zeros(k, np.int64)
         self._row_log = row_log_path(rows.process_index)  # FLAX_BERT_LOG_ROWS: [source, shard, row] per batch
+        self.pending: dict[int, tuple[dict, float | None]] = {}  # batch -> (weights, temperature) set from it on
+        self._lock = threading.Lock()  # set_weights may come from another thread than the one making batches
 
     def _checked(self, weights: dict, full: bool = False) -> dict[str, float]:
         unknown = sorted(set(weights) - set(self.names))
@@ -232,28 +235,46 @@ class MixtureBatchIterator:
         probabilities = mixture_probabilities(self.weights, self.temperature)
         return np.array([probabilities[name] for name in self.names])
 
-    def set_weights(self, weights: dict[str, float], temperature: float | None = None) -> dict[str, float]:
-        """New weights (the sources named; the others keep theirs), the temperature applied again, from the next
-        batch on; returns the probabilities. They are part of the state, so a resume after a change is exact."""
-        checked = {**self.weights, **self._checked(weights)}
-        old = self.weights, self.temperature
-        self.weights, self.temperature = checked, float(self.temperature if temperature is None else temperature)
-        try:
-            self.probabilities = self._probabilities()
-        except DataError:
-            self.weights, self.temperature = old
-            raise
-        return dict(zip(self.names, self.probabilities.tolist()))
+    def set_weights(self, weights: dict[str, float], temperature: float | None = None, *,
+                    at_batch: int | None = None) -> dict[str, float]:
+        """New weights for the sources named (the others keep theirs), the temperature applied again; returns the
+        probabilities they give. ``at_batch`` N: from batch N on (0-based; the run trains on batch N at step
+        N + 1), whatever the prefetch thread has made ahead: the change is then the same in every run. Without
+        it, from the next batch this iterator makes (behind a ``Prefetcher``: a timing-dependent one). The
+        weights in force and the changes still to come are part of the state: a resume is exact."""
+        checked = self._checked(weights)
+        temperature = None if temperature is None else float(temperature)
+        with self._lock:
+            future = {**self.weights, **checked}, self.temperature if temperature is None else temperature
+            probabilities = mixture_probabilities(*future)  # refuses all-zero weights now, not batches later
+            if at_batch is None or at_batch == self.batches:
+                self._apply(checked, temperature)
+            elif at_batch < self.batches:
+                raise DataError(f"batch {at_batch} of the mixture has been made already (the next is batch "
+                                f"{self.batches}): change the weights at a later batch")
+            else:
+                self.pending[int(at_batch)] = (checked, temperature)
+        return dict(probabilities)
+
+    def _apply(self, weights: dict[str, float], temperature: float | None) -> None:
+        self.weights = {**self.weights, **weights}
+        self.temperature = self.temperature if temperature is None else temperature
+        self.probabilities = self._probabilities()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        with self._lock:
+            return self._state()
+
+    def _state(self) -> dict:
         return {"mixture": list(self.names), "batches": int(self.batches),
                 "sources": {name: reader.state_dict() for name, reader in zip(self.names, self.readers)},
                 "weights": dict(self.weights), "temperature": self.temperature,
                 "configured_weights": dict(self.configured[0]), "configured_temperature": self.configured[1],
                 "carry": [float(c) for c in self.carry], "shard_carry": [[float(c) for c in row] for row in self.shard_carry],
                 "rows": dict(zip(self.names, map(int, self.rows_drawn))),
-                "tokens": dict(zip(self.names, map(int, self.tokens_drawn)))}
+                "tokens": dict(zip(self.names, map(int, self.tokens_drawn))),
+                "pending": [[batch, weights, temperature] for batch, (weights, temperature) in sorted(self.pending.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores every source's position, the carries and the weights in force. Weights or a temperature
@@ -271,6 +292,7 @@ class MixtureBatchIterator:
         self.shard_carry = np.asarray(state["shard_carry"], float).reshape(len(self.names), len(self.slots))
         self.rows_drawn = np.array([state["rows"][n] for n in self.names], np.int64)
         self.tokens_drawn = np.array([state["tokens"][n] for n in self.names], np.int64)
+        self.pending = {int(batch): (dict(weights), temperature) for batch, weights, temperature in state["pending"]}
         saved = dict(state["configured_weights"]), float(state["configured_temperature"])
         if saved == self.configured:  # the same configuration: the weights in force then (a phase may have set them)
             self.weights, self.temperature = dict(state["weights"]), float(state["temperature"])
@@ -300,7 +322,10 @@ class MixtureBatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        counts = self._allocate()
+        with self._lock:
+            if self.batches in self.pending:
+                self._apply(*self.pending.pop(self.batches))
+            counts = self._allocate()
         parts, tokens, read = [], np.zeros(len(self.names), np.int64), []
         for shard in self.own:
             for k, reader in enumerate(self.readers):
