@@ -316,24 +316,35 @@ def test_a_change_scheduled_at_a_batch_is_the_same_behind_a_prefetcher_and_survi
     train = build(files, tokenizer)[0]
     weights = {"wiki": 3.0, "code": 1.0}
     plain = train.iterator(8, seed=4, weights=weights)
-    plain.set_weights({"wiki": 0.0}, at_batch=5)
-    expected = take(plain, 10)
-    assert plain.weights == {"wiki": 0.0, "code": 1.0}
+    plain.set_weights({"wiki": 0.0}, at_batch=8)
+    expected = take(plain, 12)
+    assert plain.weights == {"wiki": 0.0, "code": 1.0} and plain.rows_drawn.tolist() == [48, 48]  # 8 batches 6:2, then 4 all code
     ahead = train.iterator(8, seed=4, weights=weights)
-    with Prefetcher(ahead, depth=4) as batches:
+    with Prefetcher(ahead, depth=2) as batches:
         first = take(batches, 3)
         state = json.loads(json.dumps(batches.state_dict()))
-        ahead.set_weights({"wiki": 0.0}, at_batch=5)  # the thread has made batches ahead, not yet batch 5
-        same(first + take(batches, 7), expected)
+        # the thread has made at most 3 + 2 + 1 batches: batch 8 is still to come
+        ahead.set_weights({"wiki": 0.0}, at_batch=8)
+        same(first + take(batches, 9), expected)
     resumed = train.iterator(8, seed=4, weights=weights)
     resumed.load_state_dict(state)  # taken before the change was scheduled: scheduled again, as a restart does
-    resumed.set_weights({"wiki": 0.0}, at_batch=5)
-    same(take(resumed, 7), expected[3:])
+    resumed.set_weights({"wiki": 0.0}, at_batch=8)
+    same(take(resumed, 9), expected[3:])
     saved = train.iterator(8, seed=4, weights=weights)
-    saved.set_weights({"wiki": 0.0}, at_batch=5)
+    saved.set_weights({"wiki": 0.0}, at_batch=8)
     take(saved, 2)
     again = train.iterator(8, seed=4, weights=weights)
     again.load_state_dict(json.loads(json.dumps(saved.state_dict())))  # the pending change is in the state
-    same(take(again, 8), expected[2:])
+    same(take(again, 10), expected[2:])
     with pytest.raises(DataError, match="batch 3 of the mixture has been made already"):
         again.set_weights({"wiki": 1.0}, at_batch=3)
+
+
+def test_a_source_too_small_for_the_shards_is_named(files, tokenizer, tmp_path):
+    tiny = write_lines(tmp_path / "tiny.txt", WORDS, 2, 3)
+    args = DataArgs(cache_dir=str(files["root"] / "cache"), max_seq_length=16, data_shards=4,
+                    validation_split_percentage=0)
+    specs = parse_sources([{"name": "wiki", "train_file": str(files["wiki"])}, {"name": "tiny", "train_file": str(tiny)}])
+    with pytest.raises(DataError, match=r"train_sources entry 'tiny': the train corpus .*shard 2 of 4\) has no text: "
+                                        "add text or lower --data_shards"):
+        build_mixture(specs, args, tokenizer, process_index=0, process_count=1)

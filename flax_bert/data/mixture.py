@@ -201,9 +201,7 @@ class MixtureBatchIterator:
     def __init__(self, rows: MixtureRows, global_batch_size: int, weights: dict[str, float], *,
                  temperature: float = 1.0, seed: int = 0, shuffle: bool = True):
         self.rows, self.global_batch_size, self.names = rows, global_batch_size, list(rows.sources)
-        # every source its own epoch orders (its seed mixes in its name)
-        self.readers = [ShardedBatchIterator(rows.sources[name], global_batch_size, shuffle=shuffle,
-                                             seed=seed * 2**32 + zlib.crc32(name.encode())) for name in self.names]
+        self.readers = [self._reader(name, seed, shuffle) for name in self.names]
         counts = {reader.rows.num_shards for reader in self.readers}
         if len(counts) != 1:
             raise DataError(f"the sources have different numbers of logical shards ({sorted(counts)}): build them "
@@ -219,6 +217,14 @@ class MixtureBatchIterator:
         self._row_log = row_log_path(rows.process_index)  # FLAX_BERT_LOG_ROWS: [source, shard, row] per batch
         self.pending: dict[int, tuple[dict, float | None]] = {}  # batch -> (weights, temperature) set from it on
         self._lock = threading.Lock()  # set_weights may come from another thread than the one making batches
+
+    def _reader(self, name: str, seed: int, shuffle: bool) -> ShardedBatchIterator:
+        """The source's own positions and epoch orders (its seed mixes in its name)."""
+        try:
+            return ShardedBatchIterator(self.rows.sources[name], self.global_batch_size, shuffle=shuffle,
+                                        seed=seed * 2**32 + zlib.crc32(name.encode()))
+        except DataError as err:
+            raise DataError(f"train_sources entry {name!r}: {err}") from None
 
     def _checked(self, weights: dict, full: bool = False) -> dict[str, float]:
         unknown = sorted(set(weights) - set(self.names))
