@@ -59,7 +59,6 @@ def jax_parts(args, run, model_config) -> dict[str, float]:
              "forward+backward": median_seconds(lambda: gradients(state.params), args.repeats, ready),
              "optimizer update": median_seconds(one_update, args.repeats, ready)}
     holder.clear()
-    del grads
     step_state = {"state": trainer.init_state(seed=0)}  # the update above consumed (donated) this one's optimizer state
 
     def one_step():

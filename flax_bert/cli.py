@@ -120,13 +120,17 @@ def prepare_main(argv) -> int:
     logging.getLogger("flax_bert").info(
         "preparing process %d of %d: %d logical shards (smallest global batch %d on %d devices; train must use the same)",
         jax.process_index(), jax.process_count(), data_args.data_shards, smallest, jax.device_count())
-    results = []
-    for length in sorted({data_args.max_seq_length} | {phase.max_seq_length for phase in phases or []}):
-        # every phase's rows: a phase with another max_seq_length trains on rows packed for it
-        results += prepare_data(dataclasses.replace(data_args, max_seq_length=length), tokenizer, run.seed,
-                                jax.process_index(), jax.process_count(), workers=run.preprocessing_num_workers)
-    for result in results:
-        print(f"prepared {result.describe()}")
+    every = {"": data_args}
+    if run.train_sources:  # a mixture: every source into its own cache entries, as train reads them
+        from flax_bert.data.mixture import parse_sources
+
+        every = {f"{spec.name} ": spec.data_args(data_args) for spec in parse_sources(run.train_sources)}
+    lengths = sorted({data_args.max_seq_length} | {phase.max_seq_length for phase in phases or []})
+    for source, args in every.items():
+        for length in lengths:  # every phase's rows: a phase with another max_seq_length trains on rows packed for it
+            for result in prepare_data(dataclasses.replace(args, max_seq_length=length), tokenizer, run.seed,
+                                       jax.process_index(), jax.process_count(), workers=run.preprocessing_num_workers):
+                print(f"prepared {source}{result.describe()}")
     return 0
 
 

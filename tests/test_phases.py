@@ -61,6 +61,7 @@ def test_the_phases_schedule_warms_up_holds_and_decays():
     ("[{until_step: 5, mlm_probability: 3}]", "phases[0]: mlm_probability must be between 0 and 1"),
     ("[{until_step: 5, schedule: warmup}, {until_step: 9}]", "phases[1] has no schedule while other phases"),
     ("[{until_step: 5, schedule: cosine}]", "schedule must be one of warmup, stable, decay"),
+    ("[{until_step: 5, mixture: {wiki: 1}}]", "a phase sets mixture weights, but the run has no train_sources"),
 ])
 def test_bad_phases_are_refused_in_one_line(phases, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -215,3 +216,10 @@ def test_prepare_packs_the_rows_of_every_phase_length(recipe, tmp_path):
     packed = [json.loads(meta.read_text()) for meta in (cache / "packed").glob("*/meta.json")]
     assert {meta["length"] for meta in packed} == {32, 64}
     assert "1 logical shards (smallest global batch 2" in result.stderr
+
+
+def test_a_phase_mixture_must_name_the_runs_sources(capsys):
+    with pytest.raises(SystemExit):
+        parse_run_config(["--output_dir", "x", "--train_sources", "[{name: wiki, train_file: a.txt}]",
+                          "--phases", "[{until_step: 5, mixture: {web: 1}}]"])
+    assert "phases[0]'s mixture names 'web', which is no train_sources entry (they are wiki)" in capsys.readouterr().err

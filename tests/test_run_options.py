@@ -80,7 +80,8 @@ STEP = {"eval_mlm_probability": 0.3, "gradient_accumulation_steps": 2}
 # read by Run from the reconciled run itself (batch sizes, the loop's cadence, the checkpointer, the mesh)
 LOOP = {"per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "num_train_epochs": 5.0,
         "max_steps": 9, "logging_steps": 7, "eval_steps": 5, "save_steps": 6, "save_minutes": 2.0,
-        "save_total_limit": 2, "keep_best": True, "mesh": "data=-1"}
+        "save_total_limit": 2, "keep_best": True, "mesh": "data=-1",
+        "mixture_temperature": 2.0}  # the mixture's iterator takes it (tests/test_mixture.py)
 
 
 def test_every_option_that_may_change_on_resume_reaches_the_run(tmp_path, single, monkeypatch):

@@ -68,10 +68,10 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 ROW_LOG_VARIABLE = "FLAX_BERT_LOG_ROWS"
 
 
-def _row_log_path(process_index: int) -> str | None:
+def row_log_path(process_index: int) -> str | None:
     """Opt-in debug record (tests of multi-process runs): with FLAX_BERT_LOG_ROWS=PREFIX every batch
-    appends the [shard, row] pairs this process read to PREFIX.process<N>.jsonl, so a test can prove
-    each process touched only its own share."""
+    appends the [shard, row] pairs (a mixture: [source, shard, row]) this process read to
+    PREFIX.process<N>.jsonl, so a test can prove each process touched only its own share."""
     prefix = os.environ.get(ROW_LOG_VARIABLE)
     return f"{prefix}.process{process_index}.jsonl" if prefix else None
 
@@ -93,7 +93,7 @@ class ShardedBatchIterator:
                             f"shards): add text or lower --data_shards")
         self.batches, self.positions = 0, np.zeros(num_shards, np.int64)
         self._orders: dict[int, tuple[int, np.ndarray]] = {}
-        self._row_log = _row_log_path(rows.process_index)
+        self._row_log = row_log_path(rows.process_index)
 
     def layout(self, global_batch_size: int) -> tuple[int, np.ndarray]:
         """(this process's rows, rows from each shard) of a global batch of this size."""
@@ -126,7 +126,7 @@ class ShardedBatchIterator:
             self._orders[shard] = cached = (epoch, order)
         return cached[1]
 
-    def _take(self, shard: int, start: int, count: int) -> np.ndarray:
+    def take(self, shard: int, start: int, count: int) -> np.ndarray:
         """Row indices ``start .. start + count`` of the shard's endless sequence of epochs."""
         size, picked = len(self.rows.shards[shard]), []
         while count:
@@ -143,7 +143,7 @@ class ShardedBatchIterator:
         parts, read = [], []
         _, slots = self.layout(self.batch_size_at(self.batches))
         for shard in self.own:
-            indices = self._take(shard, int(self.positions[shard]), int(slots[shard]))
+            indices = self.take(shard, int(self.positions[shard]), int(slots[shard]))
             parts.append(self.rows.shards[shard].gather(indices))
             read.extend([shard, int(i)] for i in indices)
         if self._row_log:

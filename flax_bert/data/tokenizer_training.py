@@ -169,9 +169,11 @@ def train_tokenizer_from_args(data_args, kind: str = "bpe", vocab_size: int | No
                               output_dir: str | os.PathLike = "tokenizer", model_max_length: int = 512,
                               lowercase: bool = True):
     """``flax-bert train-tokenizer``: trains on the training split of the sources in ``data_args``
-    (a ``flax_bert.data.pipeline.DataArgs``: hub dataset, local files or the built-in corpus)."""
+    (a ``flax_bert.data.pipeline.DataArgs``: hub dataset, local files or the built-in corpus; a list of them:
+    the sources of a mixture, one after the other)."""
     from flax_bert.data.sources import training_documents
 
-    texts = (text for batch in training_documents(data_args).batches() for text in batch)
+    every = data_args if isinstance(data_args, list) else [data_args]
+    texts = (text for args in every for batch in training_documents(args).batches() for text in batch)
     return train_tokenizer(texts, kind=kind, vocab_size=vocab_size, min_frequency=min_frequency,
                            output_dir=output_dir, model_max_length=model_max_length, lowercase=lowercase)

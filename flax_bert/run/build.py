@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 
 from flax_bert.errors import InputError, InputFileNotFoundError
 from flax_bert.run import checkpoint as ckpt_lib
@@ -17,6 +18,7 @@ from flax_bert.training import distributed
 from flax_bert.models.config import ModelConfig
 from flax_bert.data.pipeline import (DataArgs, StreamingRows, build_datasets, check_tokenizer_fits,
                             resolve_data_shards, validation_shards)
+from flax_bert.data.mixture import MixtureRows, build_mixture, parse_sources
 from flax_bert.models import family
 from flax_bert.training.optim import make_optimizer
 from flax_bert.training.phases import BatchWarmup, Phase, PhaseError, TrainingPlan, make_plan, parse_phases
@@ -83,7 +85,10 @@ def _train_run_tokenizer(run: RunConfig, output_dir, run_tokenizer) -> None:
     log.info("no --tokenizer_name: training a %d-token %s tokenizer on the training data", run.tokenizer_vocab_size, kind)
     ckpt_lib.claim_written(output_dir, "tokenizer")
     stage = storage.local_stage(run_tokenizer)  # the folder itself, or a local one uploaded to the URL
-    train_tokenizer_from_args(data_args_from_run(run), kind=kind, vocab_size=run.tokenizer_vocab_size,
+    data_args = data_args_from_run(run)
+    if run.train_sources:  # every source's training text, one after the other
+        data_args = [spec.data_args(data_args) for spec in parse_sources(run.train_sources)]
+    train_tokenizer_from_args(data_args, kind=kind, vocab_size=run.tokenizer_vocab_size,
                               output_dir=stage, model_max_length=run.max_seq_length or 512)
     storage.publish(stage, run_tokenizer, last=("tokenizer_config.json",))
 
@@ -216,8 +221,36 @@ def build_data(run: RunConfig, tokenizer, global_batch: int):
     if not run.streaming:
         log.info("validation data in %d logical shards (for any batch size and --data_shards)",
                  validation_shards(jax.process_count()))
-    return build_datasets(data_args, tokenizer, seed=run.seed,
-                          splits=("train", "validation") if run.do_train else ("validation",))
+    splits = ("train", "validation") if run.do_train else ("validation",)
+    if run.train_sources:
+        return build_mixture(parse_sources(run.train_sources), data_args, tokenizer, seed=run.seed, splits=splits)
+    return build_datasets(data_args, tokenizer, seed=run.seed, splits=splits)
+
+
+def mixture_iterator(run: RunConfig, train_rows: MixtureRows, global_batch, seed: int):
+    """The training batches of a mixture, its weights decided (given, or each source's size in tokens over all
+    processes) and its sampling probabilities logged."""
+    specs = parse_sources(run.train_sources)
+    if specs[0].weight is None:
+        local = train_rows.local_tokens()  # int64: a source may hold more than 2**31 tokens on one process
+        totals = distributed.process_sum_array(np.array(list(local.values()), np.int64))
+        weights = {name: float(total) for name, total in zip(local, totals)}
+        how = "by size in tokens"
+    else:
+        weights, how = {spec.name: spec.weight for spec in specs}, "as given"
+    iterator = train_rows.iterator(global_batch, seed=seed, weights=weights, temperature=run.mixture_temperature)
+    probabilities = dict(zip(iterator.names, iterator.probabilities.tolist()))
+    log.info("mixture of %d sources, weighted %s, temperature %g: %s", len(specs), how, run.mixture_temperature,
+             ", ".join(f"{name} p={probabilities[name]:.4f} (weight {weights[name]:.6g})" for name in iterator.names))
+    return iterator
+
+
+def train_iterator(run: RunConfig, train_rows, global_batch, seed: int):
+    """Endless training batches of the run's rows: one source's, or a mixture's (mixture_iterator). `global_batch`:
+    rows per batch, or batch index -> rows (a batch-size warmup)."""
+    if isinstance(train_rows, MixtureRows):
+        return mixture_iterator(run, train_rows, global_batch, seed)
+    return train_rows.iterator(global_batch, seed=seed)
 
 
 def count_total_steps(run: RunConfig, train_rows, global_batch: int) -> int:

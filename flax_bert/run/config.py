@@ -106,6 +106,16 @@ class RunConfig:
     skip_invalid_utf8: bool = _field(False, "skip undecodable lines (and count them) instead of stopping")
     max_train_samples: int | None = _field(None, "use the first N training documents")
     max_eval_samples: int | None = _field(None, "evaluate on the first N validation documents")
+    train_sources: list | None = _field(None, "a training mixture (YAML; the flag takes the same list as inline YAML): "
+                                        "[{name: wiki, train_file: wiki.txt, weight: 2}, {name: web, dataset_name: "
+                                        "DATASET, weight: 1}], each source with train_file or dataset_name, and optionally "
+                                        "dataset_config_name, text_column, validation_file, max_train_samples, "
+                                        "max_eval_samples (unset: the run's), weight (every source or none); instead of --train_file/"
+                                        "--dataset_name. Every batch draws from source i with probability p_i "
+                                        "proportional to w_i ** (1 / --mixture_temperature), w_i its weight, or its "
+                                        "size in tokens when no source has one (docs/data.md)")
+    mixture_temperature: float = _field(1.0, "train_sources: p_i proportional to w_i ** (1 / T); 1 keeps the weights, "
+                                        "a large T goes towards uniform (mmBERT's temperature sampling)")
     tokenizer_vocab_size: int = _field(8192, "vocabulary of a tokenizer trained when --tokenizer_name is not given")
     # ---- training
     output_dir: str | None = _field(None, "where checkpoints, metrics and the exported model go (required; a path or a URL: gs://...)")
@@ -229,6 +239,8 @@ def check_run_config(run: RunConfig) -> RunConfig:
             raise RunConfigError(message)
     if run.phases is not None:
         _check_phases(run)
+    if run.train_sources is not None:
+        check_train_sources(run)
     return run
 
 
@@ -239,6 +251,33 @@ def _check_phases(run: RunConfig) -> None:
     if phases[0].schedule and (run.warmup_steps or run.lr_scheduler_type != "linear"):
         raise RunConfigError("the phases set the learning-rate schedule (schedule: warmup|stable|decay): drop "
                              "--warmup_steps and --lr_scheduler_type")
+    if any(phase.mixture for phase in phases) and not run.train_sources:
+        raise RunConfigError("a phase sets mixture weights, but the run has no train_sources to weigh: add them "
+                             "(docs/data.md) or drop the phase's mixture")
+    names = {source.get("name") for source in run.train_sources or [] if isinstance(source, dict)}
+    for phase in phases:
+        unknown = sorted(set(phase.mixture or {}) - names)
+        if unknown:
+            raise RunConfigError(f"phases[{phase.index}]'s mixture names {unknown[0]!r}, which is no train_sources "
+                                 f"entry (they are {', '.join(sorted(map(str, names)))})")
+
+
+MIXTURE_EXCLUDES = ("train_file", "dataset_name", "dataset_config_name", "validation_file")  # per source instead
+
+
+def check_train_sources(run: RunConfig) -> None:
+    """A mixture (train_sources) replaces the run's own text options; each entry is checked by the data layer."""
+    from flax_bert.data.mixture import parse_sources
+
+    given = [f"--{name}" for name in MIXTURE_EXCLUDES if getattr(run, name)]
+    if given:
+        raise RunConfigError(f"train_sources and {given[0]} both given: move the text into a train_sources entry "
+                             "(train_file, dataset_name, dataset_config_name, validation_file are per source)")
+    if run.streaming:
+        raise RunConfigError("train_sources cannot be streamed: drop --streaming (each source is tokenized into the cache)")
+    if not run.mixture_temperature > 0:
+        raise RunConfigError("--mixture_temperature must be positive, e.g. 1.0")
+    parse_sources(run.train_sources)
 
 
 def _str2bool(value: str) -> bool:
@@ -379,6 +418,8 @@ def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     hints = get_type_hints(RunConfig)
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     for name, value in list(values.items()):
+        if name in STRUCTURED_OPTIONS:  # a list, checked by check_run_config
+            continue
         kind = _parser_type(hints[name])
         value = values[name] = _yaml_number(value, kind)
         expected = {_str2bool: bool, int: int, float: (int, float), str: str, yaml_list: list}[kind]
@@ -399,7 +440,7 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "run_mlm_flax.py
     config_file = args.pop("config_file", None)
     try:
         given = dict(load_yaml(config_file) if config_file else {})
-        given.update(args)
+        given.update(structured_flags(args))
         implied, decisions = implied_options(given, defaults or {})
         run = RunConfig(**{**(defaults or {}), **given, **implied}).validate()
         if run.phases and "num_train_epochs" in given:
@@ -415,6 +456,21 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "run_mlm_flax.py
     for decision in decisions:
         logging.getLogger("flax_bert").info("%s", decision)
     return run
+
+
+STRUCTURED_OPTIONS = ("train_sources",)  # YAML values (lists); their flags take the same value as inline YAML/JSON
+
+
+def structured_flags(args: dict[str, Any]) -> dict[str, Any]:
+    """The flags with a STRUCTURED_OPTIONS value given as inline YAML/JSON text parsed into it."""
+    for name in STRUCTURED_OPTIONS:
+        if isinstance(args.get(name), str):
+            try:
+                args[name] = yaml.safe_load(args[name])
+            except yaml.YAMLError:
+                raise RunConfigError(f"--{name} is not valid YAML: write it as in a YAML run config, e.g. "
+                                     "'[{name: wiki, train_file: wiki.txt}]', or put it in the YAML file") from None
+    return args
 
 
 ALIASED_OPTIONS = ("optimizer", "adafactor", "remat_policy")  # options implied_options sets from an old flag's alias

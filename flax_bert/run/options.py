@@ -18,7 +18,7 @@ import logging
 import os
 import pathlib
 
-from flax_bert.run.config import EXPLICIT, RunConfig, RunConfigError
+from flax_bert.run.config import EXPLICIT, MIXTURE_EXCLUDES, RunConfig, RunConfigError
 from flax_bert.run.layout import EVALUATION_FILE, RUN_CONFIG_FILE, complete_steps, locate_checkpoints
 
 log = logging.getLogger("flax_bert")
@@ -47,6 +47,7 @@ IMMUTABLE = {
     "max_seq_length": "the rows", "line_by_line": "the rows", "data_shards": "the order of the rows",
     "mlm_probability": "the masks", "whole_word_masking": "the masks", "seed": "the data order and masks",
     "objective": "the objective and its head", "optimizer": "the optimizer state in the checkpoint",
+    "train_sources": "the training data (a source's weight may change)",
 }
 # Refused unless --reset_optimizer starts a fresh optimizer state.
 OPTIMIZER_STATE = frozenset({"optimizer"})
@@ -64,7 +65,7 @@ DECIDED_BY_THE_CHECKPOINT = frozenset({"data_shards"})
 
 # What an evaluation scores: the validation rows (their data, documents, length, layout) and the masks (rate,
 # whole words). An export carries them (EVALUATION_FILE), so that evaluating it scores what its run did.
-EVALUATION_SETTINGS = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "text_column",
+EVALUATION_SETTINGS = ("dataset_name", "dataset_config_name", "train_file", "train_sources", "validation_file", "text_column",
                        "validation_split_percentage", "max_eval_samples", "blank_line_documents", "skip_invalid_utf8",
                        "max_seq_length", "line_by_line", "streaming", "mlm_probability", "eval_mlm_probability",
                        "whole_word_masking", "seed")
@@ -138,6 +139,25 @@ def same_setting(old, new) -> bool:
             and os.path.realpath(old) == os.path.realpath(new))
 
 
+def _other_text_given(name: str, explicit) -> bool:
+    """A stored text option the command replaced by the other kind: train_sources against the options it stands
+    for (e.g. `flax-bert eval RUN_DIR --validation_file new.txt` of a mixture run), and the other way round."""
+    if name == "train_sources":
+        return bool(set(MIXTURE_EXCLUDES) & set(explicit))
+    return name in MIXTURE_EXCLUDES and "train_sources" in explicit
+
+
+def _without_weights(sources) -> list | None:
+    """A train_sources value less its weights: what may not change on resume."""
+    if not isinstance(sources, list):
+        return sources
+    return [{k: v for k, v in entry.items() if k != "weight"} if isinstance(entry, dict) else entry for entry in sources]
+
+
+def _weights(sources) -> dict:
+    return {entry.get("name"): entry.get("weight") for entry in sources or [] if isinstance(entry, dict)}
+
+
 def reconcile_with_stored(run: RunConfig) -> RunConfig:
     """`run` with the options it did not set taken from the run it continues; refuses immutable changes."""
     if run.overwrite_output_dir:
@@ -154,10 +174,13 @@ def reconcile_with_stored(run: RunConfig) -> RunConfig:
             continue
         new = getattr(run, name)
         if name not in explicit:
-            if new != old:
+            if new != old and not _other_text_given(name, explicit):
                 inherited[name] = old
             continue
         if same_setting(old, new) or (name == "max_grad_norm" and not old and not new):
+            continue
+        if name == "train_sources" and _without_weights(old) == _without_weights(new):
+            changed.append(f"train_sources weights {_weights(old)} -> {_weights(new)}")  # the data iterator takes them
             continue
         if old is None and name in DECIDED_BY_THE_CHECKPOINT:
             changed.append(f"{name} unset -> {new!r} (checked against the checkpoint's data position)")
@@ -202,7 +225,8 @@ def with_export_evaluation(run: RunConfig) -> RunConfig:
         return run
     explicit = getattr(run, EXPLICIT, frozenset())
     inherited = {name: value for name, value in settings.items()
-                 if name in EVALUATION_SETTINGS and name not in explicit and getattr(run, name) != value}
+                 if name in EVALUATION_SETTINGS and name not in explicit and getattr(run, name) != value
+                 and not _other_text_given(name, explicit)}
     if not inherited:
         return run
     run = dataclasses.replace(run, **inherited)
@@ -217,7 +241,8 @@ def option_tables() -> str:
     immutable = ", ".join(f"`--{name}`" for name in IMMUTABLE)
     mutable = ", ".join(f"`--{name}`" for name in mutable_options())
     return (f"**May not change** (the run stops with one line naming the option, both values and what to do): "
-            f"{immutable}; and switching gradient clipping on or off (`--max_grad_norm` unset/0 vs a value). "
+            f"{immutable} (but a `train_sources` entry's `weight` may change); and switching gradient clipping on "
+            f"or off (`--max_grad_norm` unset/0 vs a value). "
             f"`--optimizer` and clipping may change with `--reset_optimizer`, which starts a fresh optimizer "
             f"state.\n\n"
             f"**May change** (accepted with a log line `changed on resume: OPTION old -> new`): {mutable}; "

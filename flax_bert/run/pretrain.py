@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from flax_bert import storage
+from flax_bert.data.mixture import MixtureRows
 from flax_bert.data.pipeline import Prefetcher, StreamingRows, make_global_batch
 from flax_bert.data.streaming import states_of_every_process
 from flax_bert.models import model_class_for
@@ -25,8 +26,8 @@ from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
 from flax_bert.run.build import (build_data, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
                                  decide_data_shards, decide_model, decide_phases, hub_options, phase_global_batch,
-                                 phase_model_config, smallest_global_batch,
-                                 plan_training, record_options, resolve_tokenizer, start_processes)
+                                 phase_model_config, plan_training, record_options, resolve_tokenizer,
+                                 smallest_global_batch, start_processes, train_iterator)
 from flax_bert.run.config import RunConfig, model_overrides
 from flax_bert.training import distributed, host_allocator
 from flax_bert.training.metrics import MetricsWriter
@@ -150,14 +151,15 @@ class Run:
         start = self.plan.rows_start(step)
         first = self.plan.phase_at(start)
         seed = self.run.seed + (first.index if start else 0)  # rows re-packed for a new length: a new order
-        if isinstance(self.train_rows, StreamingRows):
-            iterator = self.train_rows.iterator(self.plan.global_batch_at(step), seed=seed)
-        else:
-            iterator = self.train_rows.iterator(self.plan.batch_sizes(start), seed=seed)
+        sizes = self.plan.global_batch_at(step) if isinstance(self.train_rows, StreamingRows) else self.plan.batch_sizes(start)
+        iterator = train_iterator(self.run, self.train_rows, sizes, seed)  # one source or a mixture
         if data_state and "trained" in data_state:  # saved before phases existed: one phase, one batch
             self.plan.check_continues(data_state["trained"], step)
         if data_state and step > start:
             iterator.load_state_dict({k: v for k, v in data_state.items() if k not in ("phase", "trained")})
+        if self.phase.mixture:  # before the prefetch thread makes any batch: the same in every run and resume
+            probabilities = iterator.set_weights(self.phase.mixture)
+            log.info("%s: mixture %s", self.phase.name, ", ".join(f"{k} p={v:.4f}" for k, v in probabilities.items()))
         return iterator
 
     def _train_phase(self, state, step: int, data_state: dict | None, guard, progress):
@@ -187,7 +189,7 @@ class Run:
                     pending = None
                 if plan.log:
                     peak = peak_at_least(peak, window.tokens_per_second() * flops, self.model_config.dtype)
-                    self._log_window(step, window, flops, peak, progress)
+                    self._log_window(step, window, flops, peak, progress, batches.state_dict())
                 progress.update(1)
                 eval_results = self._evaluate_in_loop(state.params, step, window) if plan.evaluate else None
                 if eval_results:
@@ -236,11 +238,13 @@ class Run:
         log.info("first step (compile included) took %.1f s", time.perf_counter() - compile_start)
         self.metrics.write(step, {"compile_seconds": time.perf_counter() - compile_start})
 
-    def _log_window(self, step: int, window: _Window, flops: float, peak: float, progress) -> None:
+    def _log_window(self, step: int, window: _Window, flops: float, peak: float, progress, data_state: dict) -> None:
         record = window.summary(flops, total_peak_flops(peak))
         record.update(global_batch_size=self.plan.global_batch_at(step - 1), max_seq_length=self.phase.max_seq_length,
                       mlm_probability=self.phase.mlm_probability, phase=self.phase.index,
                       tokens=self.plan.tokens_until(step))
+        # a mixture's tokens drawn from each source so far (the data state after this step's batch)
+        record.update({f"tokens_{name}": float(tokens) for name, tokens in data_state.get("tokens", {}).items()})
         self.metrics.write(step, record)
         progress.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
         log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
@@ -287,26 +291,42 @@ class Run:
                 "model": self.model_config.to_hf_dict(architecture)}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, params, step: int) -> dict[str, float]:
-        if self.eval_rows is None:
-            log.warning("no evaluation data: pass --validation_file or --validation_split_percentage > 0")
-            return {}
+    def _eval_sums(self, params, rows) -> dict[str, float]:
+        """The eval step's sums over every row of ``rows`` (every process's), e.g. mlm_loss and mlm_count."""
         batch_size = self.run.per_device_eval_batch_size * jax.device_count()
         totals: dict[str, float] = {}
-        local_batches = self.eval_rows.eval_batches(batch_size)
+        local_batches = rows.eval_batches(batch_size)
         while True:  # processes may hold different numbers of eval rows: go on while any has some
             local = next(local_batches, None)
             if not distributed.any_process(local is not None):
                 break
             if local is None:
-                local = self.eval_rows.empty_batch(batch_size)
+                local = rows.empty_batch(batch_size)
             sums = jax.device_get(self.trainer.eval_step(params, self._global(local)))
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
+
+    def evaluate(self, params, step: int) -> dict[str, float]:
+        if self.eval_rows is None:
+            log.warning("no evaluation data: pass --validation_file or --validation_split_percentage > 0")
+            return {}
+        # a mixture: every source on its own (eval_loss_NAME, eval_accuracy_NAME), their sums the overall metrics
+        parts = self.eval_rows.parts() if isinstance(self.eval_rows, MixtureRows) else [(None, self.eval_rows)]
+        totals, per_source = {}, {}
+        for source, rows in parts:
+            per_source[source] = self._eval_sums(params, rows)
+            for name, value in per_source[source].items():
+                totals[name] = totals.get(name, 0.0) + value
         if not totals:
             log.warning("the validation split has no rows: no evaluation")
             return {}
         results = eval_summary(totals)
+        for source, sums in per_source.items():
+            if source is not None and sums.get("mlm_count"):  # global sums: the same keys on every process
+                summary = eval_summary(sums)
+                results.update({f"eval_loss_{source}": summary["eval_loss"],
+                                f"eval_accuracy_{source}": summary["eval_accuracy"]})
         self.metrics.write(step, results)
         log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
         return results
