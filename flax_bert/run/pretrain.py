@@ -9,7 +9,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +17,6 @@ import jax
 import numpy as np
 
 from flax_bert import storage
-from flax_bert.data.mixture import MixtureRows
 from flax_bert.data.pipeline import Prefetcher, StreamingRows, make_global_batch
 from flax_bert.data.streaming import states_of_every_process
 from flax_bert.models import model_class_for
@@ -26,15 +24,15 @@ from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
 from flax_bert.run.build import (build_data, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
                                  decide_data_shards, decide_model, decide_phases, hub_options, phase_global_batch,
-                                 phase_model_config, plan_training, record_options, resolve_tokenizer,
-                                 smallest_global_batch, start_processes, train_iterator)
+                                 phase_iterator, phase_model_config, plan_training, record_options,
+                                 resolve_tokenizer, smallest_global_batch, start_processes)
 from flax_bert.run.config import RunConfig, model_overrides
-from flax_bert.training import distributed, host_allocator
+from flax_bert.run.evaluation import evaluate_rows
+from flax_bert.run.progress import TrainLog, progress_bar
 from flax_bert.training.metrics import MetricsWriter
 from flax_bert.training.phases import Phase, make_plan
-from flax_bert.training.peak_flops import device_peak_flops, peak_at_least, step_flops_per_token, total_peak_flops
 from flax_bert.training.sharding import BATCH_AXES
-from flax_bert.training.step import NonFiniteLossError, check_finite, eval_summary
+from flax_bert.training.step import NonFiniteLossError, check_finite
 
 log = logging.getLogger("flax_bert")
 
@@ -128,14 +126,15 @@ class Run:
         if step >= self.total_steps:
             log.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return {"step": step}
-        self._log_training_start(step)
-        progress = _progress_bar(self.is_main and self.run.progress_bar, step, self.total_steps)
+        progress = progress_bar(self.is_main and self.run.progress_bar, step, self.total_steps)
+        self.train_log = TrainLog(self.metrics, self.plan, progress)
+        self.train_log.started(self.model_config, self.mesh, step, self.phase)
         with ckpt_lib.PreemptionGuard() as guard:
             while step < self.total_steps and not guard.stopped:
                 phase = self.plan.phase_at(step)
                 if phase is not self.phase:
                     self.enter_phase(phase)
-                state, step, data_state = self._train_phase(state, step, data_state, guard, progress)
+                state, step, data_state = self._train_phase(state, step, data_state, guard)
         progress.close()
         self.checkpoints.wait()
         if guard.stopped:  # agreed by every process, not only the one that got the signal
@@ -145,31 +144,14 @@ class Run:
         self.final_state = state
         return {"step": step}
 
-    def _phase_batches(self, step: int, data_state: dict | None):
-        """The phase's batches from `step` on: its rows' iterator (begun where those rows were first read: batch b
-        trains step start + b), positioned by the checkpoint when it was saved on these rows."""
-        start = self.plan.rows_start(step)
-        first = self.plan.phase_at(start)
-        seed = self.run.seed + (first.index if start else 0)  # rows re-packed for a new length: a new order
-        sizes = self.plan.global_batch_at(step) if isinstance(self.train_rows, StreamingRows) else self.plan.batch_sizes(start)
-        iterator = train_iterator(self.run, self.train_rows, sizes, seed)  # one source or a mixture
-        if data_state and "trained" in data_state:  # saved before phases existed: one phase, one batch
-            self.plan.check_continues(data_state["trained"], step)
-        if data_state and step > start:
-            iterator.load_state_dict({k: v for k, v in data_state.items() if k not in ("phase", "trained")})
-        if self.phase.mixture:  # before the prefetch thread makes any batch: the same in every run and resume
-            probabilities = iterator.set_weights(self.phase.mixture)
-            log.info("%s: mixture %s", self.phase.name, ", ".join(f"{k} p={v:.4f}" for k, v in probabilities.items()))
-        return iterator
-
-    def _train_phase(self, state, step: int, data_state: dict | None, guard, progress):
+    def _train_phase(self, state, step: int, data_state: dict | None, guard):
         """Steps of the current phase until it ends (or a stop); returns (state, step, data position): a next phase
         on the same rows reads on from there."""
         end = self.plan.phase_end(self.phase.index)
-        peak, flops = device_peak_flops(self.model_config.dtype)[0], self._flops_per_token()
-        window, pending = _Window(), None  # pending: (step, metrics on device, tokens, wait), checked one step late
+        self.train_log.enter(self.phase, self.model_config, self.trainer.step_config.masking)
+        pending = None  # (step, metrics on device, tokens, wait): checked one step late
         bundle_config = self._bundle_config()  # the same every step of the phase: built once, outside the loop
-        iterator = self._phase_batches(step, data_state)
+        iterator = phase_iterator(self.run, self.plan, self.train_rows, step, data_state)
         with Prefetcher(iterator, transform=self._device_batch) as batches:
             compile_start = time.perf_counter()
             while step < end:
@@ -177,25 +159,23 @@ class Run:
                 state, metrics = self.trainer.train_step(state, batch)
                 step += 1
                 if compile_start is not None:
-                    self._log_compile(metrics, step, compile_start)
+                    self.train_log.compiled(metrics, step, compile_start)
                     compile_start = None
-                    window.reset()
                 if pending is not None:
-                    window.add(*checked_metrics(pending, self.checkpoints))
+                    self.train_log.add(*checked_metrics(pending, self.checkpoints))
                 pending = (step, metrics, tokens, batches.last_wait_seconds)
                 plan = self.plan_step(step, guard)
                 if plan.reads_metrics:
-                    window.add(*checked_metrics(pending, self.checkpoints))  # everything up to this step is verified finite
+                    self.train_log.add(*checked_metrics(pending, self.checkpoints))  # all up to this step verified finite
                     pending = None
                 if plan.log:
-                    peak = peak_at_least(peak, window.tokens_per_second() * flops, self.model_config.dtype)
-                    self._log_window(step, window, flops, peak, progress, batches.state_dict())
-                progress.update(1)
-                eval_results = self._evaluate_in_loop(state.params, step, window) if plan.evaluate else None
+                    self.train_log.row(step, batches.state_dict())
+                self.train_log.progress.update(1)
+                eval_results = self._evaluate_in_loop(state.params, step) if plan.evaluate else None
                 if eval_results:
                     self.last_evaluation = (step, eval_results)
                 if plan.downstream:
-                    self._downstream_in_loop(state.params, step, window)
+                    self._downstream_in_loop(state.params, step)
                 if plan.save:
                     self._save(step, state, batches.state_dict(), bundle_config, eval_results)
                 if plan.stop:
@@ -219,50 +199,19 @@ class Run:
                         save=save_due or stop or last or (evaluate and self.run.keep_best), stop=stop,
                         downstream=downstream)
 
-    def _log_training_start(self, step: int) -> None:
-        """Logs what the loop will do: the device, the steps, the batch, the phases."""
-        log.info("%s", host_allocator.describe())  # set (or not) when the process started
-        peak, peak_source = device_peak_flops(self.model_config.dtype)
-        log.info("training %s: %d steps, global batch %d x %d tokens on %d devices (mesh %s); peak %.3g FLOP/s/device (%s)",
-                 self.model_config.model_type, self.total_steps, self.plan.global_batch_at(step), self.phase.max_seq_length,
-                 jax.device_count(), dict(self.mesh.shape), peak, peak_source)
-        if self.plan.has_phases or len(self.plan.distinct_batches()) > 1:
-            for line in self.plan.describe():
-                log.info("%s", line)
-
-    def _flops_per_token(self) -> float:
-        return step_flops_per_token(self.model_config, self.trainer.step_config.masking)
-
-    def _log_compile(self, metrics, step: int, compile_start: float) -> None:
-        jax.block_until_ready(metrics["loss"])
-        log.info("first step (compile included) took %.1f s", time.perf_counter() - compile_start)
-        self.metrics.write(step, {"compile_seconds": time.perf_counter() - compile_start})
-
-    def _log_window(self, step: int, window: _Window, flops: float, peak: float, progress, data_state: dict) -> None:
-        record = window.summary(flops, total_peak_flops(peak))
-        record.update(global_batch_size=self.plan.global_batch_at(step - 1), max_seq_length=self.phase.max_seq_length,
-                      mlm_probability=self.phase.mlm_probability, phase=self.phase.index,
-                      tokens=self.plan.tokens_until(step))
-        # a mixture's tokens drawn from each source so far (the data state after this step's batch)
-        record.update({f"tokens_{name}": float(tokens) for name, tokens in data_state.get("tokens", {}).items()})
-        self.metrics.write(step, record)
-        progress.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
-        log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
-        window.reset()
-
-    def _evaluate_in_loop(self, params, step: int, window: _Window) -> dict | None:
+    def _evaluate_in_loop(self, params, step: int) -> dict | None:
         """Evaluation during training; its time is not counted in the throughput. Only the step that evaluated
         carries metrics into its checkpoint (for --keep_best)."""
         eval_start = time.perf_counter()
         results = self.evaluate(params, step) or None
-        window.start += time.perf_counter() - eval_start
+        self.train_log.exclude(time.perf_counter() - eval_start)
         return results
 
-    def _downstream_in_loop(self, params, step: int, window: _Window) -> None:
+    def _downstream_in_loop(self, params, step: int) -> None:
         """A copy of the model fine-tuned on the --downstream_eval task; its time is not counted in the throughput."""
         started = time.perf_counter()
         scores = self.downstream(self.trainer.model(params), self.tokenizer, self.mesh)
-        window.start += time.perf_counter() - started
+        self.train_log.exclude(time.perf_counter() - started)
         self.metrics.write(step, scores)
         log.info("downstream at step %d (%s): %s", step, self.run.downstream_eval,
                  " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
@@ -291,44 +240,12 @@ class Run:
                 "model": self.model_config.to_hf_dict(architecture)}
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_sums(self, params, rows) -> dict[str, float]:
-        """The eval step's sums over every row of ``rows`` (every process's), e.g. mlm_loss and mlm_count."""
-        batch_size = self.run.per_device_eval_batch_size * jax.device_count()
-        totals: dict[str, float] = {}
-        local_batches = rows.eval_batches(batch_size)
-        while True:  # processes may hold different numbers of eval rows: go on while any has some
-            local = next(local_batches, None)
-            if not distributed.any_process(local is not None):
-                break
-            if local is None:
-                local = rows.empty_batch(batch_size)
-            sums = jax.device_get(self.trainer.eval_step(params, self._global(local)))
-            for name, value in sums.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-        return totals
-
     def evaluate(self, params, step: int) -> dict[str, float]:
-        if self.eval_rows is None:
-            log.warning("no evaluation data: pass --validation_file or --validation_split_percentage > 0")
-            return {}
-        # a mixture: every source on its own (eval_loss_NAME, eval_accuracy_NAME), their sums the overall metrics
-        parts = self.eval_rows.parts() if isinstance(self.eval_rows, MixtureRows) else [(None, self.eval_rows)]
-        totals, per_source = {}, {}
-        for source, rows in parts:
-            per_source[source] = self._eval_sums(params, rows)
-            for name, value in per_source[source].items():
-                totals[name] = totals.get(name, 0.0) + value
-        if not totals:
-            log.warning("the validation split has no rows: no evaluation")
-            return {}
-        results = eval_summary(totals)
-        for source, sums in per_source.items():
-            if source is not None and sums.get("mlm_count"):  # global sums: the same keys on every process
-                summary = eval_summary(sums)
-                results.update({f"eval_loss_{source}": summary["eval_loss"],
-                                f"eval_accuracy_{source}": summary["eval_accuracy"]})
-        self.metrics.write(step, results)
-        log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
+        batch_size = self.run.per_device_eval_batch_size * jax.device_count()
+        results = evaluate_rows(self.trainer, params, self.eval_rows, batch_size, self._global)
+        if results:
+            self.metrics.write(step, results)
+            log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
         return results
 
 
@@ -389,82 +306,6 @@ def checked_metrics(pending, checkpoints):
         checkpoints.wait()  # let the last good checkpoint finish writing before the run stops
         raise
     return metrics, tokens, wait
-
-
-class _Window:
-    """Metrics accumulated between two log lines."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.values, self.tokens, self.wait, self.steps, self.start = {}, 0, 0.0, 0, time.perf_counter()
-        self.last_learning_rate = float("nan")
-        self.cpu_start = time.process_time()  # this process's CPU seconds, all threads: host work + XLA:CPU
-
-    def add(self, metrics, tokens, wait):
-        self.last_learning_rate = float(metrics.get("learning_rate", float("nan")))  # the rate at the logged step
-        for name, value in metrics.items():
-            self.values[name] = self.values.get(name, 0.0) + float(value)
-        self.tokens += tokens
-        self.wait += wait
-        self.steps += 1
-
-    def tokens_per_second(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
-
-    def summary(self, flops_per_token: float, peak_flops: float) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        steps = max(self.steps, 1)
-        mean = {name: value / steps for name, value in self.values.items()}
-        tokens_per_second = self.tokens / elapsed
-        record = {"train_loss": mean.get("loss", float("nan")), "mlm_accuracy": mean.get("mlm_accuracy", float("nan")),
-                  "learning_rate": self.last_learning_rate, "grad_norm": mean.get("grad_norm", float("nan")),
-                  "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops_per_token / peak_flops,
-                  "step_seconds": elapsed / steps, "input_wait_seconds": self.wait / steps,
-                  "cpu_seconds_per_step": (time.process_time() - self.cpu_start) / steps}
-        for name in ("nsp_loss", "nsp_accuracy", "mlm_loss"):
-            if name in mean:
-                record[name] = mean[name]
-        return record
-
-
-def _progress_bar(enabled: bool, initial: int, total: int, stream=None):
-    """tqdm's bar on a terminal; elsewhere (a log file, a pipe) plain lines, without the bar's \\r frames."""
-    stream = stream or sys.stderr
-    if enabled and not stream.isatty():
-        return PlainProgress(initial, total, stream)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
-
-
-class PlainProgress:
-    """The progress bar's calls (update, set_postfix, close), written as one line every `interval` seconds."""
-
-    def __init__(self, initial: int, total: int, stream, interval: float = 30.0):
-        self.step, self.total, self.stream, self.interval = initial, total, stream, interval
-        self.start_step, self.start = initial, time.monotonic()
-        self.last_line, self.postfix = self.start, ""
-
-    def set_postfix(self, **values) -> None:
-        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
-
-    def update(self, n: int = 1) -> None:
-        self.step += n
-        if time.monotonic() - self.last_line >= self.interval:
-            self._line()
-
-    def close(self) -> None:
-        if self.step > self.start_step:
-            self._line()
-
-    def _line(self) -> None:
-        self.last_line = time.monotonic()
-        rate = (self.step - self.start_step) / max(self.last_line - self.start, 1e-9)
-        self.stream.write(f"train: step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%), "
-                          f"{rate:.2f} steps/s" + (f", {self.postfix}" if self.postfix else "") + "\n")
-        self.stream.flush()
 
 
 def run_pretraining(run: RunConfig, downstream: Callable | None = None) -> dict[str, Any]:
