@@ -185,9 +185,13 @@ def export_main(argv) -> int:
     parser.add_argument("--hub_model_id", help="the Hub repository, e.g. user/my-roberta")
     parser.add_argument("--hub_token", help="Hub token (default: $HF_TOKEN); never printed")
     parser.add_argument("--hub_private_repo", action="store_true")
+    parser.add_argument("--hub_revision", help="upload to this branch of the repository (created from main), e.g. "
+                        "step-0001000 as --hub_revision_steps names them; default: main")
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    if args.hub_revision and not args.push_to_hub:
+        parser.error("--hub_revision needs --push_to_hub")
     from flax_bert.run.export import export_command, push_to_hub, write_model_folder
     from flax_bert.run.directory import load_run_model
 
@@ -199,8 +203,10 @@ def export_main(argv) -> int:
                                 architecture=args.architecture)
     print(f"exported step {step} of {args.run_dir} to {folder}")
     if args.push_to_hub:
-        retry = export_command(args.run_dir, args.to, args.hub_model_id, args.hub_private_repo, args.step)
-        print(push_to_hub(folder, args.hub_model_id, args.hub_token, args.hub_private_repo, retry=retry))
+        retry = export_command(args.run_dir, args.to, args.hub_model_id, args.hub_private_repo, args.step,
+                               args.hub_revision)
+        print(push_to_hub(folder, args.hub_model_id, args.hub_token, args.hub_private_repo, retry=retry,
+                          revision=args.hub_revision))
     return 0
 
 

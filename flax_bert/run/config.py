@@ -165,6 +165,9 @@ class RunConfig:
     hub_model_id: str | None = _field(None, "the Hub repository, e.g. user/my-roberta")
     hub_token: str | None = _field(None, "Hub token (default: $HF_TOKEN); never logged or saved")
     hub_private_repo: bool = _field(False, "create the Hub repository private")
+    hub_revision_steps: int = _field(0, "with --push_to_hub: every N steps also push an export of that step to the "
+                                     "branch step-NNNNNNN of --hub_model_id (intermediate checkpoints, as released "
+                                     "model suites publish them); the final model goes to main; 0: off")
     # ---- several hosts
     coordinator_address: str | None = _field(None, "host:port of process 0 for jax.distributed (multi-host)")
     num_processes: int | None = _field(None, "number of processes (multi-host)")
@@ -218,6 +221,9 @@ def check_run_config(run: RunConfig) -> RunConfig:
         (run.objective == "mlm" or run.model_type == "bert" or run.model_name_or_path or run.config_name,
          "--objective mlm+nsp needs --model_type bert"),
         (not run.push_to_hub or run.hub_model_id, "--push_to_hub needs --hub_model_id"),
+        (run.hub_revision_steps >= 0, "--hub_revision_steps must be >= 0"),
+        (not run.hub_revision_steps or run.push_to_hub,
+         "--hub_revision_steps needs --push_to_hub and --hub_model_id (the repository whose branches it writes)"),
         (run.do_train or run.do_eval, "nothing to do: pass --do_train and/or --do_eval"),
         (not (run.token and run.use_auth_token), "--token and --use_auth_token both given: pass only --token"),
         (not (run.adafactor and run.optimizer != "adafactor"),

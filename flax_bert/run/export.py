@@ -142,21 +142,54 @@ def gathered_on_every_process(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def export_command(run_dir, to, hub_model_id: str, private: bool = False, step: int | None = None) -> str:
+def export_command(run_dir, to, hub_model_id: str, private: bool = False, step: int | None = None,
+                   revision: str | None = None) -> str:
     """The `flax-bert export` command that exports `run_dir` into `to` again and uploads it: what to run after a
     failed upload (the exported folder holds no checkpoint to export from)."""
     return (f"flax-bert export {run_dir}" + (f" --step {step}" if step is not None else "")
             + f" --to {to} --overwrite --push_to_hub --hub_model_id {hub_model_id}"
-            + (" --hub_private_repo" if private else ""))
+            + (" --hub_private_repo" if private else "") + (f" --hub_revision {revision}" if revision else ""))
+
+
+def revision_branch(step: int) -> str:
+    """The Hub branch of an intermediate checkpoint: zero-padded, so that the branches sort by step."""
+    return f"step-{step:07d}"
+
+
+def push_revision(job, params, step: int) -> None:
+    """--hub_revision_steps: an export of `step` to its own branch of --hub_model_id. Every process calls it
+    (parameters on several processes' devices are gathered together); process 0 uploads. A failed upload is a
+    warning naming the command that retries it, and training goes on."""
+    params = gathered_on_every_process(params)
+    if not job.is_main:
+        return
+    import tempfile
+
+    branch, run = revision_branch(step), {**job.phase_run.to_dict(), "tokens_seen": job.plan.tokens_until(step)}
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f"flax-bert-{branch}-"))
+    try:
+        folder = write_model_folder(job.trainer.model(params), stage, job.tokenizer, run, step,
+                                    job.plan.global_batch_at(step - 1), None, overwrite=True,
+                                    load_path=f"{job.run.hub_model_id} (revision {branch})")
+        retry = export_command(job.run.output_dir, f"{job.run.output_dir}-{branch}", job.run.hub_model_id,
+                               job.run.hub_private_repo, step, branch)
+        push_to_hub(folder, job.run.hub_model_id, job.run.hub_token, job.run.hub_private_repo, retry=retry,
+                    revision=branch)
+    except HubUploadError as err:
+        log.warning("step %d not on the Hub, training goes on: %s (while checkpoints/%d is kept)", step, err, step)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 class HubUploadError(InputError, RuntimeError):
     """The local export is complete, but the upload failed."""
 
 
-def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False, retry: str | None = None) -> str:
+def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False, retry: str | None = None,
+                revision: str | None = None) -> str:
     """Upload an exported folder; the token comes from the argument or $HF_TOKEN and is never printed.
-    `retry`: the command that exports and uploads again, named in the error when the upload fails."""
+    `retry`: the command that exports and uploads again, named in the error when the upload fails. `revision`: a
+    branch, created from main where it does not exist yet (default: main itself)."""
     import huggingface_hub
 
     token = token or os.environ.get("HF_TOKEN")
@@ -166,14 +199,16 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
     try:
         api = huggingface_hub.HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=files,
-                          commit_message="Upload model pretrained with flax-bert")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=files, revision=revision,
+                          commit_message="Upload model pretrained with flax-bert" + (f" ({revision})" if revision else ""))
     except Exception as err:  # offline, bad token, no permission: say so without the token
         message = str(err).replace(token, "***") if token else str(err)
         raise HubUploadError(f"the model is exported to {folder}, but uploading it to {repo_id} failed "
                              f"({type(err).__name__}: {message.splitlines()[0][:200] if message else 'no details'}); "
                              f"check the network and token (--hub_token or $HF_TOKEN), then run: "
                              f"{retry or export_command('RUN_DIR', folder, repo_id, private)}") from None
-    url = f"https://huggingface.co/{repo_id}"
+    url = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
     log.info("uploaded to %s", url)
     return url

@@ -26,7 +26,7 @@ log = logging.getLogger("flax_bert")
 # Never taken from the stored configuration: what this command does, where, and on which machines.
 PER_COMMAND = frozenset({
     "do_train", "do_eval", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "push_to_hub",
-    "hub_model_id", "hub_token", "hub_private_repo", "token", "use_auth_token", "coordinator_address",
+    "hub_model_id", "hub_token", "hub_private_repo", "hub_revision_steps", "token", "use_auth_token", "coordinator_address",
     "num_processes", "process_id", "progress_bar", "cache_dir", "preprocessing_num_workers", "overwrite_cache",
     "gradient_checkpointing", "adafactor", "train_ref_file", "validation_ref_file", "pad_to_max_length",
     "use_fast_tokenizer", "trust_remote_code", "reset_optimizer", "downstream_eval", "downstream_eval_steps"})

@@ -28,6 +28,7 @@ from flax_bert.run.build import (build_data, build_optimizer, build_trainer, cla
                                  resolve_tokenizer, smallest_global_batch, start_processes)
 from flax_bert.run.config import RunConfig, model_overrides
 from flax_bert.run.evaluation import evaluate_rows
+from flax_bert.run.export import push_revision
 from flax_bert.run.progress import TrainLog, progress_bar
 from flax_bert.training.metrics import MetricsWriter
 from flax_bert.training.phases import Phase, make_plan
@@ -45,6 +46,7 @@ class StepPlan:
     save: bool
     stop: bool
     downstream: bool = False  # fine-tune a copy on the --downstream_eval task
+    hub_revision: bool = False  # push an export of this step to its branch of --hub_model_id
 
     @property
     def reads_metrics(self) -> bool:
@@ -178,6 +180,10 @@ class Run:
                     self._downstream_in_loop(state.params, step)
                 if plan.save:
                     self._save(step, state, batches.state_dict(), bundle_config, eval_results)
+                if plan.hub_revision:  # an upload's time is not counted in the throughput
+                    started = time.perf_counter()
+                    push_revision(self, state.params, step)
+                    self.train_log.exclude(time.perf_counter() - started)
                 if plan.stop:
                     break
             return state, step, batches.state_dict()
@@ -195,9 +201,11 @@ class Run:
         every = self.run.downstream_eval_steps
         downstream = self.downstream is not None and (last or bool(every and step % every == 0))
         phase_end = step == self.plan.phase_end(self.phase.index)  # its metrics are read before the next phase
+        # a revision pushed saves its checkpoint too: the command that retries a failed upload exports it
+        revision = bool(self.run.hub_revision_steps and step % self.run.hub_revision_steps == 0)
         return StepPlan(log=step % self.run.logging_steps == 0 or last or phase_end, evaluate=evaluate,
-                        save=save_due or stop or last or (evaluate and self.run.keep_best), stop=stop,
-                        downstream=downstream)
+                        save=save_due or stop or last or (evaluate and self.run.keep_best) or revision, stop=stop,
+                        downstream=downstream, hub_revision=revision)
 
     def _evaluate_in_loop(self, params, step: int) -> dict | None:
         """Evaluation during training; its time is not counted in the throughput. Only the step that evaluated
