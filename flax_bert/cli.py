@@ -81,7 +81,21 @@ def _downstream_scorer(run):
 
 
 def prepare_main(argv) -> int:
-    """Tokenize and pack the data of `train ARGS` into the cache (this process's shards), nothing else."""
+    """Tokenize and pack the data of `train ARGS` into the cache (this process's shards), nothing else. SIGINT
+    (ctrl-C) and SIGTERM alike stop it and exit 0, as train: the shards in the cache are whole, the same command
+    prepares the rest."""
+    from flax_bert.training.preemption import Preempted, stop_outside_the_loop
+
+    try:
+        with stop_outside_the_loop():
+            return _prepare(argv)
+    except Preempted as signal_name:
+        print(f"stopped by {signal_name}: the shards prepared so far are whole in the cache — rerun the same command "
+              "to prepare the rest", file=sys.stderr)
+        return 0
+
+
+def _prepare(argv) -> int:
     from flax_bert.run.config import parse_run_config
 
     run = parse_run_config(argv, prog="flax-bert prepare", defaults={"do_train": True, "do_eval": True})

@@ -99,3 +99,37 @@ def test_each_host_prepares_only_its_own_shards(workspace, monkeypatch):
     assert sorted(rows.shards) == [2, 3] and rows.num_tokens == train.tokens
     with pytest.raises(pytest.fail.Exception):  # process 0's shards were not prepared by process 1
         build_datasets(args, tokenizer, process_index=0, process_count=2)
+
+
+# in the parent process, the signal arrives while the workers tokenize: when it first waits for one of them
+SIGNAL_WHILE_WORKERS_RUN = """
+import concurrent.futures, os, signal, sys
+real = concurrent.futures.Future.result
+def first_wait_sends(self, *args, **kwargs):
+    if not getattr(first_wait_sends, "sent", False):
+        first_wait_sends.sent = True
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real(self, *args, **kwargs)
+concurrent.futures.Future.result = first_wait_sends
+from flax_bert.cli import main
+sys.exit(main(["prepare", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_stop_prepare_with_exit_0_and_the_same_command_goes_on(workspace, signal_name):
+    """As train: both signals stop it where it is, exit 0 and say what to do; the rerun prepares the rest."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    cache = workspace / f"stopped-{signal_name}"
+    flags = [*TINY_MODEL, *DATA_FLAGS, "--tokenizer_name", str(workspace / "tokenizer"), "--cache_dir", str(cache),
+             "--output_dir", str(workspace / f"run-{signal_name}"), "--preprocessing_num_workers", "2"]
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_WORKERS_RUN, signal_name, *flags], env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert f"stopped by {signal_name}: the shards prepared so far are whole in the cache — rerun the same command" \
+        in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    again = subprocess.run([sys.executable, "-m", "flax_bert.cli", "prepare", *flags], env=env, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert again.returncode == 0 and "prepared train: 4 shards" in again.stdout, again.stderr[-2000:]

@@ -79,6 +79,20 @@ def _cached_tokens(stream, info, args: DataArgs, seed: int, shards: list[int], n
     return total
 
 
+@contextlib.contextmanager
+def _stopped_at_once_on_a_signal(pool):
+    """A signal (ctrl-C, SIGTERM) while workers tokenize stops them now instead of after their shards: every shard
+    already in the cache was published whole (renamed into place), so the same command prepares the rest."""
+    try:
+        yield
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in list((getattr(pool, "_processes", None) or {}).values()):  # CPython's worker table
+                worker.terminate()
+        raise
+
+
 def prepare_data(args: DataArgs, tokenizer, seed: int, process_index: int, process_count: int,
                  workers: int | None = None) -> list[PreparedSplit]:
     """This process's shards of the training and validation splits, tokenized and packed into the cache."""
@@ -98,7 +112,7 @@ def prepare_data(args: DataArgs, tokenizer, seed: int, process_index: int, proce
     pool_size = min(workers, max(len(shards) for shards in owned.values()))
     spawn = multiprocessing.get_context("spawn")
     with (concurrent.futures.ProcessPoolExecutor(pool_size, mp_context=spawn) if pool_size > 1
-          else contextlib.nullcontext()) as pool:
+          else contextlib.nullcontext()) as pool, _stopped_at_once_on_a_signal(pool):
         for split in splits:
             start = time.perf_counter()
             shards, num_shards = owned[split], shard_counts[split]
