@@ -338,8 +338,8 @@ def plan_training(run: RunConfig, phases: list[Phase] | None, warmup: BatchWarmu
     """Every step's phase and global batch. Without phases the run ends at --max_steps, else after
     --num_train_epochs of the training rows (counted in rows, so a batch-size warmup takes more steps)."""
     common = dict(max_seq_length=run.max_seq_length, mlm_probability=run.mlm_probability)
-    if phases:
-        return make_plan(phases, global_batch, warmup, **common)
+    if phases:  # they end the run themselves: no training rows needed
+        return make_plan(phases, lambda phase: phase_global_batch(run, phase), warmup, **common)
     if not run.do_train:
         return make_plan(None, global_batch, None, total_steps=1, **common)
     if warmup is None or run.max_steps > 0:

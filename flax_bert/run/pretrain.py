@@ -23,7 +23,7 @@ from flax_bert.models import model_class_for
 from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
 from flax_bert.run.build import (build_data, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
-                                 decide_data_shards, decide_model, decide_phases, hub_options, phase_global_batch,
+                                 decide_data_shards, decide_model, decide_phases, hub_options,
                                  phase_iterator, phase_model_config, plan_training, record_options,
                                  resolve_tokenizer, smallest_global_batch, start_processes)
 from flax_bert.run.config import RunConfig, model_overrides
@@ -31,7 +31,7 @@ from flax_bert.run.evaluation import evaluate_rows
 from flax_bert.run.export import push_revision
 from flax_bert.run.progress import TrainLog, progress_bar
 from flax_bert.training.metrics import MetricsWriter
-from flax_bert.training.phases import Phase, make_plan
+from flax_bert.training.phases import Phase
 from flax_bert.training.sharding import BATCH_AXES
 from flax_bert.training.step import NonFiniteLossError, check_finite
 
@@ -75,8 +75,7 @@ class Run:
         self.smallest_batch = smallest_global_batch(self.run, phases, warmup, self.global_batch)
         self.run = decide_data_shards(self.run, self.smallest_batch)
         self._rows: dict[int, tuple] = {}  # max_seq_length -> (training rows, validation rows)
-        plan = make_plan(phases, lambda phase: phase_global_batch(self.run, phase), warmup,
-                         max_seq_length=self.run.max_seq_length, mlm_probability=self.run.mlm_probability) if phases else None
+        plan = plan_training(self.run, phases, warmup, self.global_batch) if phases else None
         first = plan.phase_at(self.start.step).max_seq_length if plan else self.run.max_seq_length
         self.train_rows, self.eval_rows = self.rows_for(first)
         record_options(self.run, self.output_dir)  # the inputs opened: this is the run's directory now
