@@ -456,18 +456,17 @@ def phase_runs(run) -> list[tuple[str, object]]:
     changes the compiled step's memory), else [("", run)]."""
     if not run.phases:
         return [("", run)]
+    from flax_bert.run.build import phase_options
     from flax_bert.training.phases import parse_phases
 
-    settings: dict[tuple, list[str]] = {}
+    settings: dict[tuple, tuple[list[str], object]] = {}
     for phase in parse_phases(run.phases, max_seq_length=run.max_seq_length, mlm_probability=run.mlm_probability):
-        key = (phase.max_seq_length, phase.per_device_train_batch_size or run.per_device_train_batch_size,
-               phase.gradient_accumulation_steps or run.gradient_accumulation_steps, phase.mlm_probability)
-        settings.setdefault(key, []).append(f"{phase.index} {phase.name!r}")
-    return [(f"phase{'s' if len(names) > 1 else ''} {', '.join(names)}: ",
-             dataclasses.replace(run, max_seq_length=length, per_device_train_batch_size=rows,
-                                 gradient_accumulation_steps=steps, mlm_probability=rate, phases=None))
-            for (length, rows, steps, rate), names in settings.items()]
-
+        options = dataclasses.replace(phase_options(run, phase), phases=None)
+        key = (options.max_seq_length, options.per_device_train_batch_size, options.gradient_accumulation_steps,
+               options.mlm_probability)
+        settings.setdefault(key, ([], options))[0].append(f"{phase.index} {phase.name!r}")
+    return [(f"phase{'s' if len(names) > 1 else ''} {', '.join(names)}: ", options)
+            for names, options in settings.values()]
 
 def main(argv) -> int:
     args, run = parse(argv)

@@ -297,10 +297,21 @@ def decide_phases(run: RunConfig, model_config: ModelConfig) -> list[Phase] | No
     return phases
 
 
+def phase_options(run: RunConfig, phase: Phase) -> RunConfig:
+    """The run's options as a phase trains them: its row length, mask rate, per-device rows and accumulation steps
+    (each the run's where the phase sets none). Evaluation keeps the run's one rate through every phase."""
+    options = dict(max_seq_length=phase.max_seq_length, mlm_probability=phase.mlm_probability,
+                   per_device_train_batch_size=phase.per_device_train_batch_size or run.per_device_train_batch_size,
+                   gradient_accumulation_steps=phase.gradient_accumulation_steps or run.gradient_accumulation_steps)
+    if run.eval_mlm_probability is None and phase.mlm_probability != run.mlm_probability:
+        options["eval_mlm_probability"] = run.mlm_probability
+    return dataclasses.replace(run, **options)
+
+
 def phase_global_batch(run: RunConfig, phase: Phase) -> int:
     """Rows per step in a phase: its per-device rows and accumulation steps, else the run's."""
-    return ((phase.per_device_train_batch_size or run.per_device_train_batch_size) * jax.device_count()
-            * (phase.gradient_accumulation_steps or run.gradient_accumulation_steps))
+    options = phase_options(run, phase)
+    return options.per_device_train_batch_size * jax.device_count() * options.gradient_accumulation_steps
 
 
 def decide_batch_warmup(run: RunConfig, global_batch: int, phases: list[Phase] | None) -> BatchWarmup | None:

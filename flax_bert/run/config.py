@@ -307,13 +307,14 @@ def integer(value: str) -> int:
 
 
 def yaml_list(value: str) -> list:
-    """A list option given as a flag: inline YAML, e.g. --phases '[{until_step: 100}, {until_step: 200}]'."""
+    """A list option (phases, train_sources) given as a flag: inline YAML or JSON, as in a YAML run config."""
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         parsed = None
     if not isinstance(parsed, list):
-        raise argparse.ArgumentTypeError(f"expected a YAML list such as '[{{until_step: 100}}]', got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a YAML list as in a YAML run config, e.g. '[{{a: 1}}, {{b: 2}}]' "
+                                         f"(or put it in the YAML file), got {value!r}")
     return parsed
 
 
@@ -424,8 +425,6 @@ def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     hints = get_type_hints(RunConfig)
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     for name, value in list(values.items()):
-        if name in STRUCTURED_OPTIONS:  # a list, checked by check_run_config
-            continue
         kind = _parser_type(hints[name])
         value = values[name] = _yaml_number(value, kind)
         expected = {_str2bool: bool, int: int, float: (int, float), str: str, yaml_list: list}[kind]
@@ -446,7 +445,7 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "run_mlm_flax.py
     config_file = args.pop("config_file", None)
     try:
         given = dict(load_yaml(config_file) if config_file else {})
-        given.update(structured_flags(args))
+        given.update(args)
         implied, decisions = implied_options(given, defaults or {})
         run = RunConfig(**{**(defaults or {}), **given, **implied}).validate()
         if run.phases and "num_train_epochs" in given:
@@ -462,21 +461,6 @@ def parse_run_config(argv: list[str] | None = None, prog: str = "run_mlm_flax.py
     for decision in decisions:
         logging.getLogger("flax_bert").info("%s", decision)
     return run
-
-
-STRUCTURED_OPTIONS = ("train_sources",)  # YAML values (lists); their flags take the same value as inline YAML/JSON
-
-
-def structured_flags(args: dict[str, Any]) -> dict[str, Any]:
-    """The flags with a STRUCTURED_OPTIONS value given as inline YAML/JSON text parsed into it."""
-    for name in STRUCTURED_OPTIONS:
-        if isinstance(args.get(name), str):
-            try:
-                args[name] = yaml.safe_load(args[name])
-            except yaml.YAMLError:
-                raise RunConfigError(f"--{name} is not valid YAML: write it as in a YAML run config, e.g. "
-                                     "'[{name: wiki, train_file: wiki.txt}]', or put it in the YAML file") from None
-    return args
 
 
 ALIASED_OPTIONS = ("optimizer", "adafactor", "remat_policy")  # options implied_options sets from an old flag's alias

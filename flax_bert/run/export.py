@@ -100,6 +100,12 @@ def write_model_folder(model, folder, tokenizer, run: dict, steps: int, global_b
     return pathlib.Path(folder)
 
 
+def card_options(job, step: int) -> dict:
+    """The options an export of `step` states (model card, evaluation settings): its phase's length and rates
+    (what evaluating the export scores) and the tokens trained up to it."""
+    return {**job.phase_run.to_dict(), "tokens_seen": job.plan.tokens_until(step)}
+
+
 def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | None:
     """At the end of training: the final model into OUTPUT_DIR itself (checkpoints live in a subfolder).
     Every process must call it: parameters split over several processes' devices are gathered first."""
@@ -108,9 +114,8 @@ def export_run(job, params, eval_results: dict | None = None) -> pathlib.Path | 
     if not job.is_main:
         return None
     model = job.trainer.model(params)  # the last phase's model: its RoPE theta and positions
-    # the last phase's length and rates (what evaluating the export scores), and the tokens its phases trained
-    run = {**job.phase_run.to_dict(), "tokens_seen": job.plan.tokens_until(step)}
-    folder = write_model_folder(model, job.output_dir, job.tokenizer, run, step, job.plan.global_batch_at(step - 1),
+    folder = write_model_folder(model, job.output_dir, job.tokenizer, card_options(job, step), step,
+                                job.plan.global_batch_at(step - 1),
                                 eval_results, overwrite=True)
     log.info("exported the final model (step %d) to %s", step, folder)
     if job.run.push_to_hub:
@@ -165,10 +170,10 @@ def push_revision(job, params, step: int) -> None:
         return
     import tempfile
 
-    branch, run = revision_branch(step), {**job.phase_run.to_dict(), "tokens_seen": job.plan.tokens_until(step)}
+    branch = revision_branch(step)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f"flax-bert-{branch}-"))
     try:
-        folder = write_model_folder(job.trainer.model(params), stage, job.tokenizer, run, step,
+        folder = write_model_folder(job.trainer.model(params), stage, job.tokenizer, card_options(job, step), step,
                                     job.plan.global_batch_at(step - 1), None, overwrite=True,
                                     load_path=f"{job.run.hub_model_id} (revision {branch})")
         retry = export_command(job.run.output_dir, f"{job.run.output_dir}-{branch}", job.run.hub_model_id,

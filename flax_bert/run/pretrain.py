@@ -24,7 +24,7 @@ from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
 from flax_bert.run.build import (build_data, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
                                  decide_data_shards, decide_model, decide_phases, hub_options,
-                                 phase_iterator, phase_model_config, plan_training, record_options,
+                                 phase_iterator, phase_options, phase_model_config, plan_training, record_options,
                                  resolve_tokenizer, smallest_global_batch, start_processes)
 from flax_bert.run.config import RunConfig, model_overrides
 from flax_bert.run.evaluation import evaluate_rows
@@ -107,12 +107,7 @@ class Run:
             log.info("entering %s", phase.describe())
         self.model_config = phase_model_config(self.base_model_config, phase)
         self.train_rows, self.eval_rows = self.rows_for(phase.max_seq_length)
-        rates = dict(max_seq_length=phase.max_seq_length, mlm_probability=phase.mlm_probability,
-                     per_device_train_batch_size=phase.per_device_train_batch_size or self.run.per_device_train_batch_size,
-                     gradient_accumulation_steps=phase.gradient_accumulation_steps or self.run.gradient_accumulation_steps)
-        if self.run.eval_mlm_probability is None and phase.mlm_probability != self.run.mlm_probability:
-            rates["eval_mlm_probability"] = self.run.mlm_probability  # one evaluation rate through every phase
-        self.phase_run = dataclasses.replace(self.run, **rates)
+        self.phase_run = phase_options(self.run, phase)
         self.trainer = build_trainer(self.phase_run, self.model_config, self.tokenizer, self.mesh,
                                      optimizer=self.optimizer)
 
