@@ -4,9 +4,10 @@ fits one chip's HBM, without and with remat (`--remat_policy full`), found by co
 
     python benchmarks/compile_table.py --configs roberta-base bert-base --chips v5e --json table.json
 
-Each cell costs several compiles of minutes each on a small machine: results go into --json as they come, and a
-second run skips the cells already there. Cells are found within --precision (0.25: the answer is at least 80% of
-the true largest batch); the gradient accumulation is 1 (accumulation adds one gradient buffer, not activations).
+A cell takes about ten compiles (find_batch follows the line of bytes against rows, which is not quite straight),
+minutes each on a small machine: results go into --json as they come, and a second run skips the cells already there. Each cell is exact
+(--precision 0: one row more does not fit); the gradient accumulation is 1 (accumulation adds one gradient buffer,
+not activations).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--chips", nargs="+", default=list(CHIPS), choices=list(CHIPS))
     parser.add_argument("--remat", nargs="+", default=["none", "full"], choices=["none", "full"])
-    parser.add_argument("--precision", type=float, default=0.25)
+    parser.add_argument("--precision", type=float, default=0.0)
     parser.add_argument("--start", type=int, default=8, help="the first batch tried")
     parser.add_argument("--json", default="compile_table.json", help="results so far (read and extended)")
     args = parser.parse_args()

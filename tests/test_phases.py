@@ -12,7 +12,8 @@ import pytest
 
 from flax_bert.run.config import parse_run_config
 from flax_bert.training.phases import BatchWarmup, PhaseError, make_plan, parse_phases
-from tests.test_resume import ROOT, assert_same_parameters, complete_checkpoints, new_workspace, wait_until
+from tests.test_resume import (ROOT, assert_same_parameters, complete_checkpoints, exported_tensors, new_workspace,
+                               wait_until)
 
 COMMON = dict(max_seq_length=32, mlm_probability=0.3)
 
@@ -145,6 +146,57 @@ def test_a_resume_in_the_second_phase_ends_bit_identical(recipe, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"(step {saved})" in result.stderr
     assert_same_parameters(out, reference)
+
+
+def test_phases_added_on_resume_continue_at_the_boundary_as_if_planned(recipe, tmp_path):
+    """A run given only the first phase ends at its last step; the same run resumed with the second phase added
+    (a new length: rows re-packed at the boundary step itself) trains the steps the run planned whole trains."""
+    workspace, command, reference, _ = recipe
+    out = tmp_path / "extended"
+    first_only = "[{name: short, until_tokens: 1200, global_rope_theta: 10000, mlm_probability: 0.3, schedule: warmup}]"
+    result = subprocess.run(command(out, "--phases", first_only), capture_output=True, text=True, timeout=600,
+                            env=workspace.env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    boundary = max(complete_checkpoints(out))
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert boundary == max(row["step"] for row in rows if row.get("phase") == 0)  # the first phase's last step
+    result = subprocess.run(command(out), capture_output=True, text=True, timeout=600, env=workspace.env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"(step {boundary})" in result.stderr
+    resumed = {row["step"]: row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if "train_loss" in row}
+    planned = {row["step"]: row for row in rows if "train_loss" in row}
+    assert sorted(resumed) == sorted(planned)
+    for step, row in planned.items():  # the same phase, batch, length and mask rate at every step
+        assert [resumed[step][k] for k in ("phase", "global_batch_size", "max_seq_length", "mlm_probability",
+                                            "tokens")] == [row[k] for k in ("phase", "global_batch_size",
+                                                                            "max_seq_length", "mlm_probability",
+                                                                            "tokens")], step
+    # not bit-identical: the learning-rate schedule, compiled from a plan of one phase and then of two, gives a
+    # few steps' rates one float ulp apart; the weights end within 1e-7
+    ours, theirs = exported_tensors(out), exported_tensors(reference)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        np.testing.assert_allclose(ours[name], tensor, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_eval_of_a_phased_run_scores_its_last_phase_as_the_run_did(recipe, tmp_path):
+    """`flax-bert eval RUN` of a run that ended in its 64-token phase evaluates 64-token rows: the loss the run's
+    own final evaluation recorded."""
+    import shutil
+
+    workspace, _, reference, _ = recipe
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    recorded = json.loads((run / "eval_results.json").read_text())
+    (run / "eval_results.json").unlink()
+    result = subprocess.run([sys.executable, "-m", "flax_bert.cli", "eval", str(run), "--cache_dir",
+                             str(workspace.cache)], capture_output=True, text=True, timeout=600, env=workspace.env,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((run / "eval_results.json").read_text())
+    assert evaluated["step"] == recorded["step"] == 24
+    assert evaluated["eval_loss"] == pytest.approx(recorded["eval_loss"], rel=1e-5)
 
 
 def test_the_export_after_context_extension_is_read_by_transformers_at_the_new_length(recipe):

@@ -126,20 +126,19 @@ class _NoSignal:
 
 @pytest.mark.parametrize("save_minutes", [None, 60.0])
 def test_with_keep_best_every_evaluation_saves_and_the_last_step_is_evaluated(tmp_path, save_minutes):
-    from flax_bert.run.pretrain import Run
+    from flax_bert.run.step_plan import StepPlanner
 
-    job = object.__new__(Run)
-    job.run = parse_run_config(["--output_dir", str(tmp_path), "--eval_steps", "3", "--save_steps", "5",
-                                "--keep_best", "--max_steps", "10", "--logging_steps", "100"])
-    job.checkpoints = Checkpointer(tmp_path, save_steps=5, save_minutes=save_minutes, keep_best=True)
-    job.eval_rows, job.total_steps, job.downstream = object(), 10, None
-    job.plan = make_plan(None, 8, None, total_steps=10, max_seq_length=32, mlm_probability=0.15)
-    job.phase = job.plan.phases[0]
-    plans = {step: job.plan_step(step, _NoSignal()) for step in range(1, 11)}
+    run = parse_run_config(["--output_dir", str(tmp_path), "--eval_steps", "3", "--save_steps", "5",
+                            "--keep_best", "--max_steps", "10", "--logging_steps", "100"])
+    checkpoints = Checkpointer(tmp_path, save_steps=5, save_minutes=save_minutes, keep_best=True)
+    plan = make_plan(None, 8, None, total_steps=10, max_seq_length=32, mlm_probability=0.15)
+    planner = StepPlanner(run, plan, checkpoints, evaluates=True, downstream=False)
+    plans = {step: planner.decide(step, 0, _NoSignal()) for step in range(1, 11)}
     assert [s for s, p in plans.items() if p.evaluate] == [3, 6, 9, 10]
     assert [s for s, p in plans.items() if p.save] == [3, 5, 6, 9, 10]  # every evaluation carries its metrics
-    job.run = dataclasses.replace(job.run, keep_best=False)
-    assert [s for s in range(1, 11) if job.plan_step(s, _NoSignal()).save] == [5, 10]
+    assert [s for s, p in plans.items() if p.log] == [10]  # --logging_steps 100: the last step only
+    planner.run = dataclasses.replace(run, keep_best=False)
+    assert [s for s in range(1, 11) if planner.decide(s, 0, _NoSignal()).save] == [5, 10]
 
 
 # ----------------------------------------------------------------------------- 4. --resume_from_checkpoint

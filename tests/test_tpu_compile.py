@@ -113,3 +113,34 @@ def test_a_phased_config_compiles_each_phase_and_auto_avoids_splash_for_short_ro
     assert attention.resolve("auto", config, "tpu", 1024)[0] == "splash"
     with pytest.raises(attention.AttentionError, match="multiple of 128 tokens, not 96"):
         attention.resolve("splash", config, "tpu", 96)
+
+
+@pytest.mark.parametrize("hbm_rows, start, precision", [(5, 8, 0.0), (37, 8, 0.0), (301, 8, 0.0), (301, 8, 0.1),
+                                                        (0, 8, 0.0), (4096, 8, 0.0)])
+def test_find_batch_follows_the_memory_line_to_the_largest_batch_that_fits(monkeypatch, hbm_rows, start, precision):
+    """A fake compiler whose bytes grow linearly with the rows (plus a little noise the line must absorb): the
+    answer is exact (or within the precision) and takes a few compiles whether the chip holds 5 or 301 rows."""
+    fixed, per_row, hbm = 3_000_000, 1_000_000, 3_000_000 + hbm_rows * 1_000_000 + 500_000
+    tried = []
+
+    def fake_compile(run, topology, num_slices=1, with_eval=True):
+        rows = run.per_device_train_batch_size
+        tried.append(rows)
+        total = fixed + rows * per_row + (rows % 3) * 10_000
+        step = tpu_compile.StepReport(total, 0, 0, 0, 0, None, {}, 1.0, required=None if total <= hbm else total)
+        return dataclasses.replace(FAKE_REPORT, hbm=hbm, train=step)
+
+    monkeypatch.setattr(tpu_compile, "compile_run", fake_compile)
+    run = tpu_compile.parse(TINY)[1]
+    best = tpu_compile.find_batch(run, "v5e:2x2", start=start, precision=precision)
+    assert len(set(tried)) == len(tried)  # no batch compiled twice
+    if precision == 0:
+        assert best == min(hbm_rows, 4096)
+    else:
+        assert hbm_rows * (1 - precision) <= best <= hbm_rows
+    assert len(tried) <= 5, tried
+
+
+FAKE_REPORT = tpu_compile.CompileReport(topology="v5e:2x2", devices=4, device_kind="TPU v5 lite", mesh={"data": 4},
+                                        hbm=0, per_device_batch=0, global_batch=0, max_seq_length=128,
+                                        attention="xla", train=None, eval=None, model_flops_per_step=0.0)

@@ -196,6 +196,19 @@ class MixtureRows:
                                     shuffle=shuffle)
 
 
+def checked_weights(weights: dict, names: list[str], full: bool = False) -> dict[str, float]:
+    """Mixture weights as floats, each naming a source (`full`: one for every source) and each a number >= 0."""
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise DataError(f"no source named {unknown[0]!r} in the mixture: its sources are {', '.join(names)}")
+    if full and set(weights) != set(names):
+        raise DataError(f"weights for {sorted(weights)}: give one for each of {', '.join(names)}")
+    bad = {name: w for name, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0}
+    if bad:
+        raise DataError(f"mixture weights must be numbers >= 0, got {bad}")
+    return {name: float(w) for name, w in weights.items()}
+
+
 class MixtureBatchIterator:
     """Endless iterator over this process's rows of each global batch of a mixture (see the module's docstring)."""
 
@@ -211,7 +224,7 @@ class MixtureBatchIterator:
                             "with the same --data_shards")
         self.num_shards = self.readers[0].rows.num_shards
         self.own = self.readers[0].own
-        self.configured = self._checked(weights, full=True), float(temperature)
+        self.configured = checked_weights(weights, self.names, full=True), float(temperature)
         self.weights, self.temperature = dict(self.configured[0]), float(temperature)
         self.probabilities = self._probabilities()
         k, s = len(self.names), self.num_shards
@@ -229,17 +242,6 @@ class MixtureBatchIterator:
         except DataError as err:
             raise DataError(f"train_sources entry {name!r}: {err}") from None
 
-    def _checked(self, weights: dict, full: bool = False) -> dict[str, float]:
-        unknown = sorted(set(weights) - set(self.names))
-        if unknown:
-            raise DataError(f"no source named {unknown[0]!r} in the mixture: its sources are {', '.join(self.names)}")
-        if full and set(weights) != set(self.names):
-            raise DataError(f"weights for {sorted(weights)}: give one for each of {', '.join(self.names)}")
-        bad = {name: w for name, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0}
-        if bad:
-            raise DataError(f"mixture weights must be numbers >= 0, got {bad}")
-        return {name: float(w) for name, w in weights.items()}
-
     def _probabilities(self) -> np.ndarray:
         probabilities = mixture_probabilities(self.weights, self.temperature)
         return np.array([probabilities[name] for name in self.names])
@@ -251,7 +253,7 @@ class MixtureBatchIterator:
         N + 1), whatever the prefetch thread has made ahead: the change is then the same in every run. Without
         it, from the next batch this iterator makes (behind a ``Prefetcher``: a timing-dependent one). The
         weights in force and the changes still to come are part of the state: a resume is exact."""
-        checked = self._checked(weights)
+        checked = checked_weights(weights, self.names)
         temperature = None if temperature is None else float(temperature)
         with self._lock:
             future = {**self.weights, **checked}, self.temperature if temperature is None else temperature

@@ -72,49 +72,7 @@ class ModelConfig:
     attention: str = "auto"       # auto | xla | splash | cudnn (flax_bert.models.attention)
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"unsupported model_type {self.model_type!r}: flax-bert builds {', '.join(SUPPORTED_MODEL_TYPES)} models")
-        if self.model_type == "modernbert":
-            self._check_modernbert()
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; use one of {', '.join(SUPPORTED_ACTIVATIONS)}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"unknown remat_policy {self.remat_policy!r}; use one of {', '.join(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"{name} must be float32, bfloat16 or float16, not {getattr(self, name)!r}")
-        object.__setattr__(self, "id2label", tuple(self.id2label))
-        if not self.id2label:
-            raise ConfigError("id2label is empty: a classifier needs at least one output")
-        if self.problem_type not in PROBLEM_TYPES:
-            raise ConfigError(f"problem_type {self.problem_type!r} is not supported; use one of "
-                              f"{', '.join(str(p) for p in PROBLEM_TYPES)}")
-        if self.classifier_pooling not in ("cls", "mean"):
-            raise ConfigError(f"classifier_pooling must be 'cls' or 'mean', not {self.classifier_pooling!r}")
-
-    def _check_modernbert(self):
-        if self.layer_types is None:  # transformers' default: every third layer global, from layer 0
-            object.__setattr__(self, "layer_types", global_every(self.num_hidden_layers))
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise ConfigError(f"layer_types {sorted(unknown)} unknown; use full_attention or sliding_attention")
-        if self.local_attention < 2 or self.local_attention % 2:
-            raise ConfigError(f"local_attention must be an even window of at least 2 tokens, not {self.local_attention}")
-        if self.head_dim % 2:
-            raise ConfigError(f"rotary positions need an even head size; hidden_size/num_attention_heads = {self.head_dim}")
-        if self.classifier_activation not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(f"unsupported classifier_activation {self.classifier_activation!r}")
-        if self.classifier_dropout is None:  # ModernBertConfig's default; it has no fallback to another rate
-            object.__setattr__(self, "classifier_dropout", 0.0)
+        _check_and_complete(self)
 
     @property
     def head_dim(self) -> int:
@@ -195,6 +153,55 @@ class ModelConfig:
 
         hf = self.to_hf_dict(architecture)
         return transformers.AutoConfig.for_model(**hf)
+
+
+def _check_and_complete(cfg: ModelConfig) -> None:
+    """Refuses a configuration that cannot be built, in one line; fills in what follows from the rest (the
+    fields are frozen, hence object.__setattr__)."""
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"unsupported model_type {cfg.model_type!r}: flax-bert builds {', '.join(SUPPORTED_MODEL_TYPES)} models")
+    if cfg.model_type == "modernbert":
+        _check_modernbert(cfg)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(
+            f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}")
+    if cfg.hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"unsupported hidden_act {cfg.hidden_act!r}; use one of {', '.join(SUPPORTED_ACTIVATIONS)}")
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"unknown remat_policy {cfg.remat_policy!r}; use one of {', '.join(REMAT_POLICIES)}")
+    if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"unknown attention {cfg.attention!r}; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    for name in ("dtype", "param_dtype"):
+        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{name} must be float32, bfloat16 or float16, not {getattr(cfg, name)!r}")
+    object.__setattr__(cfg, "id2label", tuple(cfg.id2label))
+    if not cfg.id2label:
+        raise ConfigError("id2label is empty: a classifier needs at least one output")
+    if cfg.problem_type not in PROBLEM_TYPES:
+        raise ConfigError(f"problem_type {cfg.problem_type!r} is not supported; use one of "
+                          f"{', '.join(str(p) for p in PROBLEM_TYPES)}")
+    if cfg.classifier_pooling not in ("cls", "mean"):
+        raise ConfigError(f"classifier_pooling must be 'cls' or 'mean', not {cfg.classifier_pooling!r}")
+
+
+def _check_modernbert(cfg: ModelConfig) -> None:
+    if cfg.layer_types is None:  # transformers' default: every third layer global, from layer 0
+        object.__setattr__(cfg, "layer_types", global_every(cfg.num_hidden_layers))
+    object.__setattr__(cfg, "layer_types", tuple(cfg.layer_types))
+    if len(cfg.layer_types) != cfg.num_hidden_layers:
+        raise ConfigError(f"layer_types has {len(cfg.layer_types)} entries for {cfg.num_hidden_layers} layers")
+    unknown = set(cfg.layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ConfigError(f"layer_types {sorted(unknown)} unknown; use full_attention or sliding_attention")
+    if cfg.local_attention < 2 or cfg.local_attention % 2:
+        raise ConfigError(f"local_attention must be an even window of at least 2 tokens, not {cfg.local_attention}")
+    if cfg.head_dim % 2:
+        raise ConfigError(f"rotary positions need an even head size; hidden_size/num_attention_heads = {cfg.head_dim}")
+    if cfg.classifier_activation not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"unsupported classifier_activation {cfg.classifier_activation!r}")
+    if cfg.classifier_dropout is None:  # ModernBertConfig's default; it has no fallback to another rate
+        object.__setattr__(cfg, "classifier_dropout", 0.0)
 
 
 def _classifier_fields(hf: dict) -> dict:

@@ -19,7 +19,7 @@ from flax_bert.models.config import ModelConfig
 from flax_bert.data.pipeline import (DataArgs, StreamingRows, build_datasets, check_tokenizer_fits,
                             resolve_data_shards, validation_shards)
 from flax_bert.data.mixture import MixtureRows, build_mixture, parse_sources
-from flax_bert.models import family
+from flax_bert.models import family, model_class_for
 from flax_bert.training.optim import make_optimizer
 from flax_bert.training.phases import BatchWarmup, Phase, PhaseError, TrainingPlan, make_plan, parse_phases
 from flax_bert.run.config import RunConfig, fresh_model_config, model_overrides
@@ -384,3 +384,10 @@ def build_trainer(run: RunConfig, model_config: ModelConfig, tokenizer, mesh, to
                              gradient_accumulation_steps=run.gradient_accumulation_steps,
                              eval_masking=eval_masking(masking, run))
     return Trainer(model_config, step_config, tx, mesh, schedule)
+
+
+def bundle_config(run: RunConfig, model_config: ModelConfig) -> dict:
+    """What a checkpoint stores beside its arrays: the run's options and the model's Hugging Face config."""
+    architecture = model_class_for(model_config, run.objective).__name__
+    return {"run": {**run.to_dict(), "device_count": jax.device_count()},
+            "model": model_config.to_hf_dict(architecture)}

@@ -1,5 +1,5 @@
 """The pretraining run as a short story: build it (flax_bert.run.build), restore or initialise its state, run the
-train loop (each step's multi-host decisions taken in Run.plan_step), evaluate, export.
+train loop (each step's multi-host decisions taken in flax_bert.run.step_plan), evaluate, export.
 
 `run_pretraining(RunConfig)` is what `run_mlm_flax.py` and `flax-bert train` call.
 """
@@ -19,10 +19,9 @@ import numpy as np
 from flax_bert import storage
 from flax_bert.data.pipeline import Prefetcher, StreamingRows, make_global_batch
 from flax_bert.data.streaming import states_of_every_process
-from flax_bert.models import model_class_for
 from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
-from flax_bert.run.build import (build_data, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
+from flax_bert.run.build import (build_data, bundle_config, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
                                  decide_data_shards, decide_model, decide_phases, hub_options,
                                  phase_iterator, phase_options, phase_model_config, plan_training, record_options,
                                  resolve_tokenizer, smallest_global_batch, start_processes)
@@ -30,28 +29,13 @@ from flax_bert.run.config import RunConfig, model_overrides
 from flax_bert.run.evaluation import evaluate_rows
 from flax_bert.run.export import push_revision
 from flax_bert.run.progress import TrainLog, progress_bar
+from flax_bert.run.step_plan import StepPlanner
 from flax_bert.training.metrics import MetricsWriter
 from flax_bert.training.phases import Phase
 from flax_bert.training.sharding import BATCH_AXES
 from flax_bert.training.step import NonFiniteLossError, check_finite
 
 log = logging.getLogger("flax_bert")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """What the loop does after one step; the same on every process (Run.plan_step decides it)."""
-    log: bool
-    evaluate: bool
-    save: bool
-    stop: bool
-    downstream: bool = False  # fine-tune a copy on the --downstream_eval task
-    hub_revision: bool = False  # push an export of this step to its branch of --hub_model_id
-
-    @property
-    def reads_metrics(self) -> bool:
-        """Whether the step's metrics are fetched (and checked finite) before anything goes on."""
-        return self.log or self.evaluate or self.save or self.stop
 
 
 # ----------------------------------------------------------------------------- the run
@@ -91,6 +75,8 @@ class Run:
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main and run.do_train)
         # downstream(model, tokenizer, mesh) -> {"downstream_METRIC": ...}: given by the command (finetune sits above run)
         self.downstream = downstream if run.downstream_eval else None
+        self.planner = StepPlanner(self.run, self.plan, self.checkpoints, evaluates=self.eval_rows is not None,
+                                   downstream=self.downstream is not None)
         self.last_evaluation: tuple[int, dict] | None = None  # (step, results) of the loop's latest evaluation
 
     def rows_for(self, max_seq_length: int) -> tuple:
@@ -146,7 +132,7 @@ class Run:
         end = self.plan.phase_end(self.phase.index)
         self.train_log.enter(self.phase, self.model_config, self.trainer.step_config.masking)
         pending = None  # (step, metrics on device, tokens, wait): checked one step late
-        bundle_config = self._bundle_config()  # the same every step of the phase: built once, outside the loop
+        bundle = bundle_config(self.run, self.model_config)  # built once per phase
         iterator = phase_iterator(self.run, self.plan, self.train_rows, step, data_state)
         with Prefetcher(iterator, transform=self._device_batch) as batches:
             compile_start = time.perf_counter()
@@ -160,86 +146,46 @@ class Run:
                 if pending is not None:
                     self.train_log.add(*checked_metrics(pending, self.checkpoints))
                 pending = (step, metrics, tokens, batches.last_wait_seconds)
-                plan = self.plan_step(step, guard)
+                plan = self.planner.decide(step, self.phase.index, guard)
                 if plan.reads_metrics:
                     self.train_log.add(*checked_metrics(pending, self.checkpoints))  # all up to this step verified finite
                     pending = None
                 if plan.log:
                     self.train_log.row(step, batches.state_dict())
                 self.train_log.progress.update(1)
-                eval_results = self._evaluate_in_loop(state.params, step) if plan.evaluate else None
-                if eval_results:
-                    self.last_evaluation = (step, eval_results)
-                if plan.downstream:
-                    self._downstream_in_loop(state.params, step)
+                with self.train_log.untimed():  # evaluation and fine-tuning are not counted in the throughput
+                    eval_results = (self.evaluate(state.params, step) or None) if plan.evaluate else None
+                    if eval_results:
+                        self.last_evaluation = (step, eval_results)
+                    if plan.downstream:
+                        self._downstream(state.params, step)
                 if plan.save:
-                    self._save(step, state, batches.state_dict(), bundle_config, eval_results)
-                if plan.hub_revision:  # an upload's time is not counted in the throughput
-                    started = time.perf_counter()
-                    push_revision(self, state.params, step)
-                    self.train_log.exclude(time.perf_counter() - started)
+                    self._save(step, state, batches.state_dict(), bundle, eval_results)
+                if plan.hub_revision:
+                    with self.train_log.untimed():  # nor is an upload
+                        push_revision(self, state.params, step)
                 if plan.stop:
                     break
             return state, step, batches.state_dict()
 
-    def plan_step(self, step: int, guard) -> StepPlan:
-        """Every multi-host decision of a step, taken here and nowhere else, in one fixed order of collectives
-        on every process: first whether to stop (a signal on any process), then whether to save (due by
-        --save_steps, or by --save_minutes on any process). Logging and evaluation follow from the step number.
-        The last step and a requested stop always save; with --keep_best so does every evaluation, whose metrics
-        the checkpoint must carry for the best one to be kept."""
-        stop = guard.should_stop(step)
-        save_due = self.checkpoints.should_save(step)
-        last = step == self.total_steps
-        evaluate = self._eval_due(step)
-        every = self.run.downstream_eval_steps
-        downstream = self.downstream is not None and (last or bool(every and step % every == 0))
-        phase_end = step == self.plan.phase_end(self.phase.index)  # its metrics are read before the next phase
-        # a revision pushed saves its checkpoint too: the command that retries a failed upload exports it
-        revision = bool(self.run.hub_revision_steps and step % self.run.hub_revision_steps == 0)
-        return StepPlan(log=step % self.run.logging_steps == 0 or last or phase_end, evaluate=evaluate,
-                        save=save_due or stop or last or (evaluate and self.run.keep_best) or revision, stop=stop,
-                        downstream=downstream, hub_revision=revision)
-
-    def _evaluate_in_loop(self, params, step: int) -> dict | None:
-        """Evaluation during training; its time is not counted in the throughput. Only the step that evaluated
-        carries metrics into its checkpoint (for --keep_best)."""
-        eval_start = time.perf_counter()
-        results = self.evaluate(params, step) or None
-        self.train_log.exclude(time.perf_counter() - eval_start)
-        return results
-
-    def _downstream_in_loop(self, params, step: int) -> None:
-        """A copy of the model fine-tuned on the --downstream_eval task; its time is not counted in the throughput."""
-        started = time.perf_counter()
+    def _downstream(self, params, step: int) -> None:
+        """A copy of the model fine-tuned on the --downstream_eval task, its scores logged."""
         scores = self.downstream(self.trainer.model(params), self.tokenizer, self.mesh)
-        self.train_log.exclude(time.perf_counter() - started)
         self.metrics.write(step, scores)
         log.info("downstream at step %d (%s): %s", step, self.run.downstream_eval,
                  " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
 
-    def _save(self, step: int, state, data_state: dict, bundle_config: dict, eval_results) -> None:
-        """Saves the step plan_step decided to save (a collective when streaming: every process's position), with
+    def _save(self, step: int, state, data_state: dict, bundle: dict, eval_results) -> None:
+        """Saves the step the planner decided to save (a collective when streaming: every process's position), with
         the phase it was trained in."""
         data_state = {**data_state, "phase": self.phase.index, "trained": self.plan.trained(step)}
         if isinstance(self.train_rows, StreamingRows):
             data_state = states_of_every_process(data_state)  # each process streams its own position
-        self.checkpoints.save(step, state, data_state, bundle_config, metrics=eval_results, force=True)
+        self.checkpoints.save(step, state, data_state, bundle, metrics=eval_results, force=True)
 
     def _device_batch(self, local: dict) -> tuple[dict, int]:
         """In the prefetch thread, overlapping the running step: the global arrays and the non-pad tokens."""
         return self._global(local), int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
-
-    def _eval_due(self, step: int) -> bool:
-        # as the old script: --eval_steps evaluates while training, here also at the last step (its checkpoint
-        # then carries the metrics --keep_best compares); --do_eval's final evaluation reuses that one
-        return bool(self.eval_rows is not None and self.run.eval_steps
-                    and (step % self.run.eval_steps == 0 or step == self.total_steps))
-
-    def _bundle_config(self) -> dict:
-        architecture = model_class_for(self.model_config, self.run.objective).__name__
-        return {"run": {**self.run.to_dict(), "device_count": jax.device_count()},
-                "model": self.model_config.to_hf_dict(architecture)}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, params, step: int) -> dict[str, float]:

@@ -3,6 +3,7 @@ TensorBoard and the log line, with the phase, batch and tokens of the step), the
 bar (tqdm on a terminal, plain lines elsewhere)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -19,7 +20,7 @@ log = logging.getLogger("flax_bert")
 
 class TrainLog:
     """The loop's reporting, one phase at a time (`enter`): metrics of the steps since the last row are
-    accumulated (`add`), written as one row (`row`), time spent elsewhere (evaluation) left out (`exclude`)."""
+    accumulated (`add`), written as one row (`row`), time spent elsewhere (evaluation) left out (`untimed`)."""
 
     def __init__(self, metrics: MetricsWriter, plan: TrainingPlan, progress):
         self.metrics, self.plan, self.progress = metrics, plan, progress
@@ -52,9 +53,14 @@ class TrainLog:
     def add(self, metrics, tokens: int, wait: float) -> None:
         self.window.add(metrics, tokens, wait)
 
-    def exclude(self, seconds: float) -> None:
-        """Time the throughput must not count (an evaluation, a downstream fine-tuning)."""
-        self.window.start += seconds
+    @contextlib.contextmanager
+    def untimed(self):
+        """Time the throughput must not count (an evaluation, a downstream fine-tuning, an upload)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window.start += time.perf_counter() - started
 
     def row(self, step: int, data_state: dict) -> None:
         """The logged row of `step`: the window's means, the step's phase, batch and cumulative tokens, and a
