@@ -21,8 +21,8 @@ from flax_bert.data.pipeline import Prefetcher, StreamingRows, make_global_batch
 from flax_bert.data.streaming import states_of_every_process
 from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
-from flax_bert.run.build import (build_data, bundle_config, build_optimizer, build_trainer, claim_output_dir, decide_batch_warmup,
-                                 decide_data_shards, decide_model, decide_phases, hub_options,
+from flax_bert.run.build import (build_data, build_optimizer, build_trainer, bundle_config, claim_output_dir,
+                                 decide_batch_warmup, decide_data_shards, decide_model, decide_phases, hub_options,
                                  phase_iterator, phase_options, phase_model_config, plan_training, record_options,
                                  resolve_tokenizer, smallest_global_batch, start_processes)
 from flax_bert.run.config import RunConfig, model_overrides
