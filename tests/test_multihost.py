@@ -55,7 +55,6 @@ class Launch:
             env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
             env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", HF_HUB_OFFLINE="1",
                        HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                       JAX_COMPILATION_CACHE_DIR=str(work / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                        FLAX_BERT_LOG_ROWS=str(self.rows_prefix), **(extra_env or {}))
             with open(self.logs[index], "w") as log:
                 self.processes.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))

@@ -37,7 +37,7 @@ class Workspace:
         self.root, self.cache, self.tokenizer = root, root / "cache", root / "tokenizer"
         self.env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: faster compiles
         self.env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                        FLAX_BERT_CACHE=str(self.cache), JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"))
+                        FLAX_BERT_CACHE=str(self.cache))  # the XLA cache: the test run's own (conftest)
 
     def command(self, out: pathlib.Path, *extra: str) -> list[str]:
         return [sys.executable, str(ROOT / "run_mlm_flax.py"), *TINY_RUN, "--tokenizer_name", str(self.tokenizer),

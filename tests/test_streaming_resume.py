@@ -89,14 +89,14 @@ CASES = {  # name: (DataArgs overrides, process_index, process_count, batch size
 }
 
 
-def _rows(files, tokenizer, overrides, process, count, cache):
+def _rows(files, tokenizer, overrides, process, count, cache, max_seq_length=32):
     overrides = dict(overrides)
     for name in ("train_file", "dataset_name"):
         if name in overrides:
             overrides[name] = str(files / overrides[name])
     overrides.setdefault("validation_split_percentage", 5)
     overrides.setdefault("shuffle_buffer_size", BUFFER)
-    args = DataArgs(cache_dir=str(cache), max_seq_length=32, streaming=True, **overrides)
+    args = DataArgs(cache_dir=str(cache), max_seq_length=max_seq_length, streaming=True, **overrides)
     return build_datasets(args, tokenizer, process_index=process, process_count=count)
 
 
@@ -284,30 +284,68 @@ def test_a_finite_evaluation_stream_resumes_through_its_filled_last_batch(files,
             np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
 
 
+def test_a_stream_at_a_new_length_reads_on_after_the_previous_phases_documents(files, tokenizer, tmp_path, caplog):
+    """A phase that packs the stream at a new length reads on after the documents the previous phase's stream
+    read (a stream is not started over): unshuffled, its rows are a fresh 64-token stream's over the documents
+    after the group the previous phase's last batch came from; a resume inside the new phase continues it."""
+    unshuffled = {"train_file": "docs.txt", "shuffle_buffer_size": 0, "validation_split_percentage": 0}
+    short = _rows(files, tokenizer, unshuffled, 0, 1, tmp_path / "short")[0].iterator(4, seed=0)
+    for _ in range(7):
+        next(short)
+    boundary = json.loads(json.dumps(short.state_dict()))  # as the checkpoint at the phase's last step holds it
+    read_on = boundary["snapshot"]["documents"] + GROUP_DOCS  # documents read up to the end of that group
+
+    long_rows = _rows(files, tokenizer, unshuffled, 0, 1, tmp_path / "long", max_seq_length=64)[0]
+    long = long_rows.iterator(4, seed=1)
+    with caplog.at_level(logging.INFO, logger="flax_bert.data.streaming"):
+        long.continue_after(boundary)
+    assert "reads on after the previous phase's documents, packed at 64 tokens" in caplog.text
+    got = [next(long) for _ in range(6)]
+    (files / "rest.txt").write_text("".join((files / "docs.txt").read_text(encoding="utf-8").splitlines(True)[read_on:]),
+                                    encoding="utf-8")
+    fresh = _rows(files, tokenizer, {**unshuffled, "train_file": "rest.txt"}, 0, 1, tmp_path / "rest",
+                  max_seq_length=64)[0].iterator(4, seed=1)
+    for ours in got:
+        want = next(fresh)
+        assert ours["input_ids"].shape == (4, 64)
+        for key in want:
+            np.testing.assert_array_equal(ours[key], want[key])
+
+    inside = json.loads(json.dumps(long.state_dict()))  # a checkpoint inside the new phase
+    resumed = long_rows.iterator(4, seed=1)
+    resumed.load_state_dict(inside)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(resumed)["input_ids"], next(long)["input_ids"])
+
+
 def test_a_streamed_run_resumed_from_its_checkpoint_ends_like_the_uninterrupted_one(tmp_path_factory):
-    """Through run_mlm_flax.py: the uninterrupted streamed run keeps checkpoints 8, 16 and 24; a copy cut
-    back to step 8 resumes there, says it does so without replay, and exports the same bytes."""
+    """Through run_mlm_flax.py, a streamed run of two phases (32 tokens to step 8, then 64: the stream re-packed,
+    read on after the first phase's documents) keeps checkpoints 8, 16 and 24. Copies cut back to step 8 (the
+    phase boundary) and to step 16 (inside the second phase) resume there, say so without replay, and export the
+    same bytes."""
     from tests.test_resume import assert_same_parameters, complete_checkpoints, new_workspace, resumed_from
 
     workspace = new_workspace(tmp_path_factory.mktemp("stream-resume"))
-    streamed = ["--streaming", "--shuffle_buffer_size", "64", "--max_steps", "24", "--save_steps", "8",
-                "--warmup_steps", "2"]
+    streamed = ["--streaming", "--shuffle_buffer_size", "64", "--max_steps", "-1", "--save_steps", "8",
+                "--warmup_steps", "2", "--phases", "[{until_step: 8, max_seq_length: 32}, {until_step: 24, max_seq_length: 64}]"]
     reference = workspace.root / "uninterrupted"
     result = workspace.run(reference, *streamed)
     assert result.returncode == 0, result.stderr[-3000:]
     assert complete_checkpoints(reference) == [8, 16, 24]
+    assert "reads on after the previous phase's documents, packed at 64 tokens" in result.stderr
     saved = json.loads((reference / "checkpoints" / "8" / "data" / "metadata").read_text())
     assert saved["batches"] == 8 and saved["snapshot"]["source"] is not None
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert {(row["phase"], row["max_seq_length"]) for row in rows if "train_loss" in row} == {(0, 32), (1, 64)}
 
-    out = workspace.root / "resumed"
-    shutil.copytree(reference, out)
-    (out / "model.safetensors").unlink()
-    for step in (16, 24):
-        shutil.rmtree(out / "checkpoints" / str(step))
-    result = workspace.run(out, *streamed)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert resumed_from(result.stderr, out, 8), result.stderr[-3000:]
-    line = next((x for x in result.stderr.splitlines() if "streaming resumes at built-in corpus" in x), None)
-    assert line and "no replay" in line, result.stderr[-3000:]
-    assert "replaying" not in result.stderr
-    assert_same_parameters(out, reference)
+    for step, says in ((8, "reads on after the previous phase's documents"), (16, "streaming resumes at")):
+        out = workspace.root / f"resumed-{step}"
+        shutil.copytree(reference, out)
+        (out / "model.safetensors").unlink()
+        for later in (16, 24)[(step == 16):]:
+            shutil.rmtree(out / "checkpoints" / str(later))
+        result = workspace.run(out, *streamed)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert resumed_from(result.stderr, out, step), result.stderr[-3000:]
+        assert says in result.stderr and "replaying" not in result.stderr, result.stderr[-3000:]
+        assert_same_parameters(out, reference)

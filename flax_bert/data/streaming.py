@@ -68,7 +68,7 @@ def _rng_from(state: dict | None) -> np.random.Generator | None:
 class _Pipeline:
     """One process's pipeline as explicit state: ``snapshot()`` and ``_Pipeline(..., snapshot)``."""
 
-    def __init__(self, owner: "StreamingBatchIterator", snapshot: dict | None = None):
+    def __init__(self, owner: "StreamingBatchIterator", snapshot: dict | None = None, read_on: bool = False):
         self.owner, self.rows, self.args = owner, owner.rows, owner.rows.args
         self.size = self.args.shuffle_buffer_size if owner.shuffle and self.args.shuffle_buffer_size > 1 else 0
         if snapshot is None:
@@ -86,6 +86,10 @@ class _Pipeline:
         self.packer.next_doc = packer["next_doc"]
         self.carry = None if snapshot["carry"] is None else {k: _decode_array(v) for k, v in snapshot["carry"].items()}
         self.size = snapshot["shuffle_buffer_size"]  # until the snapshot's group is made again (see chunks)
+        if read_on:  # the snapshot of a stream packed at another length: pass its group, pack from the next one
+            if self._group():
+                self.produced += 1  # the group made rows in that stream: an epoch that ends here was not empty
+            self.packer, self.carry = StreamPacker(self.rows.info, self.args.max_seq_length), None
 
     def _use_configured_buffer(self) -> None:
         """--shuffle_buffer_size may change on resume: the new size applies from the first group after the
@@ -223,6 +227,7 @@ class StreamingBatchIterator:
         self.shuffle, self.num_epochs = shuffle, num_epochs
         self.local_batch_size = _local_batch_size(global_batch_size, rows.process_count)
         self.batches, self._local, self._resume = 0, None, None
+        self._continue = None  # a snapshot of another length's stream to read on after (continue_after)
         self._state = {"batches": 0, "process_count": int(rows.process_count)}
 
     def open_documents(self, position: dict | None):
@@ -239,12 +244,7 @@ class StreamingBatchIterator:
         return self._state  # a new dict after every batch, never changed: safe to hand to another thread
 
     def load_state_dict(self, state: dict) -> None:
-        saved = int(state.get("process_count", 0))
-        if saved != self.rows.process_count:
-            raise DataError(f"the checkpoint's stream was read by {saved} processes, this run has "
-                            f"{self.rows.process_count}: a --streaming run resumes with the same number of processes")
-        if "processes" in state:  # every process's state, gathered at the save
-            state = state["processes"][self.rows.process_index]
+        state = self._own_state(state)
         self.batches, self._local, self._state = int(state["batches"]), None, dict(state)
         snapshot = state.get("snapshot")
         if snapshot is not None and state.get("process_index") == self.rows.process_index:
@@ -260,11 +260,35 @@ class StreamingBatchIterator:
                            "which reads and tokenizes all of them again", why, self.batches)
             self._resume = None
 
+    def continue_after(self, state: dict) -> None:
+        """Read on after the documents another stream of the same source had read at ``state`` (the previous
+        phase's, packed at another length): the documents of the group its last batch came from are not read
+        again, and that group's rows it had not trained yet, at the old length, are dropped (at most one group
+        of documents). No state with a position (a checkpoint from before snapshots): the stream starts over."""
+        state = self._own_state(state)
+        snapshot = state.get("snapshot")
+        if snapshot is None or state.get("process_index") != self.rows.process_index:
+            logger.warning("the previous phase's stream position is unknown (no snapshot of this process): this "
+                           "phase reads the stream from its start")
+            return
+        self._continue = snapshot
+        logger.info("the stream reads on after the previous phase's documents, packed at %d tokens: its last group "
+                    "(from %s, epoch %d) is not read again, and that group's rows it had not trained are dropped",
+                    self.rows.args.max_seq_length, snapshot["where"], snapshot["epoch"])
+
+    def _own_state(self, state: dict) -> dict:
+        """This process's part of a saved state (a multi-process run gathers every process's at each save)."""
+        saved = int(state.get("process_count", 0))
+        if saved != self.rows.process_count:
+            raise DataError(f"the checkpoint's stream was read by {saved} processes, this run has "
+                            f"{self.rows.process_count}: a --streaming run resumes with the same number of processes")
+        return state["processes"][self.rows.process_index] if "processes" in state else state
+
     def _local_batches(self):
         """(local batch, snapshot, rows handed out since it) over this process's epochs."""
         size = self.local_batch_size
         start, skip = self._resume or (None, 0)  # resuming: the rows handed out before the checkpoint
-        pipeline = _Pipeline(self, start)
+        pipeline = _Pipeline(self, self._continue, read_on=True) if self._continue else _Pipeline(self, start)
         snapshot, since, rows = None, 0, pipeline.carry
         for chunk, new_snapshot in pipeline.chunks():
             if new_snapshot is not None:  # taken with the carried rows: count from them

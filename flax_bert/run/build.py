@@ -255,7 +255,8 @@ def train_iterator(run: RunConfig, train_rows, global_batch, seed: int):
 
 def phase_iterator(run: RunConfig, plan: TrainingPlan, train_rows, step: int, data_state: dict | None):
     """The batches of the phase that trains `step`, from `step` on: its rows' iterator, begun where those rows were
-    first read (batch b trains step start + b), positioned by `data_state` when it was saved on these rows."""
+    first read (batch b trains step start + b), positioned by `data_state` when it was saved on these rows. A stream
+    re-packed for a new length reads on after the documents of the previous phase's position instead."""
     start = plan.rows_start(step)
     phase = plan.phase_at(step)
     seed = run.seed + (plan.phase_at(start).index if start else 0)  # rows re-packed for a new length: a new order
@@ -263,8 +264,11 @@ def phase_iterator(run: RunConfig, plan: TrainingPlan, train_rows, step: int, da
     iterator = train_iterator(run, train_rows, sizes, seed)  # one source or a mixture
     if data_state and "trained" in data_state:  # saved before phases existed: one phase, one batch
         plan.check_continues(data_state["trained"], step)
+    position = {k: v for k, v in (data_state or {}).items() if k not in ("phase", "trained")}
     if data_state and step > start:
-        iterator.load_state_dict({k: v for k, v in data_state.items() if k not in ("phase", "trained")})
+        iterator.load_state_dict(position)
+    elif data_state and step == start > 0 and isinstance(train_rows, StreamingRows):  # a stream at a new length
+        iterator.continue_after(position)  # reads on after the documents the previous phase read
     if phase.mixture:  # before the prefetch thread makes any batch: the same in every run and resume
         probabilities = iterator.set_weights(phase.mixture)
         log.info("%s: mixture %s", phase.name, ", ".join(f"{k} p={v:.4f}" for k, v in probabilities.items()))

@@ -5,6 +5,7 @@ train loop (each step's multi-host decisions taken in flax_bert.run.step_plan), 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -111,7 +112,7 @@ class Run:
         progress = progress_bar(self.is_main and self.run.progress_bar, step, self.total_steps)
         self.train_log = TrainLog(self.metrics, self.plan, progress)
         self.train_log.started(self.model_config, self.mesh, step, self.phase)
-        with ckpt_lib.PreemptionGuard() as guard:
+        with ckpt_lib.PreemptionGuard() as guard, self._finishing_saves():
             while step < self.total_steps and not guard.stopped:
                 phase = self.plan.phase_at(step)
                 if phase is not self.phase:
@@ -125,6 +126,19 @@ class Run:
             return {"step": step, "preempted": True}
         self.final_state = state
         return {"step": step}
+
+    @contextlib.contextmanager
+    def _finishing_saves(self):
+        """When the loop raises (bad data, a diverging loss), the checkpoint being written in the background is
+        finished before the error ends the process: none is left half-written."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.checkpoints.wait()
+            except Exception as error:  # the loop's own error is the one to report
+                log.warning("the checkpoint being written when the run stopped failed too: %s", error)
+            raise
 
     def _train_phase(self, state, step: int, data_state: dict | None, guard):
         """Steps of the current phase until it ends (or a stop); returns (state, step, data position): a next phase

@@ -265,15 +265,23 @@ class TrainingPlan:
             return None
         import jax.numpy as jnp
 
+        import numpy as np
+
         starts = jnp.asarray([self.phase_start(p.index) for p in self.phases], jnp.float32)
         ends = jnp.asarray([self.phase_end(p.index) for p in self.phases], jnp.float32)
+        # A multiplication by each phase's reciprocal length, not a division: XLA turns a division by a constant
+        # (one phase: a constant index) into that multiplication, and the rate must not depend on whether later
+        # phases exist (a run resumed with phases added trains bit-identically to the run planned whole).
+        reciprocal_lengths = jnp.asarray([np.float32(1) / np.float32(max(self.phase_end(p.index) -
+                                                                         self.phase_start(p.index), 1))
+                                          for p in self.phases], jnp.float32)
         kinds = jnp.asarray([("warmup", "stable", "linear", "1-sqrt").index(
             p.decay_shape if p.schedule == "decay" else p.schedule) for p in self.phases], jnp.int32)
         peaks = jnp.asarray([peak if p.learning_rate is None else p.learning_rate for p in self.phases], jnp.float32)
 
         def schedule(count):
             index = jnp.clip(jnp.searchsorted(ends, count, side="right"), 0, len(self.phases) - 1)
-            progress = jnp.clip((count - starts[index]) / jnp.maximum(ends[index] - starts[index], 1.0), 0.0, 1.0)
+            progress = jnp.clip((count - starts[index]) * reciprocal_lengths[index], 0.0, 1.0)
             factor = jnp.select([kinds[index] == 0, kinds[index] == 1, kinds[index] == 2],
                                 [progress, jnp.ones_like(progress), 1.0 - progress], 1.0 - jnp.sqrt(progress))
             return peaks[index] * factor
