@@ -20,6 +20,7 @@ from flax_bert.models.config import ModelConfig
 from flax_bert.training.optim import make_optimizer
 from flax_bert.training.sharding import make_mesh
 from flax_bert.training.step import MaskingConfig, StepConfig, Trainer
+from tests.xla_env import one_device_env
 
 SEQ, ROWS, VOCAB = 16, 8, 128
 MASKING = MaskingConfig(special_ids=(0, 1, 2, 3, 4), mask_token_id=4, random_vocab_size=VOCAB, max_seq_length=SEQ)
@@ -392,7 +393,7 @@ def test_two_processes_agree_on_stopping_and_on_time_based_saves(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     procs = [subprocess.Popen([sys.executable, "-c", script, address, str(i), str(tmp_path)], cwd=PROJECT_ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=180) for p in procs]

@@ -1,11 +1,11 @@
 """The command line end to end on the built-in corpus: train, evaluate, export, fill-mask, plot, bad input."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_FLAGS = ["--model_type", "roberta", "--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "2",
@@ -20,7 +20,7 @@ SECRET_DOWNLOADS = "hf_SECRETdownloads987654321"
 
 
 def cli_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: faster compiles
+    env = one_device_env()  # one CPU device: faster compiles
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
     return env
 

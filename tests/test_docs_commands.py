@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -168,7 +169,7 @@ def runs_end_to_end(command: DocCommand, produced: set[str]) -> bool:
 def test_the_main_job_and_the_quick_start_run_as_typed(tmp_path, monkeypatch):
     """The commands run in order in one folder (configs/ beside them, as in a checkout), each once."""
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     env.update(HF_HUB_OFFLINE="1", FLAX_BERT_HUGEPAGES="0", FLAX_BERT_CACHE=str(tmp_path / "cache"),
                PYTHONPATH=str(ROOT))
     monkeypatch.chdir(tmp_path)

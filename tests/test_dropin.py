@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.test_cli import ROOT, cli_env, run_cli
+from tests.xla_env import xla_flags
 
 # Every argument of the old run_mlm_flax.py (transformers' examples/flax/language-modeling, its last
 # version: ModelArguments, DataTrainingArguments and the script's own TrainingArguments) with its default.
@@ -308,7 +309,7 @@ def test_eval_is_the_same_at_any_eval_batch_size_and_device_count(trained, works
     scores = {}
     try:
         for batch, devices in ((8, 1), (32, 1), (8, 2)):
-            run_env = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            run_env = {**env, "XLA_FLAGS": xla_flags(devices)}
             result = run_cli(["-m", "flax_bert.cli", "eval", "run", "--per_device_eval_batch_size", str(batch)],
                              env=run_env, cwd=root)
             assert result.returncode == 0, result.stderr[-3000:]

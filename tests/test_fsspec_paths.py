@@ -17,6 +17,7 @@ import pytest
 
 from flax_bert import storage
 from flax_bert.errors import InputError, MissingDependencyError
+from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model_type", "roberta", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
@@ -247,7 +248,7 @@ def test_unsupported_output_dir_is_a_one_line_error(memory_root, capsys):
 
 # ----------------------------------------------------------------------------- end to end on file:// URLs
 def _run(workdir: pathlib.Path, host_cache: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: faster compiles
+    env = one_device_env()  # one CPU device: faster compiles
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                FLAX_BERT_CACHE=str(host_cache), PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "run_mlm_flax.py"), *TINY, *extra], capture_output=True,

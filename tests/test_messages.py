@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from flax_bert import cli
+from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64",
@@ -20,7 +21,7 @@ TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_head
 
 def command(*args, cwd=ROOT, umask=0o027, timeout=600):
     """`flax-bert ARGS` in a child process whose stderr is a pipe (not a terminal)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     env.update(HF_HUB_OFFLINE="1", FLAX_BERT_HUGEPAGES="0")
     return subprocess.run([sys.executable, "-m", "flax_bert.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, preexec_fn=lambda: os.umask(umask))

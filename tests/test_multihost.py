@@ -9,7 +9,6 @@ constant after warmup, so a run started with a larger --max_steps (the one that 
 exactly the same steps as the 12-step reference and its resume with --max_steps 12 must end equal.
 """
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -20,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from tests.xla_env import one_device_env, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, SAVE_EVERY, GLOBAL_BATCH = 12, 6, 16  # 2 rows per device x 8 devices
@@ -52,8 +52,8 @@ class Launch:
             if num_processes > 1:
                 args += ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
                          "--process_id", str(index)]
-            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-            env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", HF_HUB_OFFLINE="1",
+            env = one_device_env()
+            env.update(XLA_FLAGS=xla_flags(devices), HF_HUB_OFFLINE="1",
                        HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                        FLAX_BERT_LOG_ROWS=str(self.rows_prefix), **(extra_env or {}))
             with open(self.logs[index], "w") as log:

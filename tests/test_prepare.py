@@ -12,6 +12,7 @@ from flax_bert.data.pipeline import build_datasets
 from flax_bert.data.prepare import prepare_data
 from flax_bert.data.sources import DataArgs, training_documents
 from flax_bert.data.tokenizer_training import train_tokenizer
+from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA_FLAGS = ["--max_seq_length", "64", "--max_train_samples", "300", "--validation_split_percentage", "10",
@@ -54,7 +55,7 @@ def test_workers_are_separate_processes_and_a_second_build_tokenizes_nothing(wor
 
 
 def test_prepare_then_train_starts_without_tokenizing(workspace):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}  # one CPU device
+    env = {k: v for k, v in one_device_env().items() if k != "GLIBC_TUNABLES"}  # one CPU device
     env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
     common = [*TINY_MODEL, *DATA_FLAGS, "--tokenizer_name", str(workspace / "tokenizer"),
               "--cache_dir", str(workspace / "cli-cache"), "--output_dir", str(workspace / "run")]
@@ -119,7 +120,7 @@ sys.exit(main(["prepare", *sys.argv[2:]]))
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_and_sigterm_stop_prepare_with_exit_0_and_the_same_command_goes_on(workspace, signal_name):
     """As train: both signals stop it where it is, exit 0 and say what to do; the rerun prepares the rest."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    env = {k: v for k, v in one_device_env().items() if k != "GLIBC_TUNABLES"}
     env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
     cache = workspace / f"stopped-{signal_name}"
     flags = [*TINY_MODEL, *DATA_FLAGS, "--tokenizer_name", str(workspace / "tokenizer"), "--cache_dir", str(cache),

@@ -7,7 +7,6 @@ The runs share one tokenizer, one data cache and one JAX compilation cache: ever
 then loads the train step the first run compiled instead of compiling it again (XLA compiles the same
 program to the same code, so this saves minutes without changing any number)."""
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -18,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_STEPS, SAVE_STEPS, LOGGING_STEPS = 64, 8, 4  # ~50 steps after the first save: time to kill
@@ -35,7 +35,7 @@ class Workspace:
 
     def __init__(self, root: pathlib.Path):
         self.root, self.cache, self.tokenizer = root, root / "cache", root / "tokenizer"
-        self.env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: faster compiles
+        self.env = one_device_env()  # one CPU device: faster compiles
         self.env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                         FLAX_BERT_CACHE=str(self.cache))  # the XLA cache: the test run's own (conftest)
 

@@ -1,7 +1,6 @@
 """The ctrl-C contract through the real command: SIGINT and SIGTERM stop a run the same way before the train
 loop (exit 0, one line saying to rerun) and in it (the step is saved, exit 0); a further ctrl-C while the
 finished run shuts down exits at once without a traceback."""
-import os
 import pathlib
 import signal
 import subprocess
@@ -9,6 +8,7 @@ import sys
 import time
 
 import pytest
+from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64",
@@ -18,7 +18,7 @@ TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_head
 
 
 def start(out: pathlib.Path, log: pathlib.Path, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: a quick compile
+    env = one_device_env()  # one CPU device: a quick compile
     env.update(HF_HUB_OFFLINE="1", FLAX_BERT_HUGEPAGES="0", FLAX_BERT_CACHE=str(out.parent / "cache"))
     return subprocess.Popen([sys.executable, "-m", "flax_bert.cli", "train", *TINY, "--output_dir", str(out), *extra],
                             cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)

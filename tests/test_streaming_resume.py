@@ -4,7 +4,6 @@ and two processes; across epochs), and the resumed iterator reads no document be
 
 import json
 import logging
-import os
 import pathlib
 import shutil
 import socket
@@ -20,6 +19,7 @@ from flax_bert.data import streaming as data_streaming
 from flax_bert.data.pipeline import DataArgs, DataError, build_datasets
 from flax_bert.data.cursors import DatasetCursor, LineFileCursor
 from flax_bert.data.tokenizer_training import train_tokenizer
+from tests.xla_env import one_device_env
 
 GROUP_DOCS = 10  # tiny tokenizer groups, so that a run of ~200 batches has dozens of them to resume into
 BUFFER = 20
@@ -204,7 +204,7 @@ def test_every_process_state_is_gathered_for_the_checkpoint_and_each_resumes_fro
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(pathlib.Path(__file__).resolve().parent.parent))
     processes = [subprocess.Popen([sys.executable, "-c", GATHER, address, str(p)], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, env=env) for p in (0, 1)]
