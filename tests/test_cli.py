@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+
 from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+
 from tests.xla_env import one_device_env, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+
 from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+
 from tests.xla_env import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

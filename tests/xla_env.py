@@ -1,8 +1,9 @@
 """The XLA options of the test run, for the pytest processes (conftest) and every run a test starts.
 
 LLVM's own optimizations are off: XLA still fuses and simplifies the program, but its machine code is built
-without LLVM's passes. The tiny models of the tests then compile in about a quarter less CPU time and run no
-slower that matters; a bit-identity check compares two runs made with the same options."""
+without LLVM's passes. A tiny run then compiles in about a quarter less CPU time; its steps run slower, so a
+run of hundreds of steps asks for `optimized`. A bit-identity check compares two runs made with the same
+options."""
 import os
 
 TEST_XLA_OPTIONS = "--xla_backend_optimization_level=0"
