@@ -50,6 +50,20 @@ from flax_bert.cli import run_mlm_flax_main
 sys.exit(run_mlm_flax_main(sys.argv[3:]))
 """
 
+ERROR_AFTER_SAVE = """
+import sys
+from flax_bert.data.sources import DataError
+from flax_bert.run import pretrain
+real = pretrain.Run._save
+def save_then_fail(self, step, *args, **kwargs):
+    real(self, step, *args, **kwargs)
+    if step == int(sys.argv[1]):
+        raise DataError(f"bad data met right after the save of step {step} began")
+pretrain.Run._save = save_then_fail
+from flax_bert.cli import run_mlm_flax_main
+sys.exit(run_mlm_flax_main(sys.argv[2:]))
+"""
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Workspace:
@@ -141,3 +155,18 @@ def test_a_checkpoint_of_another_optimizer_layout_stops_the_run_or_resets_the_op
     assert complete_checkpoints(out)[-1] == STEPS + 4
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "train_loss" in r][-1] == STEPS + 4
+
+
+def test_an_error_in_the_loop_ends_with_one_line_after_the_checkpoint_being_written_is_complete(workspace, tmp_path):
+    """Bad data met mid-run, just after the save of step 8 went to the background writer: exit 1 with one line,
+    no traceback from the writer, checkpoint 8 complete; the same command resumes from it."""
+    out = tmp_path / "run"
+    command = workspace.command(out, *FAST)
+    result = subprocess.run([sys.executable, "-c", ERROR_AFTER_SAVE, "8", *command[2:]], capture_output=True,
+                            text=True, timeout=300, env=workspace.env, cwd=ROOT)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: bad data met right after the save of step 8 began"
+    assert "Traceback" not in result.stderr and "Failed to run" not in result.stderr, result.stderr[-3000:]
+    assert complete_checkpoints(out) == [4, 8]
+    result = workspace.run(out, *FAST, "--max_steps", "12")
+    assert result.returncode == 0 and "(step 8)" in result.stderr, result.stderr[-3000:]
