@@ -158,11 +158,11 @@ class Run:
                     self.train_log.compiled(metrics, step, compile_start)
                     compile_start = None
                 if pending is not None:
-                    self.train_log.add(*checked_metrics(pending, self.checkpoints))
+                    self.train_log.add(*checked_metrics(pending))
                 pending = (step, metrics, tokens, batches.last_wait_seconds)
                 plan = self.planner.decide(step, self.phase.index, guard)
                 if plan.reads_metrics:
-                    self.train_log.add(*checked_metrics(pending, self.checkpoints))  # all up to this step verified finite
+                    self.train_log.add(*checked_metrics(pending))  # all up to this step verified finite
                     pending = None
                 if plan.log:
                     self.train_log.row(step, batches.state_dict())
@@ -252,21 +252,18 @@ def evaluated_params(job: Run):
     return initial_state(job)[0].params, 0
 
 
-def checked_metrics(pending, checkpoints):
-    """(metrics on the host, tokens, input wait) of a dispatched step, once they are known to be finite."""
+def checked_metrics(pending):
+    """(metrics on the host, tokens, input wait) of a dispatched step, once they are known to be finite (the
+    loop's error lets the last good checkpoint finish writing first: Run._finishing_saves)."""
     step, metrics, tokens, wait = pending
     metrics = jax.device_get(metrics)
-    try:
-        check_finite(metrics, step)
-        # a finite loss with non-finite gradients still makes this step's update, and the checkpoint
-        # saved from it, NaN: stop before that checkpoint is written
-        grad_norm = float(metrics.get("grad_norm", 0.0))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}: lower --learning_rate, raise "
-                                     "--warmup_steps or use fp32 compute; the last checkpoint before it is intact")
-    except NonFiniteLossError:
-        checkpoints.wait()  # let the last good checkpoint finish writing before the run stops
-        raise
+    check_finite(metrics, step)
+    # a finite loss with non-finite gradients still makes this step's update, and the checkpoint
+    # saved from it, NaN: stop before that checkpoint is written
+    grad_norm = float(metrics.get("grad_norm", 0.0))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}: lower --learning_rate, raise "
+                                 "--warmup_steps or use fp32 compute; the last checkpoint before it is intact")
     return metrics, tokens, wait
 
 
