@@ -264,17 +264,15 @@ class TrainingPlan:
         if not self.has_phases or self.phases[0].schedule is None:
             return None
         import jax.numpy as jnp
-
         import numpy as np
 
-        starts = jnp.asarray([self.phase_start(p.index) for p in self.phases], jnp.float32)
-        ends = jnp.asarray([self.phase_end(p.index) for p in self.phases], jnp.float32)
+        first = np.asarray([self.phase_start(p.index) for p in self.phases], np.float32)
+        last = np.asarray([self.phase_end(p.index) for p in self.phases], np.float32)
+        starts, ends = jnp.asarray(first), jnp.asarray(last)
         # A multiplication by each phase's reciprocal length, not a division: XLA turns a division by a constant
         # (one phase: a constant index) into that multiplication, and the rate must not depend on whether later
         # phases exist (a run resumed with phases added trains bit-identically to the run planned whole).
-        reciprocal_lengths = jnp.asarray([np.float32(1) / np.float32(max(self.phase_end(p.index) -
-                                                                         self.phase_start(p.index), 1))
-                                          for p in self.phases], jnp.float32)
+        reciprocal_lengths = jnp.asarray(np.float32(1) / np.maximum(last - first, np.float32(1)))
         kinds = jnp.asarray([("warmup", "stable", "linear", "1-sqrt").index(
             p.decay_shape if p.schedule == "decay" else p.schedule) for p in self.phases], jnp.int32)
         peaks = jnp.asarray([peak if p.learning_rate is None else p.learning_rate for p in self.phases], jnp.float32)
