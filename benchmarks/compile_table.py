@@ -4,7 +4,7 @@ fits one chip's HBM, without and with remat (`--remat_policy full`), found by co
 
     python benchmarks/compile_table.py --configs roberta-base bert-base --chips v5e --json table.json
 
-A cell takes about ten compiles (find_batch follows the line of bytes against rows, which is not quite straight),
+A cell takes three to ten compiles (find_batch follows the line of bytes against rows, which is not quite straight),
 minutes each on a small machine: results go into --json as they come, and a second run skips the cells already there. Each cell is exact
 (--precision 0: one row more does not fit); the gradient accumulation is 1 (accumulation adds one gradient buffer,
 not activations).
