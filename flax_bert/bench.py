@@ -123,7 +123,8 @@ class StepTimer:
             busy = (host1 - host0) / os.sysconf("SC_CLK_TCK")
             other = max(0.0, busy - (own1 - own0)) / ((wall1 - wall0) * os.cpu_count())
         return {"cpu_seconds_per_step": statistics.median(self.cpu),
-                "page_faults_per_step": int(statistics.median(self.faults)), "host_other_load": other}
+                "page_faults_per_step": int(statistics.median(self.faults)), "host_other_load": other,
+                "malloc_hugepages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}  # as started
 
 
 def _cpu_seconds() -> float:
@@ -362,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", choices=["torch"], help="also time transformers' PyTorch model + AdamW")
     parser.add_argument("--dense_head", action="store_true", help="ablation: vocabulary head on every position")
     parser.add_argument("--hugepages", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL",
-                        help="run both frameworks with glibc.malloc.hugetlb=1 (fewer page faults; default true)")
+                        help="run JAX with glibc.malloc.hugetlb=1, as `flax-bert train` does on CPU (fewer page "
+                             "faults; default true)")
+    parser.add_argument("--torch_hugepages", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
+                        metavar="BOOL", help="run PyTorch with glibc.malloc.hugetlb=1 too (default false: PyTorch as "
+                                             "its users run it; the tunable can slow it down)")
     parser.add_argument("--measure_peak", action="store_true",
                         help="CPU: measure the matmul peak again (the best so far on this machine is kept and used)")
     parser.add_argument("--profile_dir", help="write a jax.profiler trace of the timed steps here")
@@ -374,10 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def worker_env(hugepages: bool) -> dict:
-    """The children's environment. With `hugepages`, glibc's malloc asks for transparent huge pages
+    """A child's environment. With `hugepages`, glibc's malloc asks for transparent huge pages
     (glibc >= 2.35): XLA:CPU maps a fresh temp buffer of about 1.8 GB per roberta-base step and
-    touching it costs ~460k page faults (over a second of kernel time) with 4 KiB pages. Applied to
-    both frameworks alike; glibc reads the tunable only at process start, hence the environment."""
+    touching it costs ~460k page faults (over a second of kernel time) with 4 KiB pages. The JAX child
+    gets it by default, as the train command sets it for itself; the PyTorch child runs as PyTorch users
+    run it unless --torch_hugepages (measured: the tunable slowed its modernbert-base step from 2.6 to
+    4.0 s on one machine). glibc reads the tunable only at process start, hence the environment."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     if hugepages and "glibc.malloc.hugetlb" not in env.get("GLIBC_TUNABLES", ""):
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
@@ -452,13 +459,13 @@ def main(argv: list[str] | None = None) -> int:
             raise MissingDependencyError("--compare torch needs PyTorch and transformers: pip install -e '.[torch]'")
         if model_config.dtype != "float32":
             raise BenchError("--compare torch times fp32 (PyTorch's CPU default); pass --dtype float32")
-    env = worker_env(args.hugepages)
-    jax_result = _run_worker("jax", argv, env)
+    jax_result = _run_worker("jax", argv, worker_env(args.hugepages))
     jax_result.update(config=str(args.config), max_seq_length=run.max_seq_length, dtype=model_config.dtype,
-                      per_device_train_batch_size=run.per_device_train_batch_size, steps=args.steps,
-                      malloc_hugepages=args.hugepages)
-    torch_argv = [*argv, "--_rows", str(jax_result["global_batch_size"])]
-    torch_result = _run_worker("torch", torch_argv, env) if args.compare == "torch" else None
+                      per_device_train_batch_size=run.per_device_train_batch_size, steps=args.steps)
+    torch_result = None
+    if args.compare == "torch":
+        torch_argv = [*argv, "--_rows", str(jax_result["global_batch_size"])]
+        torch_result = _run_worker("torch", torch_argv, worker_env(args.torch_hugepages))
     summary = summarize(jax_result, torch_result)
     print(format_table(summary))
     if args.output:

@@ -51,5 +51,7 @@ def test_bench_tiny_against_torch_writes_the_json(tmp_path, capsys):
     assert result["torch_tokens_per_second"] == pytest.approx(tokens_per_step / result["torch_step_seconds"])
     assert result["speedup_vs_torch"] == pytest.approx(result["tokens_per_second"] / result["torch_tokens_per_second"])
     assert result["peak_memory_kind"] == "rss" and result["sparse_head"] is True
+    # each child reports its own allocator: huge pages for JAX (as `flax-bert train`), PyTorch as it runs by default
+    assert (result["malloc_hugepages"], result["torch_malloc_hugepages"]) == (True, False)
     printed = capsys.readouterr().out
     assert "jax" in printed and "torch" in printed and "tokens/s" in printed
