@@ -117,6 +117,26 @@ def test_async_round_trip_is_bit_identical_even_when_the_next_step_donates_the_s
     checkpointer.close()
 
 
+def test_replicated_small_arrays_are_written_whole_by_one_replica(tmp_path, monkeypatch):
+    """Data parallel over 8 devices: every parameter is replicated 8 times. Orbax would write each as 8 slices,
+    one per replica, each slice a small program compiled at the first save; below 1 MiB a slice, one replica
+    writes the whole array. The bundle still restores bit for bit."""
+    from flax_bert.run import checkpoint
+
+    data_parallel = make_trainer("data=8")
+    state = state_at(data_parallel, 3)
+    assert max(leaf.nbytes for leaf in jax.tree.leaves(state)) // 8 < checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES
+    slices = []
+    real_slice = jax.lax.slice_in_dim
+    monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *a, **k: slices.append(a[0].shape) or real_slice(*a, **k))
+    checkpointer = Checkpointer(tmp_path, save_steps=1)
+    assert checkpointer.save(3, state, {"epoch": 0, "position": 3}, RUN_CONFIG)
+    checkpointer.wait()
+    assert slices == []  # with Orbax's default every replicated array is sliced 8 ways
+    assert_identical(checkpointer.restore(target(data_parallel)).state.params, to_host(state.params))
+    checkpointer.close()
+
+
 def test_saves_on_save_steps_and_save_minutes_only(tmp_path, single, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr("flax_bert.run.checkpoint.time.monotonic", lambda: clock[0])

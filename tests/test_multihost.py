@@ -152,7 +152,12 @@ def reference_runs(work):
     one = Launch(work, "one_process", 1, ["--max_steps", str(STEPS)])
     two = Launch(work, "two_processes", 2, ["--max_steps", str(STEPS)])
     try:
-        return one.succeed(), two.succeed()
+        one.succeed(), two.succeed()
+        # what the two runs tokenized, before later runs with other options add to the caches
+        one.tokenized_after_reference_runs = {cache: [json.loads(meta.read_text()) for meta in
+                                                      (work / cache).glob("tokenized/*/meta.json")]
+                                              for cache in ("cache0", "cache1")}
+        return one, two
     finally:
         one.kill()
         two.kill()
@@ -201,13 +206,20 @@ def test_two_processes_train_exactly_like_one(reference_runs):
     assert len([r for r in records if "train_loss" in r]) == STEPS
 
 
-def test_fsdp_across_two_processes_exports_like_one_process(work, reference_runs):
+@pytest.fixture(scope="module")
+def fsdp_run(work):
+    """--mesh fsdp=8 over both processes, with --max_eval_samples 4: the 4 validation documents fall in shards 0-3
+    (document i in shard i % 16), all of them process 0's, so process 1 holds no validation row."""
+    return Launch(work, "two_processes_fsdp", 2, ["--max_steps", str(STEPS), "--mesh", "fsdp=8",
+                                                  "--max_eval_samples", "4"]).succeed()
+
+
+def test_fsdp_across_two_processes_exports_like_one_process(fsdp_run, reference_runs):
     """With --mesh fsdp=8 each parameter is split over both processes' devices, so process 0 cannot read it
     alone: the processes gather it together before process 0 writes the export, which equals the 1-process one."""
     one, _ = reference_runs
-    fsdp = Launch(work, "two_processes_fsdp", 2, ["--max_steps", str(STEPS), "--mesh", "fsdp=8"]).succeed()
-    assert f"exported the final model (step {STEPS})" in fsdp.log(0), fsdp.log_tail()
-    assert_same_parameters(fsdp.out, one.out, rtol=1e-5, atol=1e-7)
+    assert f"exported the final model (step {STEPS})" in fsdp_run.log(0), fsdp_run.log_tail()
+    assert_same_parameters(fsdp_run.out, one.out, rtol=1e-5, atol=1e-7)
 
 
 def test_two_processes_evaluate_every_row_once_like_one(work, reference_runs):
@@ -250,7 +262,7 @@ def test_each_process_reads_only_its_own_share_of_each_batch(reference_runs):
     # each process tokenized only its own shards of the training and validation splits (process 1 has a
     # cache of its own; process 0 shares one with the 1-process run, which built all 16)
     for cache, shards in (("cache1", range(8, 16)), ("cache0", range(16))):
-        built = [json.loads(meta.read_text()) for meta in (one.out.parent / cache).glob("tokenized/*/meta.json")]
+        built = one.tokenized_after_reference_runs[cache]
         assert sorted(m["shard"] for m in built) == sorted(2 * list(shards)), cache
         assert {m["num_shards"] for m in built} == {16}
     # every batch either process read (prefetched ones included) is its half of the same global batch
@@ -309,14 +321,13 @@ def test_a_streamed_two_process_run_resumes_each_process_at_its_own_position(wor
     assert_same_parameters(cut, reference.out, rtol=0)
 
 
-def test_a_process_without_validation_rows_ends_the_run_with_the_others(work):
-    """--max_eval_samples 4: the 4 validation documents fall in shards 0-3 (document i in shard i % 16), all of
-    them process 0's, so process 1 holds no validation row. It still takes every collective of the final
+def test_a_process_without_validation_rows_ends_the_run_with_the_others(fsdp_run):
+    """Process 1 of the fsdp run holds no validation row. It still takes every collective of the final
     evaluation (the unigram baseline's token counts): the run evaluates, exports and ends instead of hanging."""
-    run = Launch(work, "no_validation_rows_on_process_1", 2, ["--max_steps", "2", "--max_eval_samples", "4"]).succeed()
-    results = json.loads((run.out / "eval_results.json").read_text())
+    assert "(validation) (this process's shards): 4 documents" in fsdp_run.log(0), fsdp_run.log_tail()  # all 4
+    results = json.loads((fsdp_run.out / "eval_results.json").read_text())
     assert results["eval_loss"] > 0 and 0 < results["unigram_baseline_accuracy"] < 1
-    assert "exported the final model (step 2)" in run.log(0), run.log_tail()
+    assert f"exported the final model (step {STEPS})" in fsdp_run.log(0), fsdp_run.log_tail()
 
 
 def test_every_process_takes_the_tokenizer_barrier(tmp_path, monkeypatch):
