@@ -70,15 +70,18 @@ def parse_topology(name: str) -> tuple[str, str]:
     return f"{chip}:{chip_grid(chip, chips)}", "megacore" if chip == "v4" else "default"
 
 
+# keeps libtpu from probing for a TPU on this machine (five lines of warnings at every JAX start without one),
+# and from locking /tmp/libtpu_lockfile: compiling without a TPU, several processes may use it at once
+COMPILE_ONLY_ENVIRONMENT = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
+                            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
 def topology_devices(name: str, num_slices: int = 1):
     """The compile-only devices of a topology (and `num_slices` copies of it joined over the data-center network)."""
     jax_name, chip_config = parse_topology(name)  # a bad name is reported with or without libtpu
     if importlib.util.find_spec("libtpu") is None:
         raise MissingDependencyError(INSTALL_HINT)
-    # keep libtpu from probing for a TPU on this machine, and from locking /tmp/libtpu_lockfile: compiling
-    # without a TPU, several processes may use it at once
-    for variable, value in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                            ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    for variable, value in COMPILE_ONLY_ENVIRONMENT.items():
         os.environ.setdefault(variable, value)
     from jax.experimental import topologies
 

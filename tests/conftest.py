@@ -26,6 +26,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
+# libtpu, which the test extra installs for the TPU compile tests, probes for a TPU at every JAX start and
+# prints five lines of warnings on a machine without one, before the one-line errors the tests read. The
+# compile-only settings keep it quiet, in every process of the test run whichever test runs first.
+from flax_bert.tpu_compile import COMPILE_ONLY_ENVIRONMENT  # noqa: E402  (imports no JAX)
+
+for _variable, _value in COMPILE_ONLY_ENVIRONMENT.items():
+    os.environ.setdefault(_variable, _value)
+
 import pytest  # noqa: E402
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -31,12 +31,22 @@ def run_cli(args, env=None, timeout=600, cwd=ROOT):
                           env=env or cli_env(), cwd=cwd)
 
 
+# runs a script as `python SCRIPT ARGS...` would, and writes the names of the modules it imported at its exit
+MODULES_AT_EXIT = """
+import atexit, runpy, sys
+record = sys.argv[1]
+atexit.register(lambda: open(record, "w").write("\\n".join(sorted(sys.modules))))
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """On the built-in corpus: runs in a fresh clone, without ../shared."""
     out = tmp_path_factory.mktemp("cli") / "run"
     cache = out.parent / "cache"
-    result = run_cli([str(ROOT / "run_mlm_flax.py"), *TINY_FLAGS, "--max_train_samples", "1500", "--do_train",
+    result = run_cli(["-c", MODULES_AT_EXIT, str(out.parent / "modules.txt"), str(ROOT / "run_mlm_flax.py"), *TINY_FLAGS, "--max_train_samples", "1500", "--do_train",
                       "--do_eval", "--max_steps", "40", "--output_dir", "run", "--cache_dir", str(cache),  # relative
                       "--hub_token", SECRET, "--token", SECRET_DOWNLOADS], env=cli_env(FLAX_BERT_CACHE=str(cache)),
                      cwd=out.parent)
@@ -55,6 +65,14 @@ def test_training_logs_metrics_and_the_loss_falls(trained_run):
     assert train[-1]["train_loss"] < train[0]["train_loss"] - 0.5
     assert any("compile_seconds" in r for r in records)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_training_run_never_imports_pytorch(trained_run):
+    """Nothing in a run needs PyTorch; importing it (through AutoTokenizer or tensorboardX) took 1-1.6 s of every start."""
+    out, _ = trained_run
+    modules = set((out.parent / "modules.txt").read_text().split())
+    assert {"jax", "transformers", "tensorboardX"} <= modules  # the record is of this run
+    assert "torch" not in modules
 
 
 def test_eval_results_are_written(trained_run):

@@ -151,11 +151,11 @@ def train_tokenizer(
 
 
 def load_and_check(folder: str | os.PathLike, expected_size: int, kind: str):
-    """Loads with AutoTokenizer and checks class and size (transformers silently builds a 5-token
+    """Loads as AutoTokenizer does and checks class and size (transformers silently builds a 5-token
     tokenizer from a wrong keyword, so the size check is what catches a bad folder)."""
-    from transformers import AutoTokenizer
+    from flax_bert.data.tokenizer_loading import load_tokenizer
 
-    loaded = AutoTokenizer.from_pretrained(str(folder))
+    loaded = load_tokenizer(str(folder))
     expected_class = "RobertaTokenizer" if kind == "bpe" else "BertTokenizer"
     if not type(loaded).__name__.startswith(expected_class) or len(loaded) != expected_size:
         raise TokenizerTrainingError(

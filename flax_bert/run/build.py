@@ -19,6 +19,7 @@ from flax_bert.models.config import ModelConfig
 from flax_bert.data.pipeline import (DataArgs, StreamingRows, build_datasets, check_tokenizer_fits,
                             resolve_data_shards, validation_shards)
 from flax_bert.data.mixture import MixtureRows, build_mixture, parse_sources
+from flax_bert.data.tokenizer_loading import load_tokenizer
 from flax_bert.models import family, model_class_for
 from flax_bert.training.optim import make_optimizer
 from flax_bert.training.phases import BatchWarmup, Phase, PhaseError, TrainingPlan, make_plan, parse_phases
@@ -50,12 +51,10 @@ def resolve_tokenizer(run: RunConfig, output_dir, start_dir=None):
     """--tokenizer_name, else the model's own, else the run's (trained on its data on first start; never
     when only evaluating). `start_dir`: the run directory of a --resume_from_checkpoint checkpoint. Either
     directory may be a URL (flax_bert.storage): the tokenizer is read from a downloaded copy."""
-    from transformers import AutoTokenizer
-
     source = run.tokenizer_name or run.model_name_or_path
     if source:
         try:
-            return AutoTokenizer.from_pretrained(source, **tokenizer_options(run))
+            return load_tokenizer(source, **tokenizer_options(run))
         except (OSError, ValueError) as err:
             raise InputError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}): "
                              "pass --tokenizer_name with a local tokenizer folder") from None
@@ -75,7 +74,7 @@ def resolve_tokenizer(run: RunConfig, output_dir, start_dir=None):
             _train_run_tokenizer(run, output_dir, run_tokenizer)
         distributed.barrier("tokenizer")
         found = found or published() or run_tokenizer  # none visible here: the load below says so
-    return AutoTokenizer.from_pretrained(str(storage.fetch_folder(found)))
+    return load_tokenizer(str(storage.fetch_folder(found)))
 
 
 def _train_run_tokenizer(run: RunConfig, output_dir, run_tokenizer) -> None:

@@ -8,6 +8,7 @@ import pathlib
 from flax import nnx
 
 from flax_bert import storage
+from flax_bert.data.tokenizer_loading import load_tokenizer
 from flax_bert.errors import InputFileNotFoundError
 
 log = logging.getLogger("flax_bert")
@@ -15,14 +16,12 @@ log = logging.getLogger("flax_bert")
 
 def load_run_tokenizer(run_dir, run: dict):
     """The run's own tokenizer folder (run_dir may be a URL: read from a downloaded copy), else the one it named."""
-    from transformers import AutoTokenizer
-
     own = storage.join(run_dir, "tokenizer")
     if storage.isfile(storage.join(own, "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(str(storage.fetch_folder(own)))
+        return load_tokenizer(str(storage.fetch_folder(own)))
     for source in (run.get("tokenizer_name"), run.get("model_name_or_path")):
         if source:
-            return AutoTokenizer.from_pretrained(str(source))
+            return load_tokenizer(str(source))
     raise InputFileNotFoundError(f"no tokenizer for the run {run_dir}: expected {run_dir}/tokenizer")
 
 
