@@ -1,4 +1,4 @@
-"""Test setup: no network, 8 simulated CPU devices and the test run's XLA options (set before jax is imported)."""
+"""Test setup: no network, 8 simulated CPU devices and the test run's compile options (set before jax is imported)."""
 import os
 import pathlib
 
@@ -8,10 +8,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-from tests.xla_env import TEST_XLA_OPTIONS  # noqa: E402
+from tests.xla_env import SWITCH  # noqa: E402
 
-if TEST_XLA_OPTIONS not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " " + TEST_XLA_OPTIONS
+os.environ.setdefault(SWITCH, "1")  # cheaper compiles for the tiny models (tests/xla_env.py)
 
 # One persistent XLA compilation cache for the whole test run: the pytest process, its xdist workers and every
 # run they start as a subprocess inherit this variable, so a train step compiled once (same program, same

@@ -14,8 +14,16 @@ from flax_bert import cli
 from flax_bert.finetune import metrics
 from flax_bert.finetune.data import Encoded, collate, length_batches
 from flax_bert.finetune.sweep import Sweep
+from tests.xla_env import optimized_compiles
 
 RETURN_WORDS = ("return", "returns")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def optimized():
+    """Thousands of fine-tuning steps in this process: LLVM's optimizations pay for themselves (tests/xla_env.py)."""
+    with optimized_compiles():
+        yield
 
 
 def _made_rows():
