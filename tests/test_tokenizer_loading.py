@@ -38,8 +38,11 @@ def test_a_trained_tokenizer_loads_as_autotokenizer_loads_it(trained, tmp_path):
     assert ours(TEXTS, padding="max_length", max_length=40, truncation=True) == auto(
         TEXTS, padding="max_length", max_length=40, truncation=True)
     assert saved_files(ours, tmp_path / "ours") == saved_files(auto, tmp_path / "auto")
-    # options reach the class as they reach AutoTokenizer
-    assert load_tokenizer(trained, model_max_length=32).model_max_length == 32
+    # options reach the class as they reach AutoTokenizer; the ones AutoTokenizer consumes are not kept
+    options = {"model_max_length": 32, "use_fast": True, "trust_remote_code": False}  # as the train command passes
+    ours, auto = load_tokenizer(trained, **options), AutoTokenizer.from_pretrained(trained, **options)
+    assert ours.model_max_length == 32
+    assert saved_files(ours, tmp_path / "ours_options") == saved_files(auto, tmp_path / "auto_options")
 
 
 def test_folders_that_leave_the_choice_to_autotokenizer_go_to_it(trained, tmp_path):

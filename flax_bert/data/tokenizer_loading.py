@@ -35,6 +35,9 @@ def load_tokenizer(source: str | os.PathLike, **options):
     if name is not None:
         import transformers
 
+        # AutoTokenizer consumes these itself (v5 tokenizers are always fast; no auto_map here to trust);
+        # passed to a class, they would be kept as its init arguments and saved with it
+        options = {key: value for key, value in options.items() if key not in ("use_fast", "trust_remote_code")}
         return getattr(transformers, name).from_pretrained(str(source), **options)
     from transformers import AutoTokenizer
 
