@@ -350,22 +350,24 @@ def run_torch(args) -> dict:
 
 # ----------------------------------------------------------------------------- parent
 def build_parser() -> argparse.ArgumentParser:
+    from flax_bert.run.config import str2bool  # jax-free, as train's BOOL flags read
+
     parser = argparse.ArgumentParser(prog="flax-bert bench", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="YAML run config (configs/tiny.yaml) or a name in configs/ (roberta-base)")
     parser.add_argument("--per_device_train_batch_size", type=int, help="override the config's batch")
     parser.add_argument("--max_seq_length", type=int, help="override the config's sequence length")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the compute dtype")
-    parser.add_argument("--scan_layers", type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL",
+    parser.add_argument("--scan_layers", type=str2bool, metavar="BOOL",
                         help="override scan over layers (true/false)")
     parser.add_argument("--remat_policy", choices=["none", "full", "dots", "dots_no_batch"], help="override remat")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported; at least 5)")
     parser.add_argument("--warmup_steps", type=int, default=1, help="untimed steps after the first (compiling) step")
     parser.add_argument("--compare", choices=["torch"], help="also time transformers' PyTorch model + AdamW")
     parser.add_argument("--dense_head", action="store_true", help="ablation: vocabulary head on every position")
-    parser.add_argument("--hugepages", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, metavar="BOOL",
+    parser.add_argument("--hugepages", type=str2bool, default=True, metavar="BOOL",
                         help="run JAX with glibc.malloc.hugetlb=1, as `flax-bert train` does on CPU (fewer page "
                              "faults; default true)")
-    parser.add_argument("--torch_hugepages", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
+    parser.add_argument("--torch_hugepages", type=str2bool, default=False,
                         metavar="BOOL", help="run PyTorch with glibc.malloc.hugetlb=1 too (default false: PyTorch as "
                                              "its users run it; the tunable can slow it down)")
     parser.add_argument("--measure_peak", action="store_true",

@@ -24,6 +24,16 @@ def test_unknown_config_and_too_long_sequences_are_rejected():
         bench.main(["tiny", "--max_seq_length", "512"])
 
 
+def test_bool_flags_read_as_train_reads_them_and_refuse_anything_else(capsys):
+    parse = bench.build_parser().parse_args
+    assert parse(["tiny", "--torch_hugepages", "on", "--hugepages", "off"]).torch_hugepages is True
+    assert parse(["tiny", "--hugepages", "off"]).hugepages is False
+    assert parse(["tiny", "--scan_layers", "False"]).scan_layers is False
+    with pytest.raises(SystemExit) as stop:  # a misspelt value was read as false
+        parse(["tiny", "--torch_hugepages", "ture"])
+    assert stop.value.code == 2 and "expected true or false, got 'ture'" in capsys.readouterr().err
+
+
 def test_random_batch_has_no_special_tokens():
     config = ModelConfig.for_family("roberta", vocab_size=50)
     batch = bench.random_batch(4, 16, config)

@@ -286,7 +286,8 @@ def check_train_sources(run: RunConfig) -> None:
     parse_sources(run.train_sources)
 
 
-def _str2bool(value: str) -> bool:
+def str2bool(value: str) -> bool:
+    """A BOOL flag's value: true/false, yes/no, on/off, 1/0; anything else is refused."""
     lowered = str(value).lower()
     if lowered in ("1", "true", "yes", "y", "on"):
         return True
@@ -321,7 +322,7 @@ def yaml_list(value: str) -> list:
 def _parser_type(hint) -> Any:
     """bool / int / float / list / str, looking through `X | None`."""
     kinds = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
-    return {bool: _str2bool, int: int, float: float, list: yaml_list}.get(kinds[0], str)
+    return {bool: str2bool, int: int, float: float, list: yaml_list}.get(kinds[0], str)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -358,7 +359,7 @@ def build_parser(prog: str = "run_mlm_flax.py") -> argparse.ArgumentParser:
     for field in dataclasses.fields(RunConfig):
         kind = _parser_type(hints[field.name])
         kwargs = dict(type=integer if kind is int else kind, default=argparse.SUPPRESS, help=field.metadata["help"], choices=field.metadata["choices"])
-        if kind is _str2bool:  # `--flag` alone means true, `--flag false` turns it off
+        if kind is str2bool:  # `--flag` alone means true, `--flag false` turns it off
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(f"--{field.name}", **kwargs)
     return parser
@@ -410,7 +411,7 @@ def _yaml_number(value: Any, kind) -> Any:
     return number
 
 
-_TYPE_NAMES = {_str2bool: "true or false", int: "an integer", float: "a number", str: "a string", yaml_list: "a list"}
+_TYPE_NAMES = {str2bool: "true or false", int: "an integer", float: "a number", str: "a string", yaml_list: "a list"}
 
 
 def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
@@ -427,8 +428,8 @@ def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     for name, value in list(values.items()):
         kind = _parser_type(hints[name])
         value = values[name] = _yaml_number(value, kind)
-        expected = {_str2bool: bool, int: int, float: (int, float), str: str, yaml_list: list}[kind]
-        if value is not None and (not isinstance(value, expected) or (kind is not _str2bool and isinstance(value, bool))):
+        expected = {str2bool: bool, int: int, float: (int, float), str: str, yaml_list: list}[kind]
+        if value is not None and (not isinstance(value, expected) or (kind is not str2bool and isinstance(value, bool))):
             raise RunConfigError(f"{file}: {name} must be {_TYPE_NAMES[kind]}, got {value!r}")
         choices = fields[name].metadata["choices"]
         if choices and value not in choices:
