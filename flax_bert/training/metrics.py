@@ -60,14 +60,14 @@ def _summary_writer_class():
     which a run never passes (1-1.6 s of every start on a 2-core CPU): unless PyTorch is already loaded, that
     import fails for the moment tensorboardX loads (a None entry in sys.modules makes `import torch` raise
     ImportError, which tensorboardX handles) and the entry is removed again at once."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide_torch:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
