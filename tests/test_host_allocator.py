@@ -1,5 +1,6 @@
 """The train command's re-execution with glibc's huge pages: once, before anything heavy, keeping the
 process id, argv, stdin and exit code; skipped on request, off CPU, or when the user chose already."""
+import fnmatch
 import os
 import pathlib
 import subprocess
@@ -51,7 +52,7 @@ def test_reexecutes_once_keeping_pid_argv_stdin_and_exit_code():
 @needs_glibc
 @pytest.mark.parametrize("env, said", [
     ({"FLAX_BERT_HUGEPAGES": "0"}, "off (FLAX_BERT_HUGEPAGES=0)"),
-    ({"JAX_PLATFORMS": "tpu"}, "off (not a CPU platform)"),
+    ({"JAX_PLATFORMS": "tpu"}, "off (not a CPU platform: JAX_PLATFORMS=tpu)"),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "as set by the environment"),
 ])
 def test_no_reexecution_when_opted_out_off_cpu_or_already_chosen(env, said):
@@ -59,6 +60,21 @@ def test_no_reexecution_when_opted_out_off_cpu_or_already_chosen(env, said):
     assert process.returncode == 7 and out.count("started") == 1
     assert lines["tunables"] == env.get("GLIBC_TUNABLES", "None")
     assert said in lines["glibc"]
+
+
+@pytest.mark.parametrize("installed, devices, expected", [
+    ({"libtpu"}, [], None),  # the tpu extra on a machine without a TPU: JAX runs on the CPU
+    ({"libtpu"}, ["/dev/vfio/0"], "libtpu is installed and its device is present"),  # a v5e/v6e host
+    ({"libtpu"}, ["/dev/accel0"], "libtpu is installed and its device is present"),  # a v4 host
+    ({"jax_cuda12_plugin"}, ["/dev/nvidia0"], "jax_cuda12_plugin is installed and its device is present"),
+    (set(), ["/dev/nvidia0"], None),  # a GPU without JAX's CUDA plugin: JAX runs on the CPU
+])
+def test_an_accelerator_runtime_counts_only_with_its_device(monkeypatch, installed, devices, expected):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host_allocator.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    monkeypatch.setattr(host_allocator.glob, "glob",
+                        lambda pattern: [d for d in devices if fnmatch.fnmatch(d, pattern)])
+    assert host_allocator._not_cpu_because() == expected
 
 
 def test_calls_from_python_never_reexecute(monkeypatch, capsys):

@@ -8,7 +8,9 @@ process starts, so `ensure_hugepages()` re-executes the process once, at the ver
 imported), with the variable added. `exec` keeps the process id, argv, open files (stdin included)
 and the parent's view of exit code and signals. It is skipped when:
 
-- the platform is not CPU (JAX_PLATFORMS names another first, or a TPU/GPU runtime is installed),
+- the platform is not CPU: JAX_PLATFORMS names another first, or a TPU/GPU runtime is installed and
+  its device is there (libtpu alone, as `pip install "flax-bert[tpu]"` brings for `flax-bert compile` on
+  any machine, leaves JAX on the CPU, and the run keeps its huge pages),
 - glibc is older than 2.35 (no such tunable) or the kernel's transparent huge pages are `never`,
 - GLIBC_TUNABLES already sets glibc.malloc.hugetlb (the user's own choice stays),
 - FLAX_BERT_HUGEPAGES=0 (the opt-out), or this process is already the re-executed one.
@@ -17,6 +19,7 @@ Module of the standard library only: it runs before anything heavy is imported.
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import pathlib
@@ -25,7 +28,12 @@ import sys
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "FLAX_BERT_HUGEPAGES"
 _DONE = "FLAX_BERT_HUGEPAGES_REEXEC"  # set in the re-executed process: never a second exec
-_ACCELERATOR_RUNTIMES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+# JAX's accelerator runtimes, and the device files that show their hardware is there (without them JAX
+# runs on the CPU): TPU chips are /dev/accel* (v2-v4) or VFIO groups (v5e and later), NVIDIA GPUs
+# /dev/nvidiaN, AMD GPUs /dev/kfd
+_ACCELERATOR_DEVICES = {"libtpu": ("/dev/accel*", "/dev/vfio/[0-9]*"),
+                        "jax_cuda12_plugin": ("/dev/nvidia[0-9]*",), "jax_cuda13_plugin": ("/dev/nvidia[0-9]*",),
+                        "jax_rocm60_plugin": ("/dev/kfd",), "jax_rocm7_plugin": ("/dev/kfd",)}
 
 _decision = "not checked"
 
@@ -39,11 +47,17 @@ def _glibc_version() -> tuple[int, int] | None:
         return None
 
 
-def _platform_is_cpu() -> bool:
+def _not_cpu_because() -> str | None:
+    """Why JAX will not run on the CPU (None: it will): what JAX_PLATFORMS names first, or an accelerator
+    runtime whose device is present."""
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
-        return platforms.split(",")[0].strip() == "cpu"
-    return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_RUNTIMES)
+        first = platforms.split(",")[0].strip()
+        return None if first == "cpu" else f"JAX_PLATFORMS={first}"
+    for runtime, device_files in _ACCELERATOR_DEVICES.items():
+        if importlib.util.find_spec(runtime) and any(glob.glob(pattern) for pattern in device_files):
+            return f"{runtime} is installed and its device is present"
+    return None
 
 
 def _transparent_hugepages_off() -> bool:
@@ -64,8 +78,9 @@ def reexec_reason() -> str | None:
         return f"off ({OPT_OUT}={os.environ[OPT_OUT]})"
     if not sys.platform.startswith("linux") or (_glibc_version() or (0, 0)) < (2, 35):
         return "off (needs Linux with glibc 2.35 or newer)"
-    if not _platform_is_cpu():
-        return "off (not a CPU platform)"
+    not_cpu = _not_cpu_because()
+    if not_cpu:
+        return f"off (not a CPU platform: {not_cpu})"
     if _transparent_hugepages_off():
         return "off (the kernel's transparent huge pages are disabled)"
     if not getattr(sys, "orig_argv", None):
