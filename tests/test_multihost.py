@@ -330,6 +330,19 @@ def test_a_process_without_validation_rows_ends_the_run_with_the_others(fsdp_run
     assert f"exported the final model (step {STEPS})" in fsdp_run.log(0), fsdp_run.log_tail()
 
 
+def test_on_cpu_each_step_is_finished_on_every_device_before_a_collective_from_the_host(monkeypatch):
+    """Several processes on CPU: the loop waits for all of a step's outputs before the planner's collectives
+    (gloo has no tags to tell a late step's collective from theirs); one process, or a TPU, goes straight on."""
+    from flax_bert.training import distributed
+    waited = []
+    monkeypatch.setattr(distributed.jax, "block_until_ready", waited.append)
+    for processes, backend, outputs in [(1, "cpu", "one process"), (2, "cpu", "two on cpu"), (2, "tpu", "two on tpu")]:
+        monkeypatch.setattr(distributed.jax, "process_count", lambda: processes)
+        monkeypatch.setattr(distributed.jax, "default_backend", lambda: backend)
+        distributed.settle_before_host_collectives(outputs)
+    assert waited == ["two on cpu"]
+
+
 def test_every_process_takes_the_tokenizer_barrier(tmp_path, monkeypatch):
     """Process 0 finds no tokenizer and trains one; process 1 starts late and finds it already published.
     Both take barrier("tokenizer"), or process 1's next collective would pair with process 0's barrier."""

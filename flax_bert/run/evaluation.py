@@ -25,7 +25,9 @@ def eval_sums(trainer, params, rows, batch_size: int, to_global: Callable) -> di
             break
         if local is None:
             local = rows.empty_batch(batch_size)
-        sums = jax.device_get(trainer.eval_step(params, to_global(local)))
+        sums = trainer.eval_step(params, to_global(local))
+        distributed.settle_before_host_collectives(sums)  # the next any_process is a collective
+        sums = jax.device_get(sums)
         for name, value in sums.items():
             totals[name] = totals.get(name, 0.0) + float(value)
     return totals

@@ -31,6 +31,7 @@ from flax_bert.run.evaluation import evaluate_rows
 from flax_bert.run.export import push_revision
 from flax_bert.run.progress import TrainLog, progress_bar
 from flax_bert.run.step_plan import StepPlanner
+from flax_bert.training import distributed
 from flax_bert.training.metrics import MetricsWriter
 from flax_bert.training.phases import Phase
 from flax_bert.training.sharding import BATCH_AXES
@@ -153,6 +154,7 @@ class Run:
             while step < end:
                 batch, tokens = next(batches)
                 state, metrics = self.trainer.train_step(state, batch)
+                distributed.settle_before_host_collectives(metrics)  # the planner's decisions are collectives
                 step += 1
                 if compile_start is not None:
                     self.train_log.compiled(metrics, step, compile_start)

@@ -68,6 +68,17 @@ def initialize(run) -> None:
              jax.local_device_count(), jax.device_count())
 
 
+def settle_before_host_collectives(outputs) -> None:
+    """With several processes on CPU, wait until every local device has finished the program that made `outputs`
+    (a no-op elsewhere). XLA:CPU's gloo collectives carry no tag, and its client starts the next program with
+    collectives once one device of the previous one has finished: a collective fed from the host (the stop flag's
+    all-reduce, a barrier, Orbax's save barriers) dispatched right after a step could otherwise meet the step's
+    last collective on another device, and gloo aborts ("Received data size doesn't match expected size").
+    TPUs and GPUs run each device's programs in order."""
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        jax.block_until_ready(outputs)
+
+
 def barrier(name: str) -> None:
     """All processes reach this point before any goes on (no-op for one process)."""
     if jax.process_count() > 1:
