@@ -30,7 +30,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 from flax_bert.run.checkpoint_restore import (CheckpointMismatchError, Restored, abstract_leaf, local_scalar,
                                               restore_bundle, restore_params_only)
 from flax_bert.run.checkpoint_search import candidates, first_intact, move_aside
-from flax_bert.training.preemption import AnyProcess, PreemptionGuard, barrier
+from flax_bert.training.distributed import barrier
+from flax_bert.training.preemption import AnyProcess, PreemptionGuard
 # the run directory's layout and start rules live in run.layout / run.start; re-exported so that
 # `flax_bert.run.checkpoint` stays the one import for checkpoint users
 from flax_bert.run.layout import (CHECKPOINTS, DAMAGED, OWNED_ENTRIES, RUN_CONFIG_FILE, SUPERSEDED, complete_steps,

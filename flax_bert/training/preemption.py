@@ -169,11 +169,3 @@ def all_processes(ok: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
-def barrier(name: str) -> None:
-    """Every process reaches `name` before any goes on (no-op for one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
