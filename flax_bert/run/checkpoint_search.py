@@ -16,8 +16,7 @@ from flax_bert.run import restore_log
 from flax_bert.run.checkpoint_restore import CheckpointMismatchError, read_arrays_on_host, read_json_item, tree_metadata
 from flax_bert.run.layout import DAMAGED, complete_steps
 from flax_bert.run.start import DamagedCheckpointError
-from flax_bert.training.distributed import barrier
-from flax_bert.training.preemption import all_processes
+from flax_bert.training.distributed import all_processes, barrier
 
 log = logging.getLogger("flax_bert.run.checkpoint")
 

@@ -109,3 +109,9 @@ def process_sum_array(values: np.ndarray) -> np.ndarray:
 def any_process(flag: bool) -> bool:
     """True on every process when ``flag`` is true on at least one."""
     return process_sum(int(bool(flag))) > 0
+
+
+def all_processes(ok: bool) -> bool:
+    """True on every process when ``ok`` is true on all of them (a blocking all-gather: for rare decisions such as
+    a restore)."""
+    return not any_process(not ok)

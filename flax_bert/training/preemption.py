@@ -160,12 +160,3 @@ class AnyProcess:
 
     def reset(self) -> None:
         self._pending = None
-
-
-def all_processes(ok: bool) -> bool:
-    """True when `ok` on every process (a blocking all-gather: for rare decisions such as a restore)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
