@@ -301,11 +301,18 @@ def test_the_killed_run_resumes_from_its_checkpoint_and_ends_identical(killed_ru
 
 
 def test_a_streamed_two_process_run_resumes_each_process_at_its_own_position(work, reference_runs):
-    """--streaming on 2 processes: each streams its own documents, the checkpoint holds both positions,
-    and the run cut back to checkpoint 6 goes on without replaying and ends bit for bit as it would have."""
-    streamed = ["--streaming", "--shuffle_buffer_size", "32", "--max_steps", str(STEPS)]
+    """--streaming on 2 processes through two phases (32-token rows, then 64): each process streams its own
+    documents and reads on at the new length, the checkpoint holds both positions, and the run cut back to
+    checkpoint 6 (in the second phase) goes on without replaying and ends bit for bit as it would have."""
+    phases = [{"name": "short", "until_step": 4, "max_seq_length": 32},
+              {"name": "long", "until_step": STEPS, "max_seq_length": 64}]
+    streamed = ["--streaming", "--shuffle_buffer_size", "32", "--phases", json.dumps(phases)]
     reference = Launch(work, "streamed", 2, streamed).succeed()
+    assert "entering phase 1 'long'" in reference.log(0), reference.log_tail()  # process 0 logs for all
     assert complete_checkpoints(reference.out) == [SAVE_EVERY, STEPS]
+    records = [json.loads(line) for line in (reference.out / "metrics.jsonl").read_text().splitlines()]
+    lengths = {r["step"]: r["max_seq_length"] for r in records if "train_loss" in r}
+    assert lengths == {step: 32 if step <= 4 else 64 for step in range(1, STEPS + 1)}
     saved = json.loads((reference.out / "checkpoints" / str(SAVE_EVERY) / "data" / "metadata").read_text())
     assert saved["process_count"] == 2 and [state["process_index"] for state in saved["processes"]] == [0, 1]
     assert saved["processes"][0]["snapshot"] != saved["processes"][1]["snapshot"]  # documents i % 2 each
