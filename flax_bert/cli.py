@@ -384,6 +384,7 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"flax-bert: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    _quiet_libtpu_without_a_tpu()
     if command in REEXEC_COMMANDS and from_command_line:
         _ensure_hugepages()
         _ignore_signals_at_the_end_of_shutdown()
@@ -394,6 +395,7 @@ def main(argv=None) -> int:
 
 
 def run_mlm_flax_main(argv=None) -> int:
+    _quiet_libtpu_without_a_tpu()
     if argv is None:  # the real command line, not a call from Python
         _ensure_hugepages()
         _ignore_signals_at_the_end_of_shutdown()
@@ -427,6 +429,13 @@ def _ignore_signals_at_the_end_of_shutdown() -> None:
 
 
 REEXEC_COMMANDS = ("train", "eval")  # the ones that run train/eval steps on the host allocator
+
+
+def _quiet_libtpu_without_a_tpu() -> None:
+    """Before JAX is imported: libtpu (the tpu extra) on a machine without a TPU gets its compile-only settings
+    instead of printing its probing errors at every start; JAX runs on the CPU either way."""
+    from flax_bert.training import accelerators
+    accelerators.quiet_libtpu_without_a_tpu()
 
 
 def _ensure_hugepages() -> None:

@@ -20,6 +20,7 @@ import sys
 import time
 
 from flax_bert.errors import InputError, MissingDependencyError
+from flax_bert.training.accelerators import COMPILE_ONLY_ENVIRONMENT
 
 GIB = 2 ** 30
 EXIT_DOES_NOT_FIT = 2
@@ -68,12 +69,6 @@ def parse_topology(name: str) -> tuple[str, str]:
     chip, cores_per_chip = ACCELERATOR_TYPES[match.group(1)]
     chips = int(match.group(2)) // cores_per_chip
     return f"{chip}:{chip_grid(chip, chips)}", "megacore" if chip == "v4" else "default"
-
-
-# keeps libtpu from probing for a TPU on this machine (five lines of warnings at every JAX start without one),
-# and from locking /tmp/libtpu_lockfile: compiling without a TPU, several processes may use it at once
-COMPILE_ONLY_ENVIRONMENT = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
-                            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def topology_devices(name: str, num_slices: int = 1):

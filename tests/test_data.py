@@ -237,11 +237,18 @@ def test_batches_are_the_same_for_any_number_of_processes(bpe, small_txt, tmp_pa
     one = processes(args, bpe, 1)
     steps = max(len(part) for part in one[0].shards.values())  # 2 rows per shard per batch: every shard wraps
     whole, _ = global_batches(one, 8, steps)
+    def warmup(index):  # a batch-size warmup: 4 rows, then 8
+        return 4 if index < 3 else 8
+
+    growing, _ = global_batches(one, warmup, 6)
+    assert [len(batch["row"]) for batch in growing] == [4, 4, 4, 8, 8, 8]
     for process_count in (2, 4):
         batches, _ = global_batches(processes(args, bpe, process_count), 8, steps)
         for want, got in zip(whole, batches):
             for key in want:
                 np.testing.assert_array_equal(got[key], want[key])
+        for want, got in zip(growing, global_batches(processes(args, bpe, process_count), warmup, 6)[0]):
+            np.testing.assert_array_equal(got["row"], want["row"])
     # slot j of a batch comes from shard j * 4 // 8; each shard is read in whole epochs, each reshuffled
     rows = np.stack([batch["row"][:, 0] for batch in whole])  # [steps, 8]
     for shard, part in one[0].shards.items():

@@ -1,5 +1,7 @@
 """The train command's re-execution with glibc's huge pages: once, before anything heavy, keeping the
-process id, argv, stdin and exit code; skipped on request, off CPU, or when the user chose already."""
+process id, argv, stdin and exit code; skipped on request, off CPU, or when the user chose already. And what
+the entry points tell from the machine before JAX starts (training/accelerators.py): which platform JAX will
+run on, and libtpu's quiet settings where no TPU is present."""
 import fnmatch
 import os
 import pathlib
@@ -8,13 +10,13 @@ import sys
 
 import pytest
 
-from flax_bert.training import host_allocator
+from flax_bert.training import accelerators, host_allocator
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # a stand-in entry point: what run_mlm_flax.py does first, then it reports what the process sees
 PROBE = """
 import os, sys
 print("started", flush=True)
-from flax_bert.training import host_allocator
+from flax_bert.training import accelerators, host_allocator
 host_allocator.ensure_hugepages()
 print("pid", os.getpid())
 print("tunables", os.environ.get("GLIBC_TUNABLES"))
@@ -71,10 +73,47 @@ def test_no_reexecution_when_opted_out_off_cpu_or_already_chosen(env, said):
 ])
 def test_an_accelerator_runtime_counts_only_with_its_device(monkeypatch, installed, devices, expected):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    monkeypatch.setattr(host_allocator.importlib.util, "find_spec", lambda name: object() if name in installed else None)
-    monkeypatch.setattr(host_allocator.glob, "glob",
-                        lambda pattern: [d for d in devices if fnmatch.fnmatch(d, pattern)])
-    assert host_allocator._not_cpu_because() == expected
+    pretend_machine(monkeypatch, installed, devices)
+    assert accelerators.not_cpu_because() == expected
+
+
+def pretend_machine(monkeypatch, installed, devices):
+    monkeypatch.setattr(accelerators.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    monkeypatch.setattr(accelerators.glob, "glob", lambda pattern: [d for d in devices if fnmatch.fnmatch(d, pattern)])
+
+
+@pytest.mark.parametrize("installed, devices, user_set, expected", [
+    ({"libtpu"}, [], {}, accelerators.COMPILE_ONLY_ENVIRONMENT),  # the tpu extra without a TPU: quiet settings
+    ({"libtpu"}, [], {"TPU_ACCELERATOR_TYPE": "v6e-8"}, {**accelerators.COMPILE_ONLY_ENVIRONMENT,
+                                                         "TPU_ACCELERATOR_TYPE": "v6e-8"}),  # the user's stays
+    ({"libtpu"}, ["/dev/vfio/0"], {}, {}),  # a TPU host: libtpu finds its own settings
+    (set(), [], {}, {}),  # no libtpu: nothing to quiet
+])
+def test_libtpu_without_a_tpu_gets_the_compile_only_settings(monkeypatch, installed, devices, user_set, expected):
+    for name in accelerators.COMPILE_ONLY_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in user_set.items():
+        monkeypatch.setenv(name, value)
+    pretend_machine(monkeypatch, installed, devices)
+    accelerators.quiet_libtpu_without_a_tpu()
+    assert {name: os.environ[name] for name in accelerators.COMPILE_ONLY_ENVIRONMENT if name in os.environ} == expected
+
+
+@pytest.mark.skipif(not accelerators.installed("libtpu") or accelerators.device_present("libtpu"),
+                    reason="needs libtpu installed on a machine without a TPU")
+def test_jax_starts_on_the_cpu_without_libtpu_probing_errors():
+    """What every command does before JAX is imported (cli.main), against the real libtpu: without it JAX's
+    start prints libtpu's probing errors; with it, nothing, and JAX runs on the CPU all the same."""
+    start_jax = "import jax; print(jax.devices()[0].platform)"
+    dropped = {*accelerators.COMPILE_ONLY_ENVIRONMENT, "JAX_PLATFORMS"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    for quieted in (False, True):
+        code = ("from flax_bert.training import accelerators; accelerators.quiet_libtpu_without_a_tpu(); " * quieted
+                + start_jax)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=ROOT)
+        assert done.returncode == 0 and done.stdout.strip() == "cpu", done.stderr
+        assert ("TPU_WORKER_HOSTNAMES" in done.stderr) != quieted, done.stderr
 
 
 def test_calls_from_python_never_reexecute(monkeypatch, capsys):

@@ -19,22 +19,15 @@ Module of the standard library only: it runs before anything heavy is imported.
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 import pathlib
 import sys
 
+from flax_bert.training import accelerators
+
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "FLAX_BERT_HUGEPAGES"
 _DONE = "FLAX_BERT_HUGEPAGES_REEXEC"  # set in the re-executed process: never a second exec
-# JAX's accelerator runtimes, and the device files that show their hardware is there (without them JAX
-# runs on the CPU): TPU chips are /dev/accel* (v2-v4) or VFIO groups (v5e and later), NVIDIA GPUs
-# /dev/nvidiaN, AMD GPUs /dev/kfd
-_ACCELERATOR_DEVICES = {"libtpu": ("/dev/accel*", "/dev/vfio/[0-9]*"),
-                        "jax_cuda12_plugin": ("/dev/nvidia[0-9]*",), "jax_cuda13_plugin": ("/dev/nvidia[0-9]*",),
-                        "jax_rocm60_plugin": ("/dev/kfd",), "jax_rocm7_plugin": ("/dev/kfd",)}
-
 _decision = "not checked"
 
 
@@ -45,19 +38,6 @@ def _glibc_version() -> tuple[int, int] | None:
         return (int(major), int(minor)) if name == "glibc" else None
     except (AttributeError, ValueError, OSError):
         return None
-
-
-def _not_cpu_because() -> str | None:
-    """Why JAX will not run on the CPU (None: it will): what JAX_PLATFORMS names first, or an accelerator
-    runtime whose device is present."""
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-    if platforms:
-        first = platforms.split(",")[0].strip()
-        return None if first == "cpu" else f"JAX_PLATFORMS={first}"
-    for runtime, device_files in _ACCELERATOR_DEVICES.items():
-        if importlib.util.find_spec(runtime) and any(glob.glob(pattern) for pattern in device_files):
-            return f"{runtime} is installed and its device is present"
-    return None
 
 
 def _transparent_hugepages_off() -> bool:
@@ -78,7 +58,7 @@ def reexec_reason() -> str | None:
         return f"off ({OPT_OUT}={os.environ[OPT_OUT]})"
     if not sys.platform.startswith("linux") or (_glibc_version() or (0, 0)) < (2, 35):
         return "off (needs Linux with glibc 2.35 or newer)"
-    not_cpu = _not_cpu_because()
+    not_cpu = accelerators.not_cpu_because()
     if not_cpu:
         return f"off (not a CPU platform: {not_cpu})"
     if _transparent_hugepages_off():
