@@ -88,9 +88,10 @@ def pretend_machine(monkeypatch, installed, devices):
                                                          "TPU_ACCELERATOR_TYPE": "v6e-8"}),  # the user's stays
     ({"libtpu"}, ["/dev/vfio/0"], {}, {}),  # a TPU host: libtpu finds its own settings
     (set(), [], {}, {}),  # no libtpu: nothing to quiet
+    ({"libtpu"}, [], {"JAX_PLATFORMS": "tpu"}, {}),  # the user chose the platform: libtpu's own messages stay
 ])
 def test_libtpu_without_a_tpu_gets_the_compile_only_settings(monkeypatch, installed, devices, user_set, expected):
-    for name in accelerators.COMPILE_ONLY_ENVIRONMENT:
+    for name in [*accelerators.COMPILE_ONLY_ENVIRONMENT, "JAX_PLATFORMS"]:
         monkeypatch.delenv(name, raising=False)
     for name, value in user_set.items():
         monkeypatch.setenv(name, value)
