@@ -137,11 +137,18 @@ def test_clipping_matches_torch_and_bounds_the_norm():
                                            schedule="constant", weight_decay=0.01, max_grad_norm=None)
     unclipped = _optax_run(unclipped_tx, init, grads)
     assert max(np.abs(unclipped[n] - ours[n]).max() for n in init) > 1e-4
-    # The clipping stage alone: a norm-50 gradient comes out with norm max_grad_norm.
-    clip = optax.clip_by_global_norm(1.0)
+    # The clipping stage alone: a norm-50 gradient comes out with norm max_grad_norm, as optax's does; a
+    # norm-0.2 one unchanged. The state is optax's, so checkpoints keep their layout.
+    clip, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert clip.init(init) == theirs.init(init)
     clipped, _ = clip.update(grads[0], clip.init(init))
     assert float(optax.tree.norm(grads[0])) > 10
     assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+    for grad in grads[:2]:
+        for name, value in clip.update(grad, clip.init(init))[0].items():
+            np.testing.assert_allclose(value, theirs.update(grad, theirs.init(init))[0][name], rtol=1e-6, atol=0)
+    unchanged, _ = clip.update(grads[1], clip.init(init))
+    assert all(np.array_equal(unchanged[name], grads[1][name]) for name in init)
 
 
 def test_optimizer_runs_on_nnx_state_under_jit(params):

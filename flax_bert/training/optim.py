@@ -124,6 +124,20 @@ def _stable_adamw(learning_rate, b1, b2, eps, weight_decay, mask) -> optax.Gradi
     return optax.chain(optax.GradientTransformation(init, update), optax.scale_by_learning_rate(learning_rate))
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm as one scalar factor, min(1, max_norm / norm), multiplied into every gradient (as
+    torch's clip_grad_norm_ does). optax selects t / norm * max_norm element by element, which XLA writes out as a
+    clipped copy of each gradient before the moments read it: one more pass over every parameter's worth of
+    memory. A product with a scalar fuses into its readers instead. The state is optax's (EmptyState)."""
+
+    def update(updates, state, params=None):
+        del params
+        factor = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def _path_names(path) -> list[str]:
     names = []
     for key in path:
@@ -214,5 +228,5 @@ def make_optimizer(
         update = _lamb(schedule_fn, b1, b2, eps, weight_decay, decay_mask)
     # Clip first, on the raw (accumulated) gradient, as torch's clip_grad_norm_ before step().
     if max_grad_norm:
-        return optax.chain(optax.clip_by_global_norm(max_grad_norm), update), schedule_fn
+        return optax.chain(clip_by_global_norm(max_grad_norm), update), schedule_fn
     return update, schedule_fn
