@@ -292,6 +292,22 @@ def test_a_downstream_score_for_a_model_in_memory(made_task, tmp_path, monkeypat
         downstream_score(model, transformers_tokenizer(made_task), task, make_mesh(None))
 
 
+def test_a_downstream_score_on_several_processes_is_refused_before_any_work(monkeypatch, tmp_path):
+    """Fine-tuning reads its task whole on one host: a pretraining run of several processes refuses
+    --downstream_eval when the processes have joined, before its output directory or data are touched."""
+    from flax_bert.errors import InputError
+    from flax_bert.run import build
+    from flax_bert.run.config import RunConfig
+
+    monkeypatch.setattr(build.distributed, "initialize", lambda run: None)
+    monkeypatch.setattr(build.jax, "process_count", lambda: 2)
+    run = RunConfig(output_dir=str(tmp_path / "run"), do_train=True, downstream_eval="task.yaml")
+    with pytest.raises(InputError, match="--downstream_eval runs on one host, this run has 2 processes: drop it"):
+        build.start_processes(run)
+    assert not (tmp_path / "run").exists()
+    build.start_processes(RunConfig(output_dir=str(tmp_path / "run"), do_train=True))  # without it: goes on
+
+
 def transformers_tokenizer(made_task):
     from transformers import AutoTokenizer
 

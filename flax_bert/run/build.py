@@ -151,6 +151,9 @@ def start_processes(run: RunConfig):
     """Join the other processes (several hosts) and build the mesh: a mesh that does not fit the devices fails
     before any work. Logs come from process 0; the others speak only of problems."""
     distributed.initialize(run)
+    if run.downstream_eval and run.do_train and jax.process_count() > 1:  # finetune's loop reads its task whole
+        raise InputError(f"--downstream_eval runs on one host, this run has {jax.process_count()} processes: drop "
+                         "it, and score the exported model with `flax-bert finetune` on one host (docs/finetune.md)")
     mesh = make_mesh(run.mesh)
     if jax.process_index() != 0:
         log.setLevel(logging.WARNING)
