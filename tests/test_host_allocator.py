@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROBE = """
 import os, sys
 print("started", flush=True)
-from flax_bert.training import accelerators, host_allocator
+from flax_bert.training import host_allocator
 host_allocator.ensure_hugepages()
 print("pid", os.getpid())
 print("tunables", os.environ.get("GLIBC_TUNABLES"))
