@@ -21,7 +21,6 @@ from flax_bert.finetune.data import Encoded, collate, length_batches
 from flax_bert.models import classifier_class_for
 from flax_bert.models.config import ModelConfig
 from flax_bert.training import sharding
-from flax_bert.training.distributed import settle_before_host_collectives
 from flax_bert.training.optim import make_optimizer, make_schedule
 from flax_bert.training.step import NonFiniteLossError, TrainState, train_state_layout
 
@@ -176,11 +175,7 @@ class ClassifierTrainer:
         out = np.zeros((len(data), self.config.num_labels), np.float32)
         for indices in length_batches(data.lengths, o.batch_size):
             batch = self._device_batch(collate(data, indices, o.batch_size, self.pad_token_id, o.max_seq_length))
-            logits = self.compiled.predict(params, batch)
-            # Predictions do not wait on each other: with several CPU processes, one still gathering its
-            # logits on one device would meet the next one's collectives (see settle_before_host_collectives).
-            settle_before_host_collectives(logits)
-            out[indices] = np.asarray(logits)[:len(indices)]
+            out[indices] = np.asarray(self.compiled.predict(params, batch))[:len(indices)]
         return out
 
     def _device_batch(self, batch: dict) -> dict:
