@@ -7,7 +7,9 @@ fits one chip's HBM, without and with remat (`--remat_policy full`), found by co
 A cell takes three to ten compiles (find_batch follows the line of bytes against rows, which is not quite straight),
 minutes each on a small machine: results go into --json as they come, and a second run skips the cells already there. Each cell is exact
 (--precision 0: one row more does not fit); the gradient accumulation is 1 (accumulation adds one gradient buffer,
-not activations).
+not activations). `benchmarks/results/compile_table.json` holds the cells measured for docs/tpu.md; print its table with
+
+    python benchmarks/compile_table.py --json benchmarks/results/compile_table.json --print_only
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def markdown(results: dict) -> str:
         if not any(value is not None for value in row):
             continue
         length = results.get(f"{config}|tokens", "")
-        cells = [f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in zip(row[::2], row[1::2])]
+        cells = [f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in zip(row[::2], row[1::2])]  # "-": not compiled
         lines.append(f"| {config} | {length} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -58,10 +60,11 @@ def main() -> int:
     parser.add_argument("--precision", type=float, default=0.0)
     parser.add_argument("--start", type=int, default=8, help="the first batch tried")
     parser.add_argument("--json", default="compile_table.json", help="results so far (read and extended)")
+    parser.add_argument("--print_only", action="store_true", help="print the table of --json, compile nothing")
     args = parser.parse_args()
     path = pathlib.Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {}
-    for config in args.configs:
+    for config in [] if args.print_only else args.configs:
         results[f"{config}|tokens"] = tpu_compile.parse([config, "--topology", "v5e:2x2"])[1].max_seq_length
         for chip in args.chips:
             for remat in args.remat:
