@@ -47,7 +47,8 @@ def markdown(results: dict) -> str:
         if not any(value is not None for value in row):
             continue
         length = results.get(f"{config}|tokens", "")
-        cells = [f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in zip(row[::2], row[1::2])]  # "-": not compiled
+        # "-": a cell not compiled yet
+        cells = [f"{'-' if a is None else a} / {'-' if b is None else b}" for a, b in zip(row[::2], row[1::2])]
         lines.append(f"| {config} | {length} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
