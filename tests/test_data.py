@@ -237,6 +237,7 @@ def test_batches_are_the_same_for_any_number_of_processes(bpe, small_txt, tmp_pa
     one = processes(args, bpe, 1)
     steps = max(len(part) for part in one[0].shards.values())  # 2 rows per shard per batch: every shard wraps
     whole, _ = global_batches(one, 8, steps)
+
     def warmup(index):  # a batch-size warmup: 4 rows, then 8
         return 4 if index < 3 else 8
 
