@@ -28,7 +28,7 @@ CHIPS = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2
 CONFIGS = ("bert-base", "bert-large", "roberta-base", "roberta-large", "modernbert-base", "modernbert-large")
 
 
-def cell(config: str, topology: str, remat: str, precision: float, start: int) -> int:
+def cell(config: str, topology: str, remat: str, precision: float, start: int, limit: int) -> int:
     _, run = tpu_compile.parse([config, "--topology", topology, "--no_eval"])
     run = dataclasses.replace(run, remat_policy=remat, gradient_accumulation_steps=1)
 
@@ -36,7 +36,7 @@ def cell(config: str, topology: str, remat: str, precision: float, start: int) -
         print(f"    {config} {topology} remat {remat}: {batch} rows {'fit' if report.fits else 'do not fit'} "
               f"({report.train.total / 2 ** 30:.2f} of {report.hbm / 2 ** 30:.2f} GiB)", flush=True)
 
-    return tpu_compile.find_batch(run, topology, precision=precision, start=start, on_try=heard)
+    return tpu_compile.find_batch(run, topology, precision=precision, start=start, limit=limit, on_try=heard)
 
 
 def markdown(results: dict) -> str:
@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--remat", nargs="+", default=["none", "full"], choices=["none", "full"])
     parser.add_argument("--precision", type=float, default=0.0)
     parser.add_argument("--start", type=int, default=8, help="the first batch tried")
+    parser.add_argument("--limit", type=int, default=4096, help="the largest batch tried (a cell at it reads >=)")
     parser.add_argument("--json", default="compile_table.json", help="results so far (read and extended)")
     parser.add_argument("--print_only", action="store_true", help="print the table of --json, compile nothing")
     args = parser.parse_args()
@@ -71,7 +72,8 @@ def main() -> int:
             for remat in args.remat:
                 key = f"{config}|{chip}|{remat}"
                 if key not in results:
-                    results[key] = cell(config, CHIPS[chip], remat, args.precision, args.start)
+                    best = cell(config, CHIPS[chip], remat, args.precision, args.start, args.limit)
+                    results[key] = f">={best}" if best == args.limit else best
                     path.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
     return 0

@@ -26,6 +26,7 @@ import tempfile
 import time
 
 from flax_bert.errors import InputError, MissingDependencyError
+from flax_bert.run import out_of_memory
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -400,7 +401,22 @@ def _run_worker(framework: str, argv: list[str], env: dict) -> dict:
         done = subprocess.run(command, env=env, check=False)  # its own output explains a failure
         if done.returncode or not result_file.is_file():
             raise RuntimeError(f"the {framework} benchmark process failed (exit code {done.returncode}); see its output above")
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if "error" in result:
+            raise BenchError(result["error"])
+        return result
+
+
+def too_large(error: BaseException, args) -> Exception:
+    """The JAX child's step that does not fit the device's memory, with the bench's own flags that shrink it."""
+    import jax
+
+    run, model_config = load_setup(args)
+    step = argparse.Namespace(per_device_train_batch_size=run.per_device_train_batch_size,
+                              max_seq_length=run.max_seq_length, remat_policy=model_config.remat_policy,
+                              dtype=model_config.dtype)  # no --attention here: the hint leaves it out
+    return out_of_memory.train_step_error(error, step, jax.devices()[0].platform, accumulation_flag=False,
+                                          new_run_for_length=False)
 
 
 def summarize(jax_result: dict, torch_result: dict | None) -> dict:
@@ -450,7 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         raise BenchError("--steps must be at least 1")
     if args._worker:
-        result = run_jax(args) if args._worker == "jax" else run_torch(args)
+        try:
+            result = run_jax(args) if args._worker == "jax" else run_torch(args)
+        except Exception as error:
+            if args._worker != "jax" or not out_of_memory.is_out_of_memory(error):
+                raise
+            result = {"error": str(too_large(error, args))}  # the parent says it in one line
         pathlib.Path(args._result).write_text(json.dumps(result))
         return 0
     run, model_config = load_setup(args)  # fail fast on bad input, before any child starts

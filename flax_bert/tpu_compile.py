@@ -345,19 +345,24 @@ def find_batch(run, topology: str, num_slices: int = 1, limit: int = 4096, start
     The bytes a step needs grow close to linearly with its rows, so after two compiles each next try is the batch
     where the line through the two tries nearest the answer meets the chip's HBM (then one batch past what fits,
     to confirm). The line is not quite straight on a TPU (bert-base on v5e: 10 compiles to the exact answer,
-    where doubling and bisecting from 8 rows takes 12). A try the line cannot place (the compiler gave no size)
-    bisects, or doubles while nothing failed."""
+    where doubling and bisecting from 8 rows takes 12). After one try that fits, the line runs from the bytes that
+    do not grow with the rows (the arguments: parameters and optimizer state) through that try; after one that
+    does not fit, the rows shrink by HBM / bytes. A try the line cannot place (the compiler gave no size) bisects,
+    or doubles while nothing failed."""
     tried: dict[int, tuple[bool, int]] = {}  # batch -> (fits, bytes the compiler needs for it)
+    fixed = 0  # the bytes of the step's arguments, the same for every batch (known once a try fits)
     hbm = 0
 
     def measure(batch: int) -> None:
-        nonlocal hbm
+        nonlocal hbm, fixed
         report = compile_run(dataclasses.replace(run, per_device_train_batch_size=batch), topology, num_slices,
                              with_eval=False)
         if on_try:
             on_try(batch, report)
         hbm = report.hbm
         tried[batch] = (report.fits, report.train.total)
+        if report.train.required is None:
+            fixed = report.train.arguments
 
     batch = max(1, min(start, limit))
     while True:
@@ -366,14 +371,20 @@ def find_batch(run, topology: str, num_slices: int = 1, limit: int = 4096, start
         high = min((b for b, (fits, _) in tried.items() if not fits), default=limit + 1)
         if high - low <= max(1, int(low * precision)):
             return min(low, limit)
-        batch = _next_try(tried, hbm, low, high, limit, precision)
+        batch = _next_try(tried, hbm, fixed, low, high, limit, precision)
 
 
-def _next_try(tried: dict[int, tuple[bool, int]], hbm: int, low: int, high: int, limit: int, precision: float) -> int:
+def _next_try(tried: dict[int, tuple[bool, int]], hbm: int, fixed: int, low: int, high: int, limit: int,
+              precision: float) -> int:
     """find_batch's next batch strictly between `low` (fits) and `high` (does not fit, or limit + 1)."""
     step = max(1, int(low * precision))
     nearest = sorted(sorted(tried, key=lambda b: (b not in (low, high), abs(b - low)))[:2])
     guess = None
+    if len(nearest) == 1 and 0 < fixed < tried[nearest[0]][1]:
+        tried = {0: (True, fixed), **tried}  # zero rows would need the arguments alone
+        nearest = [0, nearest[0]]
+    elif len(nearest) == 1 and tried[nearest[0]][1] > hbm > 0:  # too large, arguments unknown: scale it down
+        guess = nearest[0] * hbm // tried[nearest[0]][1]
     if len(nearest) == 2:
         (b1, b2), (m1, m2) = nearest, (tried[nearest[0]][1], tried[nearest[1]][1])
         if m2 > m1 > 0:

@@ -34,6 +34,20 @@ def test_bool_flags_read_as_train_reads_them_and_refuse_anything_else(capsys):
     assert stop.value.code == 2 and "expected true or false, got 'ture'" in capsys.readouterr().err
 
 
+def test_a_step_too_large_for_memory_names_the_bench_flags_that_shrink_it():
+    """The JAX child's out-of-memory becomes the parent's one line; each flag it names is one the bench takes."""
+    args = bench.build_parser().parse_args(["tiny", "--per_device_train_batch_size", "64", "--max_seq_length", "64"])
+    error = bench.too_large(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 34503644496 bytes."), args)
+    message = str(error)
+    assert message.startswith("the train step does not fit the cpu's memory (an allocation of 32.13 GiB failed; 64 rows "
+                              "x 64 tokens per device, remat none, float32): lower --per_device_train_batch_size (64 "
+                              "now), set --remat_policy full"), message
+    flags = [word for word in message.split() if word.startswith("--")]
+    assert flags == ["--per_device_train_batch_size", "--remat_policy", "--max_seq_length"]
+    bench.build_parser().parse_args(["tiny", "--per_device_train_batch_size", "8", "--remat_policy", "full",
+                                     "--max_seq_length", "32"])
+
+
 def test_random_batch_has_no_special_tokens():
     config = ModelConfig.for_family("roberta", vocab_size=50)
     batch = bench.random_batch(4, 16, config)

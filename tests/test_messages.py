@@ -92,6 +92,51 @@ def test_an_internal_failure_says_resume_only_where_a_run_resumes(capsys):
     assert "the same command resumes the run" in capsys.readouterr().err
 
 
+def test_a_step_too_large_for_memory_names_what_shrinks_it_and_that_works(capsys, monkeypatch, tmp_path):
+    """XLA's RESOURCE_EXHAUSTED (here a real one: a 4 TiB allocation on the CPU) in the train step is the user's one
+    line, with the rows per device and the flags that shrink the step; the same command with them then trains in
+    the same --output_dir (nothing was saved that pins the batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_bert.run import pretrain
+
+    build_trainer = pretrain.build_trainer
+
+    def too_large(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.train_step = lambda state, batch: (state, {"loss": jax.jit(lambda: jnp.zeros(2 ** 40))()})
+        return trainer
+
+    argv = ["train", *TINY, "--max_steps", "2", "--output_dir", str(tmp_path / "run"),
+            "--cache_dir", str(tmp_path / "cache"), "--do_eval", "false"]
+    monkeypatch.setattr(pretrain, "build_trainer", too_large)
+    err = one_line_error(capsys, argv)
+    assert err.startswith("error: the train step does not fit the cpu's memory (an allocation of 4096.00 GiB failed; "
+                          "4 rows x 32 tokens per device, remat none, float32): lower --per_device_train_batch_size "
+                          "(4 now) and raise --gradient_accumulation_steps (1 now) to keep the global batch, set "
+                          "--remat_policy full"), err
+    assert "internal failure" not in err and "shorten --max_seq_length (32 now" in err
+    monkeypatch.setattr(pretrain, "build_trainer", build_trainer)
+    assert cli.main([*argv, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                     "--remat_policy", "full"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.parametrize("text, said", [
+    ("RESOURCE_EXHAUSTED: Out of memory allocating 34503644496 bytes.", "an allocation of 32.13 GiB failed"),  # CPU
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34503644496 bytes.", "an allocation of 32.13 GiB failed"),
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (111.87G) exceeds "
+     "available HBM (15.75G).", "it needs 111.87G of the 15.75G HBM"),  # libtpu's compiler, as it printed it
+    ("RESOURCE_EXHAUSTED: out of memory somewhere new", ""),
+])
+def test_the_size_an_out_of_memory_error_names(text, said):
+    from flax_bert.run.out_of_memory import is_out_of_memory, what_was_asked
+
+    assert is_out_of_memory(RuntimeError(text)) and what_was_asked(RuntimeError(text)) == said
+    assert not is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many open files"))
+
+
 def test_version_and_help_texts(capsys):
     from flax_bert import __version__
 

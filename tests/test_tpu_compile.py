@@ -116,7 +116,7 @@ def test_a_phased_config_compiles_each_phase_and_auto_avoids_splash_for_short_ro
 
 
 @pytest.mark.parametrize("hbm_rows, start, precision", [(5, 8, 0.0), (37, 8, 0.0), (301, 8, 0.0), (301, 8, 0.1),
-                                                        (0, 8, 0.0), (4096, 8, 0.0)])
+                                                        (0, 8, 0.0), (4096, 8, 0.0), (1422, 1300, 0.0), (1422, 1500, 0.0)])
 def test_find_batch_follows_the_memory_line_to_the_largest_batch_that_fits(monkeypatch, hbm_rows, start, precision):
     """A fake compiler whose bytes grow linearly with the rows (plus a little noise the line must absorb): the
     answer is exact (or within the precision) and takes a few compiles whether the chip holds 5 or 301 rows."""
@@ -127,7 +127,9 @@ def test_find_batch_follows_the_memory_line_to_the_largest_batch_that_fits(monke
         rows = run.per_device_train_batch_size
         tried.append(rows)
         total = fixed + rows * per_row + (rows % 3) * 10_000
-        step = tpu_compile.StepReport(total, 0, 0, 0, 0, None, {}, 1.0, required=None if total <= hbm else total)
+        arguments = 2_000_000  # the parameters and optimizer state; the gradients are temporaries
+        step = tpu_compile.StepReport(arguments, total - arguments, 0, 0, 0, None, {}, 1.0,
+                                      required=None if total <= hbm else total)
         return dataclasses.replace(FAKE_REPORT, hbm=hbm, train=step)
 
     monkeypatch.setattr(tpu_compile, "compile_run", fake_compile)
@@ -138,7 +140,7 @@ def test_find_batch_follows_the_memory_line_to_the_largest_batch_that_fits(monke
         assert best == min(hbm_rows, 4096)
     else:
         assert hbm_rows * (1 - precision) <= best <= hbm_rows
-    assert len(tried) <= 5, tried
+    assert len(tried) <= (3 if abs(start - hbm_rows) < 0.1 * hbm_rows else 5), tried  # a near start saves compiles
 
 
 FAKE_REPORT = tpu_compile.CompileReport(topology="v5e:2x2", devices=4, device_kind="TPU v5 lite", mesh={"data": 4},

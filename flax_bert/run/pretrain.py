@@ -22,6 +22,7 @@ from flax_bert.data.pipeline import Prefetcher, StreamingRows, make_global_batch
 from flax_bert.data.streaming import states_of_every_process
 from flax_bert.models.convert import load_hf
 from flax_bert.run import checkpoint as ckpt_lib
+from flax_bert.run import out_of_memory
 from flax_bert.run.build import (build_data, build_optimizer, build_trainer, bundle_config, claim_output_dir,
                                  decide_batch_warmup, decide_data_shards, decide_model, decide_phases, hub_options,
                                  phase_iterator, phase_options, phase_model_config, plan_training, record_options,
@@ -118,7 +119,14 @@ class Run:
                 phase = self.plan.phase_at(step)
                 if phase is not self.phase:
                     self.enter_phase(phase)
-                state, step, data_state = self._train_phase(state, step, data_state, guard)
+                try:
+                    state, step, data_state = self._train_phase(state, step, data_state, guard)
+                except Exception as error:
+                    if not out_of_memory.is_out_of_memory(error):
+                        raise
+                    raise out_of_memory.train_step_error(
+                        error, self.phase_run, jax.devices()[0].platform,
+                        phase=self.phase if self.run.phases else None) from None
         progress.close()
         self.checkpoints.wait()
         if guard.stopped:  # agreed by every process, not only the one that got the signal
@@ -206,7 +214,12 @@ class Run:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, params, step: int) -> dict[str, float]:
         batch_size = self.run.per_device_eval_batch_size * jax.device_count()
-        results = evaluate_rows(self.trainer, params, self.eval_rows, batch_size, self._global)
+        try:
+            results = evaluate_rows(self.trainer, params, self.eval_rows, batch_size, self._global)
+        except Exception as error:
+            if not out_of_memory.is_out_of_memory(error):
+                raise
+            raise out_of_memory.eval_step_error(error, self.phase_run, jax.devices()[0].platform) from None
         if results:
             self.metrics.write(step, results)
             log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
