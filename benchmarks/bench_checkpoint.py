@@ -21,6 +21,10 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from flax_bert.training import accelerators  # noqa: E402
+
+accelerators.quiet_libtpu_without_a_tpu()  # before JAX: no libtpu probing errors on a machine without a TPU
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

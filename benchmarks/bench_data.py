@@ -22,6 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from flax_bert.training import accelerators  # noqa: E402
+
+accelerators.quiet_libtpu_without_a_tpu()  # before JAX: no libtpu probing errors on a machine without a TPU
 from flax_bert.data.pipeline import DataArgs, Prefetcher, build_datasets  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"

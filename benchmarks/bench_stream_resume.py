@@ -26,6 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from flax_bert.training import accelerators  # noqa: E402
+
+accelerators.quiet_libtpu_without_a_tpu()  # before JAX: no libtpu probing errors on a machine without a TPU
 from benchmarks.bench_data import SHARED, load_tokenizer  # noqa: E402
 from flax_bert.data.pipeline import DataArgs, build_datasets  # noqa: E402
 

@@ -15,6 +15,10 @@ import json
 import statistics
 import time
 
+from flax_bert.training import accelerators
+
+accelerators.quiet_libtpu_without_a_tpu()  # before JAX: no libtpu probing errors on a machine without a TPU
+
 
 def median_seconds(fn, repeats: int, ready=lambda out: out) -> float:
     ready(fn())
