@@ -137,6 +137,32 @@ def test_the_size_an_out_of_memory_error_names(text, said):
     assert not is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many open files"))
 
 
+def test_an_out_of_memory_in_a_phase_names_the_phase_settings_that_shrink_it():
+    """A phase that sets its own rows is shrunk there (the flag would not reach it); its row length is the phase's
+    (which may change on resume until the phase has trained); on a TPU with the xla attention splash is named too."""
+    from types import SimpleNamespace
+
+    from flax_bert.run.out_of_memory import train_step_error
+    from flax_bert.training.phases import Phase
+
+    error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                         "(21.28G) exceeds available HBM (15.75G).")
+    step = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=64, max_seq_length=8192,
+                           remat_policy="none", dtype="bfloat16", attention="xla")
+    long = Phase(index=1, name="long", until_step=10, until_tokens=None, max_seq_length=8192, mlm_probability=0.3,
+                 per_device_train_batch_size=2)
+    message = str(train_step_error(error, step, "tpu", phase=long))
+    assert message == ("the train step does not fit the tpu's memory (it needs 21.28G of the 15.75G HBM; 2 rows x 8192 "
+                       "tokens per device, remat none, bfloat16): lower phases[1]'s per_device_train_batch_size (2 now) "
+                       "and raise phases[1]'s gradient_accumulation_steps (64 now) to keep the global batch, set "
+                       "--remat_policy full (none now: the backward pass keeps more activations), use --attention "
+                       "splash (xla materializes the attention scores), or shorten phases[1]'s max_seq_length (8192 "
+                       "now)")
+    one_row = SimpleNamespace(**{**vars(step), "per_device_train_batch_size": 1, "remat_policy": "full"})
+    assert str(train_step_error(error, one_row, "gpu")).endswith(": shorten --max_seq_length (8192 now; a run "
+                                                                "directory keeps its length: use another --output_dir)")
+
+
 def test_version_and_help_texts(capsys):
     from flax_bert import __version__
 

@@ -37,7 +37,8 @@ def train_step_error(error: BaseException, options, platform: str, phase=None,
     """The error for a train step. `options`: the step's settings (a RunConfig as its phase trains it, or the
     bench's arguments); `phase`: the training phase when the run's --phases set it (its own batch is set there);
     `accumulation_flag`: the command has --gradient_accumulation_steps; `new_run_for_length`: a run directory
-    fixes --max_seq_length, so a shorter one means another --output_dir."""
+    fixes --max_seq_length, so a shorter one means another --output_dir (a phase's length may change until the
+    phase has trained a step)."""
     rows, length = options.per_device_train_batch_size, options.max_seq_length
     in_phase = phase is not None and phase.per_device_train_batch_size
     shrink = []
@@ -53,9 +54,11 @@ def train_step_error(error: BaseException, options, platform: str, phase=None,
         shrink.append(f"set --remat_policy full ({options.remat_policy} now: the backward pass keeps more activations)")
     if platform == "tpu" and getattr(options, "attention", "auto") == "xla":
         shrink.append("use --attention splash (xla materializes the attention scores)")
-    where = f"phases[{phase.index}]'s max_seq_length" if phase is not None else "--max_seq_length"
-    shrink.append(f"shorten {where} ({length} now" + ("; a run directory keeps its length: use another --output_dir)"
-                                                      if new_run_for_length else ")"))
+    if phase is not None:  # a phase not trained yet may change on resume (docs/phases.md)
+        shrink.append(f"shorten phases[{phase.index}]'s max_seq_length ({length} now)")
+    else:
+        shrink.append(f"shorten --max_seq_length ({length} now" + (
+            "; a run directory keeps its length: use another --output_dir)" if new_run_for_length else ")"))
     return OutOfMemoryError(_message("train", error, platform, f"{rows} rows x {length} tokens per device, remat "
                                      f"{options.remat_policy}, {options.dtype}", shrink))
 
