@@ -60,7 +60,8 @@ def main() -> int:
     parser.add_argument("--remat", nargs="+", default=["none", "full"], choices=["none", "full"])
     parser.add_argument("--precision", type=float, default=0.0)
     parser.add_argument("--start", type=int, default=8, help="the first batch tried")
-    parser.add_argument("--limit", type=int, default=4096, help="the largest batch tried (a cell at it reads >=)")
+    parser.add_argument("--limit", type=int, default=tpu_compile.FIND_BATCH_LIMIT,
+                        help="the largest batch tried (a cell at it reads >=)")
     parser.add_argument("--json", default="compile_table.json", help="results so far (read and extended)")
     parser.add_argument("--print_only", action="store_true", help="print the table of --json, compile nothing")
     args = parser.parse_args()
