@@ -20,7 +20,7 @@ import sys
 import time
 
 from flax_bert.errors import InputError, MissingDependencyError
-from flax_bert.training.accelerators import COMPILE_ONLY_ENVIRONMENT
+from flax_bert.training.accelerators import COMPILE_ONLY_ENVIRONMENT, give_the_compiler_larger_stacks
 
 GIB = 2 ** 30
 EXIT_DOES_NOT_FIT = 2
@@ -78,6 +78,7 @@ def topology_devices(name: str, num_slices: int = 1):
         raise MissingDependencyError(INSTALL_HINT)
     for variable, value in COMPILE_ONLY_ENVIRONMENT.items():
         os.environ.setdefault(variable, value)
+    give_the_compiler_larger_stacks()  # read when libtpu loads, which the topology below does first
     from jax.experimental import topologies
 
     extra = {"num_slices": num_slices} if num_slices > 1 else {}

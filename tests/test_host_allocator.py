@@ -91,7 +91,7 @@ def pretend_machine(monkeypatch, installed, devices):
     ({"libtpu"}, [], {"JAX_PLATFORMS": "tpu"}, {}),  # the user chose the platform: libtpu's own messages stay
 ])
 def test_libtpu_without_a_tpu_gets_the_compile_only_settings(monkeypatch, installed, devices, user_set, expected):
-    for name in [*accelerators.COMPILE_ONLY_ENVIRONMENT, "JAX_PLATFORMS"]:
+    for name in [*accelerators.COMPILE_ONLY_ENVIRONMENT, "JAX_PLATFORMS", "LIBTPU_INIT_ARGS"]:
         monkeypatch.delenv(name, raising=False)
     for name, value in user_set.items():
         monkeypatch.setenv(name, value)
@@ -100,13 +100,26 @@ def test_libtpu_without_a_tpu_gets_the_compile_only_settings(monkeypatch, instal
     assert {name: os.environ[name] for name in accelerators.COMPILE_ONLY_ENVIRONMENT if name in os.environ} == expected
 
 
+def test_libtpu_without_a_tpu_gets_larger_compiler_stacks_and_the_users_flags_stay(monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    pretend_machine(monkeypatch, {"libtpu"}, [])
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_x=true --default_thread_stack_size=1048576")
+    accelerators.quiet_libtpu_without_a_tpu()
+    assert os.environ["LIBTPU_INIT_ARGS"].split() == [
+        "--xla_tpu_enable_x=true", "--default_thread_stack_size=1048576",
+        "--fibers_default_thread_stack_size=268435456", "--xla_internal_thread_stack_size_bytes=268435456"]
+    accelerators.quiet_libtpu_without_a_tpu()  # a second call adds nothing
+    assert len(os.environ["LIBTPU_INIT_ARGS"].split()) == 4
+
+
 @pytest.mark.skipif(not accelerators.installed("libtpu") or accelerators.device_present("libtpu"),
                     reason="needs libtpu installed on a machine without a TPU")
 def test_jax_starts_on_the_cpu_without_libtpu_probing_errors():
     """What every command does before JAX is imported (cli.main), against the real libtpu: without it JAX's
-    start prints libtpu's probing errors; with it, nothing, and JAX runs on the CPU all the same."""
+    start prints libtpu's probing errors; with it, nothing, and JAX runs on the CPU all the same (libtpu accepts
+    the compiler-stack flags it adds: an unknown flag in LIBTPU_INIT_ARGS ends the start with exit 1)."""
     start_jax = "import jax; print(jax.devices()[0].platform)"
-    dropped = {*accelerators.COMPILE_ONLY_ENVIRONMENT, "JAX_PLATFORMS"}
+    dropped = {*accelerators.COMPILE_ONLY_ENVIRONMENT, "JAX_PLATFORMS", "LIBTPU_INIT_ARGS"}
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     for quieted in (False, True):
         code = ("from flax_bert.training import accelerators; accelerators.quiet_libtpu_without_a_tpu(); " * quieted

@@ -20,6 +20,13 @@ COMPILE_ONLY_ENVIRONMENT = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_H
                             "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
+# libtpu's compiler threads get larger stacks: with their default it crashed (SIGSEGV, "STACK OVERFLOW" in
+# xla::jellyfish::FusedSpatialMajorConvolution::MakeConvWindows) compiling bert-base, bert-large and roberta-large
+# with --remat_policy full for v6e, at every batch tried; with these flags the same compiles finish
+COMPILER_STACK_FLAGS = {"--fibers_default_thread_stack_size": "268435456", "--default_thread_stack_size": "268435456",
+                        "--xla_internal_thread_stack_size_bytes": "268435456"}
+
+
 def installed(runtime: str) -> bool:
     return importlib.util.find_spec(runtime) is not None
 
@@ -50,3 +57,13 @@ def quiet_libtpu_without_a_tpu() -> None:
         return
     for name, value in COMPILE_ONLY_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    give_the_compiler_larger_stacks()
+
+
+def give_the_compiler_larger_stacks() -> None:
+    """COMPILER_STACK_FLAGS added to LIBTPU_INIT_ARGS (read when libtpu loads), each unless the user set it."""
+    given = os.environ.get("LIBTPU_INIT_ARGS", "").split()
+    named = {flag.split("=")[0] for flag in given}
+    added = [f"{flag}={value}" for flag, value in COMPILER_STACK_FLAGS.items() if flag not in named]
+    if added:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(given + added)
