@@ -51,8 +51,8 @@ def not_cpu_because() -> str | None:
 def quiet_libtpu_without_a_tpu() -> None:
     """libtpu installed (`pip install "flax-bert[tpu]"`, for `flax-bert compile`) on a machine without a TPU chip:
     give it the compile-only settings, which it would otherwise look for in the cloud's metadata and print five
-    lines of errors at every JAX start. JAX runs on the CPU either way. Variables the user set stay; nothing
-    changes where a TPU is present or JAX_PLATFORMS chooses."""
+    lines of errors at every JAX start, and COMPILER_STACK_FLAGS. JAX runs on the CPU either way. Variables and
+    flags the user set stay; nothing changes where a TPU is present or JAX_PLATFORMS chooses."""
     if os.environ.get("JAX_PLATFORMS") or not installed("libtpu") or device_present("libtpu"):
         return
     for name, value in COMPILE_ONLY_ENVIRONMENT.items():
