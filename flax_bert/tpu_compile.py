@@ -13,14 +13,13 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import re
 import sys
 import time
 
 from flax_bert.errors import InputError, MissingDependencyError
-from flax_bert.training.accelerators import COMPILE_ONLY_ENVIRONMENT, give_the_compiler_larger_stacks
+from flax_bert.training.accelerators import use_compile_only_settings
 
 GIB = 2 ** 30
 EXIT_DOES_NOT_FIT = 2
@@ -76,9 +75,7 @@ def topology_devices(name: str, num_slices: int = 1):
     jax_name, chip_config = parse_topology(name)  # a bad name is reported with or without libtpu
     if importlib.util.find_spec("libtpu") is None:
         raise MissingDependencyError(INSTALL_HINT)
-    for variable, value in COMPILE_ONLY_ENVIRONMENT.items():
-        os.environ.setdefault(variable, value)
-    give_the_compiler_larger_stacks()  # read when libtpu loads, which the topology below does first
+    use_compile_only_settings()  # libtpu loads with the topology below
     from jax.experimental import topologies
 
     extra = {"num_slices": num_slices} if num_slices > 1 else {}

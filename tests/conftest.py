@@ -28,10 +28,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # libtpu, which the test extra installs for the TPU compile tests, probes for a TPU at every JAX start and
 # prints five lines of warnings on a machine without one, before the one-line errors the tests read. The
 # compile-only settings keep it quiet, in every process of the test run whichever test runs first.
-from flax_bert.training.accelerators import COMPILE_ONLY_ENVIRONMENT  # noqa: E402  (imports no JAX)
+from flax_bert.training.accelerators import use_compile_only_settings  # noqa: E402  (imports no JAX)
 
-for _variable, _value in COMPILE_ONLY_ENVIRONMENT.items():
-    os.environ.setdefault(_variable, _value)
+use_compile_only_settings()
 
 import pytest  # noqa: E402
 

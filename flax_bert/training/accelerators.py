@@ -55,13 +55,14 @@ def quiet_libtpu_without_a_tpu() -> None:
     flags the user set stay; nothing changes where a TPU is present or JAX_PLATFORMS chooses."""
     if os.environ.get("JAX_PLATFORMS") or not installed("libtpu") or device_present("libtpu"):
         return
+    use_compile_only_settings()
+
+
+def use_compile_only_settings() -> None:
+    """COMPILE_ONLY_ENVIRONMENT and COMPILER_STACK_FLAGS, each unless the user set it; libtpu reads them when it
+    loads, so before JAX's first backend starts."""
     for name, value in COMPILE_ONLY_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    give_the_compiler_larger_stacks()
-
-
-def give_the_compiler_larger_stacks() -> None:
-    """COMPILER_STACK_FLAGS added to LIBTPU_INIT_ARGS (read when libtpu loads), each unless the user set it."""
     given = os.environ.get("LIBTPU_INIT_ARGS", "").split()
     named = {flag.split("=")[0] for flag in given}
     added = [f"{flag}={value}" for flag, value in COMPILER_STACK_FLAGS.items() if flag not in named]
