@@ -19,6 +19,7 @@ import sys
 import time
 
 from flax_bert.errors import InputError, MissingDependencyError
+from flax_bert.run import out_of_memory
 from flax_bert.training.accelerators import use_compile_only_settings
 
 GIB = 2 ** 30
@@ -87,14 +88,7 @@ def topology_devices(name: str, num_slices: int = 1):
 
 
 # ----------------------------------------------------------------------------- what the compiler says
-_HBM_RE = re.compile(r"available HBM \(([\d.]+)([KMGT])\)")
-_REQUIRED_RE = re.compile(r"(?:required for HLO temporaries|memory required[^(]*)\(([\d.]+)([KMGT])\)")
-_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 _HBM_CACHE: dict[str, int] = {}
-
-
-def _sized(match) -> int:
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def hbm_bytes(mesh) -> int:
@@ -110,10 +104,10 @@ def hbm_bytes(mesh) -> int:
             jax.jit(lambda x: x + 1).lower(huge).compile()
             raise RuntimeError("a 4 TiB program compiled: cannot tell this device's HBM")
         except Exception as err:  # noqa: BLE001
-            match = _HBM_RE.search(str(err))
+            match = out_of_memory.TPU_AVAILABLE.search(str(err))
             if not match:
                 raise
-            _HBM_CACHE[kind] = _sized(match)
+            _HBM_CACHE[kind] = out_of_memory.tpu_bytes(match)
     return _HBM_CACHE[kind]
 
 
@@ -245,10 +239,10 @@ def compile_step(jitted, *abstract_args) -> StepReport:
     try:
         compiled = jitted.lower(*abstract_args).compile()
     except Exception as err:  # noqa: BLE001 - RESOURCE_EXHAUSTED is the answer "does not fit"
-        required = _REQUIRED_RE.search(str(err))
+        required = out_of_memory.TPU_REQUIRED.search(str(err))
         if "RESOURCE_EXHAUSTED" not in str(err) or not required:
             raise
-        return StepReport(0, 0, 0, 0, 0, None, {}, time.perf_counter() - start, required=_sized(required))
+        return StepReport(0, 0, 0, 0, 0, None, {}, time.perf_counter() - start, required=out_of_memory.tpu_bytes(required))
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

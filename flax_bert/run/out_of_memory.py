@@ -10,7 +10,15 @@ from flax_bert.errors import InputError
 
 GIB = 2 ** 30
 _ALLOCATION = re.compile(r"allocat(?:e|ing) (\d+) bytes")  # CPU and GPU allocators
-_HBM = re.compile(r"required[^(]*\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)")  # the TPU compiler
+# libtpu's compiler: "... the total memory required for HLO temporaries (111.87G) exceeds available HBM (15.75G)."
+TPU_REQUIRED = re.compile(r"(?:required for HLO temporaries|memory required[^(]*)\(([\d.]+)([KMGT])\)")
+TPU_AVAILABLE = re.compile(r"available HBM \(([\d.]+)([KMGT])\)")
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def tpu_bytes(match: re.Match) -> int:
+    """The bytes of a TPU_REQUIRED or TPU_AVAILABLE match."""
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 class OutOfMemoryError(InputError):
@@ -25,8 +33,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 def what_was_asked(error: BaseException) -> str:
     """The size the failure names, in words ('' when it names none)."""
     text = str(error)
-    if found := _HBM.search(text):
-        return f"it needs {found.group(1)} of the {found.group(2)} HBM"
+    required, available = TPU_REQUIRED.search(text), TPU_AVAILABLE.search(text)
+    if required and available:
+        return f"it needs {''.join(required.groups())} of the {''.join(available.groups())} HBM"
     if found := _ALLOCATION.search(text):
         return f"an allocation of {int(found.group(1)) / GIB:.2f} GiB failed"
     return ""
