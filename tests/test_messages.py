@@ -95,7 +95,7 @@ def test_an_internal_failure_says_resume_only_where_a_run_resumes(capsys):
 def test_a_step_too_large_for_memory_names_what_shrinks_it_and_that_works(capsys, monkeypatch, tmp_path):
     """XLA's RESOURCE_EXHAUSTED (here a real one: a 4 TiB allocation on the CPU) in the train step is the user's one
     line, with the rows per device and the flags that shrink the step; the same command with them then trains in
-    the same --output_dir (nothing was saved that pins the batch)."""
+    the same --output_dir (nothing was saved that pins the batch). Evaluating the run alike, with the eval flag."""
     import jax
     import jax.numpy as jnp
 
@@ -121,6 +121,16 @@ def test_a_step_too_large_for_memory_names_what_shrinks_it_and_that_works(capsys
     assert cli.main([*argv, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                      "--remat_policy", "full"]) == 0
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+    evaluate_rows = pretrain.evaluate_rows  # evaluating only: the eval step's own flag
+    monkeypatch.setattr(pretrain, "evaluate_rows", lambda *args: jax.jit(lambda: jnp.zeros(2 ** 40))().block_until_ready())
+    evaluation = ["eval", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")]
+    capsys.readouterr()  # the training's progress lines
+    err = one_line_error(capsys, evaluation)
+    assert err == ("error: the eval step does not fit the cpu's memory (an allocation of 4096.00 GiB failed; 8 rows x 32 "
+                   "tokens per device, float32): lower --per_device_eval_batch_size (8 now)"), err
+    monkeypatch.setattr(pretrain, "evaluate_rows", evaluate_rows)
+    assert cli.main([*evaluation, "--per_device_eval_batch_size", "2"]) == 0
 
 
 @pytest.mark.parametrize("text, said", [
